@@ -1,0 +1,1 @@
+//! End-to-end tests of the whole service live under `tests/tests/`.

@@ -1,0 +1,3 @@
+//! The worker: the SDXL pipeline in candle and the job service around it.
+
+pub mod engine;
