@@ -126,18 +126,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A flag with a value the command cannot use: exit code 2, like clap's own
+/// usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Checks the numbers before anything is loaded, naming the flag and the rule.
-fn validate(args: &GenerateArgs) -> anyhow::Result<()> {
+fn validate(args: &GenerateArgs) -> Result<(), UsageError> {
     for (name, v) in [("--width", args.width), ("--height", args.height)] {
-        if v == 0 || v % 8 != 0 {
-            bail!("{name} {v} must be a positive multiple of 8");
+        if v == 0 || !v.is_multiple_of(8) {
+            return Err(UsageError(format!("{name} {v} must be a positive multiple of 8")));
         }
     }
     if args.steps == 0 {
-        bail!("--steps 0 must be at least 1");
+        return Err(UsageError("--steps 0 must be at least 1".into()));
     }
     if !args.guidance_scale.is_finite() || args.guidance_scale < 0.0 {
-        bail!("--guidance-scale {} must be a finite number ≥ 0", args.guidance_scale);
+        return Err(UsageError(format!(
+            "--guidance-scale {} must be a finite number >= 0",
+            args.guidance_scale
+        )));
     }
     Ok(())
 }
@@ -168,12 +177,13 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let noise = match noise_override {
         Some(n) => {
             if n.dims() != [1, c, h, w] {
-                bail!(
+                return Err(UsageError(format!(
                     "--init-noise has shape {:?}, expected [1, {c}, {h}, {w}] for {}x{}",
                     n.dims(),
                     args.width,
                     args.height
-                );
+                ))
+                .into());
             }
             n
         }

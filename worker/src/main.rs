@@ -16,7 +16,11 @@ fn main() -> std::process::ExitCode {
             // one line: the error and its causes
             let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
             eprintln!("error: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
+            if err.downcast_ref::<cli::UsageError>().is_some() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
