@@ -2,4 +2,5 @@
 
 pub mod engine;
 pub mod imaging;
+pub mod ranks;
 pub mod sdxl;
