@@ -29,6 +29,8 @@ pub struct Cli {
 enum Command {
     /// Make one image from a prompt, with no services, and write it as PNG.
     Generate(GenerateArgs),
+    /// Write a diffusers folder with random weights from a folder of configs.
+    InitRandom(crate::init_random::InitRandomArgs),
 }
 
 /// Where the model runs.
@@ -149,6 +151,7 @@ struct GenerateArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
+        Command::InitRandom(args) => crate::init_random::run(args),
     }
 }
 
