@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make one image from a prompt, with no services, and write it as PNG.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Write a diffusers folder with random weights from a folder of configs.
     InitRandom(crate::init_random::InitRandomArgs),
 }
@@ -150,7 +150,7 @@ struct GenerateArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::InitRandom(args) => crate::init_random::run(args),
     }
 }

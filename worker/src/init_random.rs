@@ -45,7 +45,12 @@ fn copy_tree(src: &Path, dst: &Path) -> anyhow::Result<()> {
 fn save(weights: random::Weights, path: &Path) -> anyhow::Result<()> {
     let n: usize = weights.values().map(|t| t.elem_count()).sum();
     candle_core::safetensors::save(&weights, path).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("{}: {} tensors, {:.1} M parameters", path.display(), weights.len(), n as f64 / 1e6);
+    eprintln!(
+        "{}: {} tensors, {:.1} M parameters",
+        path.display(),
+        weights.len(),
+        n as f64 / 1e6
+    );
     Ok(())
 }
 
@@ -66,18 +71,30 @@ pub fn run(args: InitRandomArgs) -> anyhow::Result<()> {
     copy_tree(src, out)?;
     for (folder, projection) in [("text_encoder", false), ("text_encoder_2", true)] {
         let c: ClipTextConfig = read_json(&src.join(folder).join("config.json"))?;
-        save(random::clip_text(&c, projection, dtype, &device)?, &out.join(folder).join("model.safetensors"))?;
+        save(
+            random::clip_text(&c, projection, dtype, &device)?,
+            &out.join(folder).join("model.safetensors"),
+        )?;
     }
     let c: UNetConfig = read_json(&src.join("unet/config.json"))?;
-    save(random::unet(&c, dtype, &device)?, &out.join("unet/diffusion_pytorch_model.safetensors"))?;
+    save(
+        random::unet(&c, dtype, &device)?,
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
     let c: VaeConfig = read_json(&src.join("vae/config.json"))?;
-    save(random::vae(&c, dtype, &device)?, &out.join("vae/diffusion_pytorch_model.safetensors"))?;
+    save(
+        random::vae(&c, dtype, &device)?,
+        &out.join("vae/diffusion_pytorch_model.safetensors"),
+    )?;
     // A TAESD folder beside the pipeline's components, when the configs have one.
     for name in ["taesdxl", "taesd"] {
         let config = src.join(name).join("config.json");
         if config.is_file() {
             let c: TinyVaeConfig = read_json(&config)?;
-            save(random::taesd(&c, dtype, &device)?, &out.join(name).join("diffusion_pytorch_model.safetensors"))?;
+            save(
+                random::taesd(&c, dtype, &device)?,
+                &out.join(name).join("diffusion_pytorch_model.safetensors"),
+            )?;
         }
     }
     println!("{}", out.display());

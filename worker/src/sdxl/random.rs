@@ -35,7 +35,12 @@ fn build<T>(
         .collect()
 }
 
-pub fn clip_text(c: &ClipTextConfig, with_projection: bool, dtype: DType, device: &Device) -> Result<Weights, ModelError> {
+pub fn clip_text(
+    c: &ClipTextConfig,
+    with_projection: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<Weights, ModelError> {
     build(dtype, device, |vb| Ok(ClipTextModel::new(c, with_projection, vb)?))
 }
 
