@@ -366,11 +366,12 @@ fn generate_on_ranks(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let tm = &out.timings;
     eprintln!(
-        "stages: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.1} ms/step), decode {:.3}s, job {:.3}s; {} images on {} ranks, {} previews",
+        "stages: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.1} ms/step, of it previews {:.3}s), decode {:.3}s, job {:.3}s; {} images on {} ranks, {} previews",
         load.as_secs_f64(),
         tm.text_encode.as_secs_f64(),
         tm.denoise.as_secs_f64(),
         tm.denoise.as_secs_f64() * 1000.0 / args.steps as f64,
+        tm.preview.as_secs_f64(),
         tm.decode.as_secs_f64(),
         total.as_secs_f64(),
         out.images.len(),

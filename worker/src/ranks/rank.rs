@@ -161,10 +161,15 @@ impl<C: Collective> Rank<C> {
 
             let t = Instant::now();
             let mut failure: Option<EngineError> = None;
+            let mut preview_time = Duration::ZERO;
             let collective = &mut self.collective;
             let latents = pipeline
                 .denoise(&embeds, &noise, &params, &mut |state| {
+                    let p0 = previews.contains(&state.step).then(Instant::now);
                     let step_result = on_step(rj, collective, pipeline, &previews, (slots, ph, pw), state);
+                    if let Some(p0) = p0 {
+                        preview_time += p0.elapsed();
+                    }
                     match step_result {
                         Ok(()) => ControlFlow::Continue(()),
                         Err(e) => {
@@ -175,6 +180,7 @@ impl<C: Collective> Rank<C> {
                 })
                 .map_err(model_error)?;
             timings.denoise = sync(t);
+            timings.preview = preview_time;
             let latents = match (latents, failure) {
                 (Some(l), None) => l,
                 (_, Some(e)) => return Err(e),
