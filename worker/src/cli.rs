@@ -309,6 +309,13 @@ fn generate_on_ranks(args: GenerateArgs) -> anyhow::Result<()> {
     })
     .context("loading the model")?;
     let load = t0.elapsed();
+    eprintln!(
+        "ranks: {ranks} ({})",
+        match device {
+            DeviceKind::Cuda => "CUDA devices, gathered over NCCL",
+            DeviceKind::Cpu => "CPU, gathered in process",
+        }
+    );
     let job = EngineJob {
         prompt: args.prompt.clone(),
         negative_prompt: Some(args.negative_prompt.clone()),
