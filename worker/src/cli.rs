@@ -31,6 +31,8 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// Write a diffusers folder with random weights from a folder of configs.
     InitRandom(crate::init_random::InitRandomArgs),
+    /// Time each stage of the pipeline on one device (table and JSON).
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// Where the model runs.
@@ -152,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(*args),
         Command::InitRandom(args) => crate::init_random::run(args),
+        Command::Bench(args) => crate::bench::run(*args),
     }
 }
 
