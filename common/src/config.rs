@@ -76,11 +76,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Args)]
 pub struct ServiceArgs {
     /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", hide_env_values = true,
-          default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: SecretUrl,
     /// Redis URL.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379/")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379/"
+    )]
     pub redis_url: SecretUrl,
     /// The job queue; its dead-letter exchange and queue are `{queue}.dlx` and `{queue}.dead`.
     #[arg(long, env = "SDXL_QUEUE", default_value = DEFAULT_QUEUE)]
@@ -113,12 +122,12 @@ pub struct S3Args {
     /// Region used to sign requests.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub aws_region: String,
-    /// Access key id.
+    /// Access key id (required by whatever touches S3).
     #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
-    pub aws_access_key_id: Secret,
-    /// Secret access key.
+    pub aws_access_key_id: Option<Secret>,
+    /// Secret access key (required by whatever touches S3).
     #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
-    pub aws_secret_access_key: Secret,
+    pub aws_secret_access_key: Option<Secret>,
     /// Virtual-host-style addressing (`bucket.host`) instead of path style
     /// (`host/bucket`, what MinIO and s3s-fs expect).
     #[arg(long, env = "S3_VIRTUAL_HOST_STYLE")]
@@ -137,7 +146,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("7w").is_err());
@@ -148,7 +160,10 @@ mod tests {
     fn secrets_are_not_in_debug_output() {
         let s = format!("{:?}", Secret("hunter2".into()));
         assert!(!s.contains("hunter2"));
-        let u = format!("{:?}", SecretUrl("amqp://guest:hunter2@host:5672/%2f".into()));
+        let u = format!(
+            "{:?}",
+            SecretUrl("amqp://guest:hunter2@host:5672/%2f".into())
+        );
         assert!(!u.contains("hunter2") && u.contains("guest"), "{u}");
     }
 }

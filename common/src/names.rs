@@ -93,7 +93,13 @@ mod tests {
         assert_eq!(n.status_key(id), format!("sdxl:job:{id}"));
         assert_eq!(n.events_channel(id), format!("sdxl:job:{id}:events"));
         assert_eq!(n.dead_letter_exchange(), "sdxl.jobs.dlx");
-        assert_eq!(Names::grid_object(id, OutputFormat::Jpeg), format!("jobs/{id}/grid.jpeg"));
-        assert_eq!(Names::image_object(id, 2, OutputFormat::Png), format!("jobs/{id}/2.png"));
+        assert_eq!(
+            Names::grid_object(id, OutputFormat::Jpeg),
+            format!("jobs/{id}/grid.jpeg")
+        );
+        assert_eq!(
+            Names::image_object(id, 2, OutputFormat::Png),
+            format!("jobs/{id}/2.png")
+        );
     }
 }

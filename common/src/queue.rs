@@ -53,12 +53,19 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Qu
         .exchange_declare(
             dlx.as_str().into(),
             ExchangeKind::Direct,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
     channel
-        .queue_declare(dlq.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
         .await?;
     channel
         .queue_bind(
@@ -70,13 +77,20 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Qu
         )
         .await?;
     let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::LongInt(MAX_PRIORITY.into()));
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::LongInt(MAX_PRIORITY.into()),
+    );
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(dlx.as_str())),
     );
     channel
-        .queue_declare(names.queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .queue_declare(
+            names.queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
         .await?;
     Ok(())
 }
@@ -92,7 +106,9 @@ impl JobPublisher {
     /// A channel in confirm mode on `conn`, with the topology declared.
     pub async fn new(conn: &Connection, names: Names) -> Result<Self, QueueError> {
         let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         declare_topology(&channel, &names).await?;
         Ok(JobPublisher { channel, names })
     }
@@ -117,7 +133,10 @@ impl JobPublisher {
             .basic_publish(
                 "".into(),
                 self.names.queue.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &payload,
                 props,
             )

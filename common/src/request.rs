@@ -6,6 +6,9 @@
 //! error that names the field, not as a serde type error.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::validation::ValidationError;
 
 /// Default negative prompt; an empty string means none.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "blurry, low quality";
@@ -90,5 +93,72 @@ impl std::str::FromStr for OutputFormat {
             "webp" => Ok(OutputFormat::Webp),
             other => Err(format!("unknown output format `{other}`")),
         }
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    field: &'static str,
+    expected: &'static str,
+    value: Value,
+) -> Result<Option<T>, ValidationError> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let shown = value.to_string();
+    serde_json::from_value(value)
+        .map(Some)
+        .map_err(|_| ValidationError::WrongType {
+            field,
+            expected,
+            got: shown.chars().take(80).collect(),
+        })
+}
+
+impl JobRequest {
+    /// Decodes a JSON body field by field, so that a wrong type or an unknown
+    /// field comes back as an error naming the field (serde's own messages
+    /// name a line and a column).
+    pub fn from_json(body: &[u8]) -> Result<Self, ValidationError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+        let Value::Object(map) = value else {
+            return Err(ValidationError::Malformed(format!("got {}", kind(&value))));
+        };
+        let mut req = JobRequest::default();
+        const INT: &str = "an integer";
+        for (key, value) in map {
+            match key.as_str() {
+                "prompt" => req.prompt = typed("prompt", "a string", value)?,
+                "negative_prompt" => {
+                    req.negative_prompt = typed("negative_prompt", "a string", value)?
+                }
+                "num_inference_steps" => {
+                    req.num_inference_steps = typed("num_inference_steps", INT, value)?
+                }
+                "width" => req.width = typed("width", INT, value)?,
+                "height" => req.height = typed("height", INT, value)?,
+                "guidance_scale" => {
+                    req.guidance_scale = typed("guidance_scale", "a number", value)?
+                }
+                "seed" => req.seed = typed("seed", "an integer from 0 to 2^64-1", value)?,
+                "num_images" => req.num_images = typed("num_images", INT, value)?,
+                "preview_every" => req.preview_every = typed("preview_every", INT, value)?,
+                "output_format" => req.output_format = typed("output_format", "a string", value)?,
+                "priority" => req.priority = typed("priority", INT, value)?,
+                _ => return Err(ValidationError::UnknownField(key)),
+            }
+        }
+        Ok(req)
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }

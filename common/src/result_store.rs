@@ -47,7 +47,9 @@ impl ResultStoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             ResultStoreError::Unreachable { .. } => true,
-            ResultStoreError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            ResultStoreError::Status { status, .. } => {
+                *status >= 500 || *status == 429 || *status == 408
+            }
             ResultStoreError::Config(_) | ResultStoreError::Protocol { .. } => false,
         }
     }
@@ -73,25 +75,36 @@ impl std::fmt::Debug for ResultStore {
 
 impl ResultStore {
     pub fn new(args: &S3Args) -> Result<Self, ResultStoreError> {
-        let endpoint: url::Url = args
-            .s3_endpoint
-            .parse()
-            .map_err(|e| ResultStoreError::Config(format!("S3_ENDPOINT `{}`: {e}", args.s3_endpoint)))?;
-        let style = if args.s3_virtual_host_style { UrlStyle::VirtualHost } else { UrlStyle::Path };
-        let bucket = Bucket::new(endpoint, style, args.s3_bucket.clone(), args.aws_region.clone())
-            .map_err(|e| ResultStoreError::Config(format!("bucket `{}`: {e}", args.s3_bucket)))?;
+        let endpoint: url::Url = args.s3_endpoint.parse().map_err(|e| {
+            ResultStoreError::Config(format!("S3_ENDPOINT `{}`: {e}", args.s3_endpoint))
+        })?;
+        let style = if args.s3_virtual_host_style {
+            UrlStyle::VirtualHost
+        } else {
+            UrlStyle::Path
+        };
+        let bucket = Bucket::new(
+            endpoint,
+            style,
+            args.s3_bucket.clone(),
+            args.aws_region.clone(),
+        )
+        .map_err(|e| ResultStoreError::Config(format!("bucket `{}`: {e}", args.s3_bucket)))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| ResultStoreError::Config(e.to_string()))?;
+        let (Some(key), Some(secret)) = (&args.aws_access_key_id, &args.aws_secret_access_key)
+        else {
+            return Err(ResultStoreError::Config(
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or --aws-access-key-id and --aws-secret-access-key) are required".into(),
+            ));
+        };
         Ok(ResultStore {
             http,
             bucket,
-            credentials: Credentials::new(
-                args.aws_access_key_id.0.clone(),
-                args.aws_secret_access_key.0.clone(),
-            ),
+            credentials: Credentials::new(key.0.clone(), secret.0.clone()),
             multipart_threshold: args.s3_multipart_threshold.max(MIN_PART_SIZE),
             presign_ttl: args.s3_presign_ttl.min(Duration::from_secs(7 * 86400)),
         })
@@ -107,11 +120,14 @@ impl ResultStore {
         key: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ResultStoreError> {
-        request.send().await.map_err(|source| ResultStoreError::Unreachable {
-            op,
-            key: key.to_string(),
-            source,
-        })
+        request
+            .send()
+            .await
+            .map_err(|source| ResultStoreError::Unreachable {
+                op,
+                key: key.to_string(),
+                source,
+            })
     }
 
     async fn fail(op: &'static str, key: &str, response: reqwest::Response) -> ResultStoreError {
@@ -128,7 +144,10 @@ impl ResultStore {
     /// Creates the bucket when it does not exist.
     pub async fn ensure_bucket(&self) -> Result<(), ResultStoreError> {
         let name = self.bucket.name().to_string();
-        let url = self.bucket.head_bucket(Some(&self.credentials)).sign(REQUEST_SIGNATURE_TTL);
+        let url = self
+            .bucket
+            .head_bucket(Some(&self.credentials))
+            .sign(REQUEST_SIGNATURE_TTL);
         let head = self.send("HeadBucket", &name, self.http.head(url)).await?;
         if head.status().is_success() {
             return Ok(());
@@ -138,7 +157,13 @@ impl ResultStore {
         }
         let action = self.bucket.create_bucket(&self.credentials);
         let url = action.sign(REQUEST_SIGNATURE_TTL);
-        let create = self.send("CreateBucket", &name, self.http.put(url).body(action.body())).await?;
+        let create = self
+            .send(
+                "CreateBucket",
+                &name,
+                self.http.put(url).body(action.body()),
+            )
+            .await?;
         // Another process may have created it in between.
         if create.status().is_success() || create.status().as_u16() == 409 {
             tracing::info!(bucket = %name, "created bucket");
@@ -148,12 +173,24 @@ impl ResultStore {
     }
 
     /// Stores `body` under `key`; in parts when larger than the threshold.
-    pub async fn put(&self, key: &str, body: Vec<u8>, content_type: &str) -> Result<(), ResultStoreError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), ResultStoreError> {
         if body.len() > self.multipart_threshold {
             return self.put_multipart(key, body, content_type).await;
         }
-        let url = self.bucket.put_object(Some(&self.credentials), key).sign(REQUEST_SIGNATURE_TTL);
-        let request = self.http.put(url).header("content-type", content_type).body(body);
+        let url = self
+            .bucket
+            .put_object(Some(&self.credentials), key)
+            .sign(REQUEST_SIGNATURE_TTL);
+        let request = self
+            .http
+            .put(url)
+            .header("content-type", content_type)
+            .body(body);
         let response = self.send("PutObject", key, request).await?;
         if !response.status().is_success() {
             return Err(Self::fail("PutObject", key, response).await);
@@ -161,26 +198,40 @@ impl ResultStore {
         Ok(())
     }
 
-    async fn put_multipart(&self, key: &str, body: Vec<u8>, content_type: &str) -> Result<(), ResultStoreError> {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), ResultStoreError> {
         let url = self
             .bucket
             .create_multipart_upload(Some(&self.credentials), key)
             .sign(REQUEST_SIGNATURE_TTL);
         let response = self
-            .send("CreateMultipartUpload", key, self.http.post(url).header("content-type", content_type))
+            .send(
+                "CreateMultipartUpload",
+                key,
+                self.http.post(url).header("content-type", content_type),
+            )
             .await?;
         if !response.status().is_success() {
             return Err(Self::fail("CreateMultipartUpload", key, response).await);
         }
-        let xml = response.text().await.map_err(|source| ResultStoreError::Unreachable {
-            op: "CreateMultipartUpload",
-            key: key.to_string(),
-            source,
-        })?;
-        let created = CreateMultipartUpload::parse_response(&xml).map_err(|e| ResultStoreError::Protocol {
-            op: "CreateMultipartUpload",
-            key: key.to_string(),
-            detail: e.to_string(),
+        let xml = response
+            .text()
+            .await
+            .map_err(|source| ResultStoreError::Unreachable {
+                op: "CreateMultipartUpload",
+                key: key.to_string(),
+                source,
+            })?;
+        let created = CreateMultipartUpload::parse_response(&xml).map_err(|e| {
+            ResultStoreError::Protocol {
+                op: "CreateMultipartUpload",
+                key: key.to_string(),
+                detail: e.to_string(),
+            }
         })?;
         let upload_id = created.upload_id();
         let mut etags = Vec::new();
@@ -194,7 +245,9 @@ impl ResultStore {
                 .bucket
                 .upload_part(Some(&self.credentials), key, number, upload_id)
                 .sign(REQUEST_SIGNATURE_TTL);
-            let response = self.send("UploadPart", key, self.http.put(url).body(part.to_vec())).await?;
+            let response = self
+                .send("UploadPart", key, self.http.put(url).body(part.to_vec()))
+                .await?;
             if !response.status().is_success() {
                 return Err(Self::fail("UploadPart", key, response).await);
             }
@@ -217,7 +270,11 @@ impl ResultStore {
         );
         let url = action.sign(REQUEST_SIGNATURE_TTL);
         let response = self
-            .send("CompleteMultipartUpload", key, self.http.post(url).body(action.body()))
+            .send(
+                "CompleteMultipartUpload",
+                key,
+                self.http.post(url).body(action.body()),
+            )
             .await?;
         if !response.status().is_success() {
             return Err(Self::fail("CompleteMultipartUpload", key, response).await);
@@ -227,7 +284,10 @@ impl ResultStore {
 
     /// The object under `key`, or `None` when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ResultStoreError> {
-        let url = self.bucket.get_object(Some(&self.credentials), key).sign(REQUEST_SIGNATURE_TTL);
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(REQUEST_SIGNATURE_TTL);
         let response = self.send("GetObject", key, self.http.get(url)).await?;
         if response.status().as_u16() == 404 {
             return Ok(None);
@@ -235,17 +295,23 @@ impl ResultStore {
         if !response.status().is_success() {
             return Err(Self::fail("GetObject", key, response).await);
         }
-        let bytes = response.bytes().await.map_err(|source| ResultStoreError::Unreachable {
-            op: "GetObject",
-            key: key.to_string(),
-            source,
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ResultStoreError::Unreachable {
+                op: "GetObject",
+                key: key.to_string(),
+                source,
+            })?;
         Ok(Some(bytes.to_vec()))
     }
 
     /// The `Content-Type` of the object under `key`, or `None` when there is none.
     pub async fn head(&self, key: &str) -> Result<Option<String>, ResultStoreError> {
-        let url = self.bucket.head_object(Some(&self.credentials), key).sign(REQUEST_SIGNATURE_TTL);
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials), key)
+            .sign(REQUEST_SIGNATURE_TTL);
         let response = self.send("HeadObject", key, self.http.head(url)).await?;
         if response.status().as_u16() == 404 {
             return Ok(None);

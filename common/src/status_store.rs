@@ -36,7 +36,10 @@ impl StatusStoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StatusStoreError::Redis(e) => {
-                e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
             }
             StatusStoreError::Contended(_) => true,
             StatusStoreError::Corrupt { .. } => false,
@@ -150,7 +153,8 @@ impl StatusStore {
             let current: Option<JobStatus> = match &raw {
                 None => None,
                 Some(raw) => Some(
-                    serde_json::from_str(raw).map_err(|source| StatusStoreError::Corrupt { id, source })?,
+                    serde_json::from_str(raw)
+                        .map_err(|source| StatusStoreError::Corrupt { id, source })?,
                 ),
             };
             let Some(new) = next(current.as_ref()) else {
@@ -181,14 +185,18 @@ impl StatusStore {
             source,
         })?;
         let mut conn = self.conn.clone();
-        let _: i64 = conn.publish(self.names.events_channel(event.job_id), json).await?;
+        let _: i64 = conn
+            .publish(self.names.events_channel(event.job_id), json)
+            .await?;
         Ok(())
     }
 
     /// Raises the cancel flag that the worker running the job polls.
     pub async fn request_cancel(&self, id: Uuid) -> Result<(), StatusStoreError> {
         let mut conn = self.conn.clone();
-        let _: () = conn.set_ex(self.names.cancel_key(id), 1, self.ttl_secs()).await?;
+        let _: () = conn
+            .set_ex(self.names.cancel_key(id), 1, self.ttl_secs())
+            .await?;
         Ok(())
     }
 
@@ -199,7 +207,11 @@ impl StatusStore {
 
     /// Binds an `Idempotency-Key` to `id` unless it is already bound; returns
     /// the job it was bound to before, if any.
-    pub async fn claim_idempotency_key(&self, key: &str, id: Uuid) -> Result<Option<Uuid>, StatusStoreError> {
+    pub async fn claim_idempotency_key(
+        &self,
+        key: &str,
+        id: Uuid,
+    ) -> Result<Option<Uuid>, StatusStoreError> {
         let mut conn = self.conn.clone();
         let redis_key = self.names.idempotency_key(key);
         let set: bool = redis::cmd("SET")

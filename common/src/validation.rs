@@ -63,6 +63,16 @@ impl ValidJob {
 /// One variant per rule; the message names the field, the value and the bound.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
+    #[error("the request body must be a JSON object: {0}")]
+    Malformed(String),
+    #[error("unknown field `{0}`")]
+    UnknownField(String),
+    #[error("`{field}` must be {expected}, got {got}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        got: String,
+    },
     #[error("`prompt` is required")]
     PromptMissing,
     #[error("`prompt` must be 1 to {PROMPT_MAX_CHARS} characters, got {0}")]
@@ -89,14 +99,16 @@ pub enum ValidationError {
 
 impl ValidationError {
     /// The request field the rule is about.
-    pub fn field(&self) -> &'static str {
+    pub fn field(&self) -> &str {
         match self {
+            ValidationError::Malformed(_) => "body",
+            ValidationError::UnknownField(field) => field,
+            ValidationError::WrongType { field, .. } => field,
             ValidationError::PromptMissing | ValidationError::PromptLength(_) => "prompt",
             ValidationError::NegativePromptLength(_) => "negative_prompt",
             ValidationError::Steps(_) => "num_inference_steps",
-            ValidationError::SizeRange { field, .. } | ValidationError::SizeMultiple { field, .. } => {
-                field
-            }
+            ValidationError::SizeRange { field, .. }
+            | ValidationError::SizeMultiple { field, .. } => field,
             ValidationError::GuidanceScale(_) => "guidance_scale",
             ValidationError::NumImages(_) => "num_images",
             ValidationError::PreviewEvery(_) => "preview_every",
@@ -127,7 +139,10 @@ pub fn validate(
     req: &JobRequest,
     draw_seed: impl FnOnce() -> u64,
 ) -> Result<ValidJob, ValidationError> {
-    let prompt = req.prompt.as_deref().ok_or(ValidationError::PromptMissing)?;
+    let prompt = req
+        .prompt
+        .as_deref()
+        .ok_or(ValidationError::PromptMissing)?;
     let chars = prompt.chars().count();
     if chars == 0 || chars > PROMPT_MAX_CHARS {
         return Err(ValidationError::PromptLength(chars));
@@ -146,7 +161,9 @@ pub fn validate(
     }
     let width = size("width", req.width)?;
     let height = size("height", req.height)?;
-    let guidance_scale = req.guidance_scale.unwrap_or(request::DEFAULT_GUIDANCE_SCALE);
+    let guidance_scale = req
+        .guidance_scale
+        .unwrap_or(request::DEFAULT_GUIDANCE_SCALE);
     // `contains` is false for NaN, so NaN is refused too.
     if !(GUIDANCE_RANGE.0..=GUIDANCE_RANGE.1).contains(&guidance_scale) {
         return Err(ValidationError::GuidanceScale(guidance_scale));
@@ -240,14 +257,24 @@ mod tests {
         };
         let job = check(req).unwrap();
         assert_eq!(job.negative_prompt, "");
-        assert_eq!((job.num_inference_steps, job.width, job.height), (1, 256, 2048));
-        assert_eq!((job.seed, job.num_images, job.preview_every), (7, Some(16), 0));
+        assert_eq!(
+            (job.num_inference_steps, job.width, job.height),
+            (1, 256, 2048)
+        );
+        assert_eq!(
+            (job.seed, job.num_images, job.preview_every),
+            (7, Some(16), 0)
+        );
         assert_eq!((job.output_format, job.priority), (OutputFormat::Webp, 9));
     }
 
     #[test]
     fn round_trip_through_the_wire_form_is_identity() {
-        let job = check(JobRequest { num_images: Some(3), ..ok() }).unwrap();
+        let job = check(JobRequest {
+            num_images: Some(3),
+            ..ok()
+        })
+        .unwrap();
         assert_eq!(validate(&job.to_request(), || unreachable!()).unwrap(), job);
     }
 
@@ -258,54 +285,108 @@ mod tests {
     #[test]
     fn prompt_rules() {
         let e = err(JobRequest::default());
-        assert_eq!((e.field(), e.to_string().as_str()), ("prompt", "`prompt` is required"));
-        let e = err(JobRequest { prompt: Some(String::new()), ..ok() });
+        assert_eq!(
+            (e.field(), e.to_string().as_str()),
+            ("prompt", "`prompt` is required")
+        );
+        let e = err(JobRequest {
+            prompt: Some(String::new()),
+            ..ok()
+        });
         assert_eq!(e, ValidationError::PromptLength(0));
         assert!(e.to_string().contains("1 to 2000"), "{e}");
         // Characters, not bytes: 2000 multi-byte characters are fine.
-        assert!(check(JobRequest { prompt: Some("é".repeat(2000)), ..ok() }).is_ok());
-        let e = err(JobRequest { prompt: Some("x".repeat(2001)), ..ok() });
+        assert!(check(JobRequest {
+            prompt: Some("é".repeat(2000)),
+            ..ok()
+        })
+        .is_ok());
+        let e = err(JobRequest {
+            prompt: Some("x".repeat(2001)),
+            ..ok()
+        });
         assert_eq!(e, ValidationError::PromptLength(2001));
-        let e = err(JobRequest { negative_prompt: Some("x".repeat(2001)), ..ok() });
+        let e = err(JobRequest {
+            negative_prompt: Some("x".repeat(2001)),
+            ..ok()
+        });
         assert_eq!(e.field(), "negative_prompt");
     }
 
     #[test]
     fn steps_rule() {
         for bad in [0, 101, -1] {
-            let e = err(JobRequest { num_inference_steps: Some(bad), ..ok() });
+            let e = err(JobRequest {
+                num_inference_steps: Some(bad),
+                ..ok()
+            });
             assert_eq!(e.field(), "num_inference_steps");
-            assert!(e.to_string().contains(&format!("between 1 and 100, got {bad}")), "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("between 1 and 100, got {bad}")),
+                "{e}"
+            );
         }
-        assert!(check(JobRequest { num_inference_steps: Some(100), ..ok() }).is_ok());
+        assert!(check(JobRequest {
+            num_inference_steps: Some(100),
+            ..ok()
+        })
+        .is_ok());
     }
 
     #[test]
     fn size_rules() {
-        for (w, h, field) in [(248, 1024, "width"), (1024, 2056, "height"), (-8, 1024, "width")] {
-            let e = err(JobRequest { width: Some(w), height: Some(h), ..ok() });
+        for (w, h, field) in [
+            (248, 1024, "width"),
+            (1024, 2056, "height"),
+            (-8, 1024, "width"),
+        ] {
+            let e = err(JobRequest {
+                width: Some(w),
+                height: Some(h),
+                ..ok()
+            });
             assert!(matches!(e, ValidationError::SizeRange { .. }), "{e}");
             assert_eq!(e.field(), field);
             assert!(e.to_string().contains("between 256 and 2048"), "{e}");
         }
-        let e = err(JobRequest { height: Some(1001), ..ok() });
-        assert_eq!(e, ValidationError::SizeMultiple { field: "height", value: 1001 });
+        let e = err(JobRequest {
+            height: Some(1001),
+            ..ok()
+        });
+        assert_eq!(
+            e,
+            ValidationError::SizeMultiple {
+                field: "height",
+                value: 1001
+            }
+        );
         assert_eq!(e.to_string(), "`height` must be a multiple of 8, got 1001");
     }
 
     #[test]
     fn guidance_rule() {
         for bad in [-0.1, 30.5, f64::NAN, f64::INFINITY] {
-            let e = err(JobRequest { guidance_scale: Some(bad), ..ok() });
+            let e = err(JobRequest {
+                guidance_scale: Some(bad),
+                ..ok()
+            });
             assert_eq!(e.field(), "guidance_scale");
         }
-        assert!(check(JobRequest { guidance_scale: Some(30.0), ..ok() }).is_ok());
+        assert!(check(JobRequest {
+            guidance_scale: Some(30.0),
+            ..ok()
+        })
+        .is_ok());
     }
 
     #[test]
     fn num_images_rule() {
         for bad in [0, 17, -3] {
-            let e = err(JobRequest { num_images: Some(bad), ..ok() });
+            let e = err(JobRequest {
+                num_images: Some(bad),
+                ..ok()
+            });
             assert_eq!(e, ValidationError::NumImages(bad));
             assert!(e.to_string().contains("between 1 and 16"));
         }
@@ -314,17 +395,30 @@ mod tests {
     #[test]
     fn preview_every_rule() {
         for bad in [-1, 101] {
-            assert_eq!(err(JobRequest { preview_every: Some(bad), ..ok() }).field(), "preview_every");
+            assert_eq!(
+                err(JobRequest {
+                    preview_every: Some(bad),
+                    ..ok()
+                })
+                .field(),
+                "preview_every"
+            );
         }
     }
 
     #[test]
     fn output_format_rule() {
-        let e = err(JobRequest { output_format: Some("gif".into()), ..ok() });
+        let e = err(JobRequest {
+            output_format: Some("gif".into()),
+            ..ok()
+        });
         assert_eq!(e.field(), "output_format");
         assert!(e.to_string().contains("`gif`"), "{e}");
         for ok_format in ["png", "jpeg", "webp"] {
-            let req = JobRequest { output_format: Some(ok_format.into()), ..ok() };
+            let req = JobRequest {
+                output_format: Some(ok_format.into()),
+                ..ok()
+            };
             assert_eq!(check(req).unwrap().output_format.to_string(), ok_format);
         }
     }
@@ -332,10 +426,37 @@ mod tests {
     #[test]
     fn priority_rule() {
         for bad in [-1, 10] {
-            let e = err(JobRequest { priority: Some(bad), ..ok() });
+            let e = err(JobRequest {
+                priority: Some(bad),
+                ..ok()
+            });
             assert_eq!(e, ValidationError::Priority(bad));
             assert!(e.to_string().contains("between 0 and 9"));
         }
+    }
+
+    #[test]
+    fn decoding_errors_name_the_field() {
+        let e = JobRequest::from_json(br#"{"prompt":"x","steps":3}"#).unwrap_err();
+        assert_eq!(e, ValidationError::UnknownField("steps".into()));
+        let e = JobRequest::from_json(br#"{"prompt":"x","width":"wide"}"#).unwrap_err();
+        assert_eq!(e.field(), "width");
+        assert_eq!(e.to_string(), r#"`width` must be an integer, got "wide""#);
+        let e = JobRequest::from_json(br#"{"prompt":"x","seed":-1}"#).unwrap_err();
+        assert_eq!(e.field(), "seed");
+        assert_eq!(JobRequest::from_json(b"[1]").unwrap_err().field(), "body");
+        assert_eq!(JobRequest::from_json(b"{").unwrap_err().field(), "body");
+        let ok =
+            JobRequest::from_json(br#"{"prompt":"x","width":512,"seed":18446744073709551615}"#)
+                .unwrap();
+        assert_eq!((ok.width, ok.seed), (Some(512), Some(u64::MAX)));
+        // null means "not given".
+        assert_eq!(
+            JobRequest::from_json(br#"{"prompt":"x","width":null}"#)
+                .unwrap()
+                .width,
+            None
+        );
     }
 
     #[test]

@@ -1,3 +1,4 @@
 //! The worker: the SDXL pipeline in candle and the job service around it.
 
 pub mod engine;
+pub mod service;
