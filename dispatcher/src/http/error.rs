@@ -1,0 +1,49 @@
+//! The one place where errors become HTTP statuses (as TEI's `server.rs`):
+//! validation → 422 naming the field, unknown job → 404, finished job → 409,
+//! Redis or RabbitMQ trouble → 503.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::jobs::JobsError;
+
+#[derive(Debug)]
+pub struct ApiError(pub JobsError);
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match &self.0 {
+            JobsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            JobsError::NotFound(_) => StatusCode::NOT_FOUND,
+            JobsError::AlreadyFinished(_) | JobsError::NoResult(_) => StatusCode::CONFLICT,
+            JobsError::Store(_) | JobsError::Publish(_) | JobsError::NoPublisher => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self.0, "request failed");
+        }
+        let body = match &self.0 {
+            JobsError::Invalid(e) => json!({ "error": e.to_string(), "field": e.field() }),
+            JobsError::AlreadyFinished(s) | JobsError::NoResult(s) => {
+                json!({ "error": self.0.to_string(), "status": s })
+            }
+            other => json!({ "error": other.to_string() }),
+        };
+        (status, Json(body)).into_response()
+    }
+}
