@@ -1,2 +1,26 @@
-//! The worker binary.
-fn main() {}
+//! The worker binary: `worker generate` makes images with no services.
+
+mod cli;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // one line: the error and its causes
+            let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            if err.downcast_ref::<cli::UsageError>().is_some() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}

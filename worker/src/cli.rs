@@ -1,0 +1,247 @@
+//! The worker's command line: `generate` (one image, no services).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use worker::imaging;
+use worker::sdxl::noise::initial_noise;
+use worker::sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
+use worker::sdxl::source::DEFAULT_MODEL;
+
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, about = "SDXL worker: generate images with candle")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make one image from a prompt, with no services, and write it as PNG.
+    Generate(GenerateArgs),
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// The dtype weights are converted to and the pipeline runs in.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Model loading options, shared by every command that runs the pipeline.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A diffusers SDXL folder, or a Hugging Face repo id (`owner/name[@revision]`).
+    #[arg(long, env = "SDXL_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Another VAE folder or repo id (e.g. madebyollin/sdxl-vae-fp16-fix).
+    #[arg(long, env = "SDXL_VAE")]
+    pub vae: Option<String>,
+    /// A TAESD-XL folder or repo id for previews (e.g. madebyollin/taesdxl).
+    #[arg(long, env = "SDXL_TAESD")]
+    pub taesd: Option<String>,
+    /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
+    #[arg(long, env = "SDXL_VARIANT")]
+    pub variant: Option<String>,
+    #[arg(long, value_enum, env = "SDXL_DEVICE", default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Run dtype (default: f16 on CUDA, f32 on CPU).
+    #[arg(long, value_enum, env = "SDXL_DTYPE")]
+    pub dtype: Option<DTypeArg>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self, ordinal: usize) -> anyhow::Result<LoadOptions> {
+        let device = match self.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => {
+                Device::new_cuda(ordinal).context("opening CUDA device (was the worker built with --features cuda?)")?
+            }
+        };
+        let dtype = match (self.dtype, self.device) {
+            (Some(DTypeArg::F32), _) | (None, DeviceArg::Cpu) => DType::F32,
+            (Some(DTypeArg::F16), _) | (None, DeviceArg::Cuda) => DType::F16,
+            (Some(DTypeArg::Bf16), _) => DType::BF16,
+        };
+        Ok(LoadOptions {
+            model: self.model.clone(),
+            vae: self.vae.clone(),
+            taesd: self.taesd.clone(),
+            variant: self.variant.clone(),
+            device,
+            dtype,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// What to draw.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from; `""` means none.
+    #[arg(long, default_value = "blurry, low quality")]
+    negative_prompt: String,
+    /// Image width in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    /// Image height in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Denoising steps.
+    #[arg(long, alias = "num-inference-steps", default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale (guidance is off at 1 or below).
+    #[arg(long, default_value_t = 5.0)]
+    guidance_scale: f64,
+    /// Noise seed; a random one is drawn and printed when absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A safetensors file with one tensor `[1, 4, H/8, W/8]` used as the initial noise.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Where to write the PNG.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate(args),
+    }
+}
+
+/// A flag with a value the command cannot use: exit code 2, like clap's own
+/// usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Checks the numbers before anything is loaded, naming the flag and the rule.
+fn validate(args: &GenerateArgs) -> Result<(), UsageError> {
+    for (name, v) in [("--width", args.width), ("--height", args.height)] {
+        if v == 0 || !v.is_multiple_of(8) {
+            return Err(UsageError(format!("{name} {v} must be a positive multiple of 8")));
+        }
+    }
+    if args.steps == 0 {
+        return Err(UsageError("--steps 0 must be at least 1".into()));
+    }
+    if !args.guidance_scale.is_finite() || args.guidance_scale < 0.0 {
+        return Err(UsageError(format!(
+            "--guidance-scale {} must be a finite number >= 0",
+            args.guidance_scale
+        )));
+    }
+    Ok(())
+}
+
+fn read_init_noise(path: &PathBuf) -> anyhow::Result<candle_core::Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("--init-noise {}: not a readable safetensors file", path.display()))?;
+    let mut iter = tensors.into_values();
+    match (iter.next(), iter.next()) {
+        (Some(t), None) => Ok(t.to_dtype(DType::F32)?),
+        _ => bail!("--init-noise {}: expected exactly one tensor", path.display()),
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let noise_override = args.init_noise.as_ref().map(read_init_noise).transpose()?;
+
+    let t0 = Instant::now();
+    let pipeline = SdxlPipeline::load(&args.model.load_options(0)?).context("loading the model")?;
+    let load = t0.elapsed();
+
+    let (c, h, w) = {
+        let (_, c, h, w) = pipeline.latent_shape(args.width, args.height);
+        (c, h, w)
+    };
+    let noise = match noise_override {
+        Some(n) => {
+            if n.dims() != [1, c, h, w] {
+                return Err(UsageError(format!(
+                    "--init-noise has shape {:?}, expected [1, {c}, {h}, {w}] for {}x{}",
+                    n.dims(),
+                    args.width,
+                    args.height
+                ))
+                .into());
+            }
+            n
+        }
+        None => {
+            eprintln!("seed: {seed}");
+            initial_noise(seed, c, h, w, &Device::Cpu)?
+        }
+    };
+    let params = DenoiseParams {
+        width: args.width,
+        height: args.height,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance_scale,
+    };
+    let negative = Some(args.negative_prompt.as_str());
+    let device = pipeline.device().clone();
+    let timed = |start: Instant| -> anyhow::Result<Duration> {
+        device.synchronize()?;
+        Ok(start.elapsed())
+    };
+
+    let t = Instant::now();
+    let embeds = pipeline.encode_prompt(&args.prompt, negative, params.do_cfg())?;
+    let encode = timed(t)?;
+
+    let bar = ProgressBar::new(args.steps as u64).with_style(
+        ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {elapsed_precise} ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t = Instant::now();
+    let latents = pipeline
+        .denoise(&embeds, &noise, &params, &mut |state| {
+            bar.set_position(state.step as u64);
+            std::ops::ControlFlow::Continue(())
+        })?
+        .context("denoising stopped early")?;
+    let denoise = timed(t)?;
+    bar.finish_and_clear();
+
+    let t = Instant::now();
+    let images = pipeline.decode(&latents)?;
+    let decode = timed(t)?;
+    let image = imaging::from_signed_unit(&images)?
+        .into_iter()
+        .next()
+        .context("the pipeline returned no image")?;
+    image
+        .save(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!(
+        "stages: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.1} ms/step), decode {:.3}s, total {:.3}s",
+        load.as_secs_f64(),
+        encode.as_secs_f64(),
+        denoise.as_secs_f64(),
+        denoise.as_secs_f64() * 1000.0 / args.steps as f64,
+        decode.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{}", args.output.display());
+    Ok(())
+}

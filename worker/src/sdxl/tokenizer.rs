@@ -1,0 +1,202 @@
+//! CLIP's byte-level BPE tokenizer, as transformers' `CLIPTokenizer` builds it.
+//!
+//! From `tokenizer.json` when the folder has one, otherwise assembled from
+//! `vocab.json` + `merges.txt`: NFC, whitespace runs folded to one space,
+//! lower-casing, CLIP's word-splitting pattern, byte-level encoding and BPE with
+//! the `</w>` end-of-word suffix. Ids are wrapped in `<|startoftext|>` …
+//! `<|endoftext|>`, truncated and padded to `model_max_length` (77) with the
+//! folder's own pad token (`tokenizer_2` of SDXL pads with `!`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use super::source::ModelSource;
+use super::ModelError;
+
+/// CLIP's pattern for splitting text into words before BPE.
+const CLIP_SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// The subset of `tokenizer_config.json` that decides special tokens and length.
+#[derive(Debug, Clone, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default = "default_bos")]
+    bos_token: TokenSpec,
+    #[serde(default = "default_eos")]
+    eos_token: TokenSpec,
+    #[serde(default)]
+    pad_token: Option<TokenSpec>,
+    #[serde(default = "default_eos")]
+    unk_token: TokenSpec,
+    #[serde(default = "default_max_length")]
+    model_max_length: f64,
+}
+
+/// A special token, written either as a string or as an `AddedToken` object.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum TokenSpec {
+    Text(String),
+    Object { content: String },
+}
+
+impl TokenSpec {
+    fn text(&self) -> &str {
+        match self {
+            TokenSpec::Text(s) | TokenSpec::Object { content: s } => s,
+        }
+    }
+}
+
+fn default_bos() -> TokenSpec {
+    TokenSpec::Text("<|startoftext|>".into())
+}
+fn default_eos() -> TokenSpec {
+    TokenSpec::Text("<|endoftext|>".into())
+}
+fn default_max_length() -> f64 {
+    77.0
+}
+
+/// A CLIP tokenizer that gives fixed-length id sequences.
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    bos_id: u32,
+    eos_id: u32,
+    pad_id: u32,
+    max_length: usize,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .field("pad_id", &self.pad_id)
+            .field("max_length", &self.max_length)
+            .finish()
+    }
+}
+
+impl ClipTokenizer {
+    /// Loads the tokenizer in `folder` (`tokenizer` or `tokenizer_2`) of a model.
+    pub fn load(source: &ModelSource, folder: &str) -> Result<Self, ModelError> {
+        let err = |message: String| ModelError::Tokenizer {
+            component: folder.to_string(),
+            message,
+        };
+        let config = match source.optional_file(&format!("{folder}/tokenizer_config.json"))? {
+            Some(p) => super::config::read_json::<TokenizerConfig>(&p)?,
+            None => serde_json::from_str::<TokenizerConfig>("{}").map_err(|e| err(e.to_string()))?,
+        };
+        let tokenizer = match source.optional_file(&format!("{folder}/tokenizer.json"))? {
+            Some(path) => Tokenizer::from_file(&path).map_err(|e| err(format!("{}: {e}", path.display())))?,
+            None => {
+                let vocab = source.file(&format!("{folder}/vocab.json"))?;
+                let merges = source.file(&format!("{folder}/merges.txt"))?;
+                build_clip_bpe(&vocab, &merges, config.unk_token.text()).map_err(err)?
+            }
+        };
+        // transformers registers every special token of the config as an added
+        // token, matched in the raw text before BPE: `tokenizer_2`'s pad token `!`
+        // therefore splits "!!!" into three `!`, unlike `tokenizer`.
+        let mut tokenizer = tokenizer;
+        let mut specials: Vec<&str> = vec![
+            config.bos_token.text(),
+            config.eos_token.text(),
+            config.unk_token.text(),
+        ];
+        if let Some(pad) = &config.pad_token {
+            specials.push(pad.text());
+        }
+        let added: Vec<AddedToken> = specials.iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
+        tokenizer.add_special_tokens(&added);
+        let id = |token: &str| {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| err(format!("token {token:?} is not in the vocabulary")))
+        };
+        let bos_id = id(config.bos_token.text())?;
+        let eos_id = id(config.eos_token.text())?;
+        let pad_id = match &config.pad_token {
+            Some(pad) => id(pad.text())?,
+            None => eos_id,
+        };
+        // transformers writes a huge sentinel when a tokenizer has no limit; CLIP has 77.
+        let max_length = if config.model_max_length >= 1.0 && config.model_max_length < 1e6 {
+            config.model_max_length as usize
+        } else {
+            77
+        };
+        Ok(Self {
+            tokenizer,
+            bos_id,
+            eos_id,
+            pad_id,
+            max_length,
+        })
+    }
+
+    /// The id sequence the SDXL pipeline feeds its text encoder: start token,
+    /// at most `max_length - 2` text tokens, end token, padding.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer {
+            component: "tokenizer".into(),
+            message: e.to_string(),
+        })?;
+        let body = encoding.get_ids();
+        let keep = body.len().min(self.max_length.saturating_sub(2));
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        ids.extend_from_slice(&body[..keep]);
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(ids)
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+}
+
+/// Assembles CLIP's tokenizer pipeline from the slow tokenizer's two files.
+fn build_clip_bpe(vocab: &Path, merges: &Path, unk: &str) -> Result<Tokenizer, String> {
+    let path_str = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+    };
+    let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
+        .unk_token(unk.to_string())
+        .end_of_word_suffix("</w>".to_string())
+        .build()
+        .map_err(|e| format!("reading {} / {}: {e}", vocab.display(), merges.display()))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let whitespace = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(|e| e.to_string())?;
+    tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
+        NFC.into(),
+        whitespace.into(),
+        Lowercase.into(),
+    ])));
+    let split = Split::new(
+        SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| e.to_string())?;
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])));
+    Ok(tokenizer)
+}

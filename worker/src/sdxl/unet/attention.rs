@@ -1,0 +1,188 @@
+//! diffusers' `Transformer2DModel` with its `BasicTransformerBlock`s: self- and
+//! cross-attention and a GEGLU feed-forward, between group-norm and projections.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use crate::sdxl::nn::attention;
+
+/// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.
+#[derive(Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `context_dim` is `None` for self-attention.
+    pub fn new(
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let context_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out.forward(&attention(&q, &k, &v, self.heads)?)
+    }
+}
+
+/// `FeedForward` with `activation_fn="geglu"`: `net.0.proj` → x·gelu(gate) → `net.2`.
+#[derive(Debug)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let x = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        self.out.forward(&(x * gate.gelu_erf()?)?)
+    }
+}
+
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(dim: usize, heads: usize, head_dim: usize, context_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(dim, None, heads, head_dim, vb.pp("attn1"))?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(dim, Some(context_dim), heads, head_dim, vb.pp("attn2"))?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + &xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// Shape of one `Transformer2DModel`.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+}
+
+#[derive(Debug)]
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// `Transformer2DModel` on continuous input (`[b, c, h, w]` in and out).
+#[derive(Debug)]
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    pub fn new(c: TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = c.heads * c.head_dim;
+        let (proj_in, proj_out) = if c.use_linear_projection {
+            (
+                Projection::Linear(candle_nn::linear(c.channels, inner, vb.pp("proj_in"))?),
+                Projection::Linear(candle_nn::linear(inner, c.channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            let cfg = Conv2dConfig::default();
+            (
+                Projection::Conv(candle_nn::conv2d(c.channels, inner, 1, cfg, vb.pp("proj_in"))?),
+                Projection::Conv(candle_nn::conv2d(inner, c.channels, 1, cfg, vb.pp("proj_out"))?),
+            )
+        };
+        let transformer_blocks = (0..c.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    inner,
+                    c.heads,
+                    c.head_dim,
+                    c.context_dim,
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            // diffusers fixes this group norm's eps at 1e-6
+            norm: candle_nn::group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            transformer_blocks,
+            proj_out,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs)?;
+        let mut xs = match &self.proj_in {
+            Projection::Linear(l) => l.forward(&xs.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)?,
+            Projection::Conv(conv) => {
+                let y = conv.forward(&xs)?;
+                let inner = y.dim(1)?;
+                y.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))?
+            }
+        };
+        for block in &self.transformer_blocks {
+            xs = block.forward(&xs, context)?;
+        }
+        let xs = match &self.proj_out {
+            Projection::Linear(l) => l.forward(&xs)?.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?,
+            Projection::Conv(conv) => {
+                let inner = xs.dim(2)?;
+                conv.forward(&xs.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?.contiguous()?)?
+            }
+        };
+        xs + residual
+    }
+}
