@@ -146,10 +146,7 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86400)
-        );
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("7w").is_err());
@@ -160,10 +157,7 @@ mod tests {
     fn secrets_are_not_in_debug_output() {
         let s = format!("{:?}", Secret("hunter2".into()));
         assert!(!s.contains("hunter2"));
-        let u = format!(
-            "{:?}",
-            SecretUrl("amqp://guest:hunter2@host:5672/%2f".into())
-        );
+        let u = format!("{:?}", SecretUrl("amqp://guest:hunter2@host:5672/%2f".into()));
         assert!(!u.contains("hunter2") && u.contains("guest"), "{u}");
     }
 }

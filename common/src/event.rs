@@ -19,10 +19,7 @@ pub enum EventKind {
 impl EventKind {
     /// A terminal event is the last one of a job.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled
-        )
+        matches!(self, EventKind::Succeeded | EventKind::Failed | EventKind::Cancelled)
     }
 
     /// The terminal event that announces a terminal state.
@@ -83,10 +80,7 @@ mod tests {
         assert_eq!(v["step"], 5);
         assert!(v.get("error").is_none());
         assert_eq!(serde_json::from_value::<JobEvent>(v).unwrap(), e);
-        assert_eq!(
-            EventKind::terminal_for(JobState::Failed),
-            Some(EventKind::Failed)
-        );
+        assert_eq!(EventKind::terminal_for(JobState::Failed), Some(EventKind::Failed));
         assert!(!EventKind::Progress.is_terminal());
     }
 }

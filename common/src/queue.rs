@@ -7,8 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -77,20 +76,13 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Qu
         )
         .await?;
     let mut args = FieldTable::default();
-    args.insert(
-        "x-max-priority".into(),
-        AMQPValue::LongInt(MAX_PRIORITY.into()),
-    );
+    args.insert("x-max-priority".into(), AMQPValue::LongInt(MAX_PRIORITY.into()));
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(dlx.as_str())),
     );
     channel
-        .queue_declare(
-            names.queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            args,
-        )
+        .queue_declare(names.queue.as_str().into(), QueueDeclareOptions::durable(), args)
         .await?;
     Ok(())
 }
@@ -106,9 +98,7 @@ impl JobPublisher {
     /// A channel in confirm mode on `conn`, with the topology declared.
     pub async fn new(conn: &Connection, names: Names) -> Result<Self, QueueError> {
         let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         declare_topology(&channel, &names).await?;
         Ok(JobPublisher { channel, names })
     }
@@ -117,11 +107,7 @@ impl JobPublisher {
     /// an unroutable message comes back) and returns once RabbitMQ has
     /// confirmed it. Any other outcome is an error: the caller must not
     /// report the job as queued.
-    pub async fn publish<R: Serialize>(
-        &self,
-        message: &JobMessage<R>,
-        priority: u8,
-    ) -> Result<(), QueueError> {
+    pub async fn publish<R: Serialize>(&self, message: &JobMessage<R>, priority: u8) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(message)?;
         let props = BasicProperties::default()
             .with_delivery_mode(2)

@@ -119,8 +119,7 @@ impl JobRequest {
     /// field comes back as an error naming the field (serde's own messages
     /// name a line and a column).
     pub fn from_json(body: &[u8]) -> Result<Self, ValidationError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
         let Value::Object(map) = value else {
             return Err(ValidationError::Malformed(format!("got {}", kind(&value))));
         };
@@ -129,17 +128,11 @@ impl JobRequest {
         for (key, value) in map {
             match key.as_str() {
                 "prompt" => req.prompt = typed("prompt", "a string", value)?,
-                "negative_prompt" => {
-                    req.negative_prompt = typed("negative_prompt", "a string", value)?
-                }
-                "num_inference_steps" => {
-                    req.num_inference_steps = typed("num_inference_steps", INT, value)?
-                }
+                "negative_prompt" => req.negative_prompt = typed("negative_prompt", "a string", value)?,
+                "num_inference_steps" => req.num_inference_steps = typed("num_inference_steps", INT, value)?,
                 "width" => req.width = typed("width", INT, value)?,
                 "height" => req.height = typed("height", INT, value)?,
-                "guidance_scale" => {
-                    req.guidance_scale = typed("guidance_scale", "a number", value)?
-                }
+                "guidance_scale" => req.guidance_scale = typed("guidance_scale", "a number", value)?,
                 "seed" => req.seed = typed("seed", "an integer from 0 to 2^64-1", value)?,
                 "num_images" => req.num_images = typed("num_images", INT, value)?,
                 "preview_every" => req.preview_every = typed("preview_every", INT, value)?,

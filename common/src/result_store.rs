@@ -47,9 +47,7 @@ impl ResultStoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             ResultStoreError::Unreachable { .. } => true,
-            ResultStoreError::Status { status, .. } => {
-                *status >= 500 || *status == 429 || *status == 408
-            }
+            ResultStoreError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             ResultStoreError::Config(_) | ResultStoreError::Protocol { .. } => false,
         }
     }
@@ -75,28 +73,23 @@ impl std::fmt::Debug for ResultStore {
 
 impl ResultStore {
     pub fn new(args: &S3Args) -> Result<Self, ResultStoreError> {
-        let endpoint: url::Url = args.s3_endpoint.parse().map_err(|e| {
-            ResultStoreError::Config(format!("S3_ENDPOINT `{}`: {e}", args.s3_endpoint))
-        })?;
+        let endpoint: url::Url = args
+            .s3_endpoint
+            .parse()
+            .map_err(|e| ResultStoreError::Config(format!("S3_ENDPOINT `{}`: {e}", args.s3_endpoint)))?;
         let style = if args.s3_virtual_host_style {
             UrlStyle::VirtualHost
         } else {
             UrlStyle::Path
         };
-        let bucket = Bucket::new(
-            endpoint,
-            style,
-            args.s3_bucket.clone(),
-            args.aws_region.clone(),
-        )
-        .map_err(|e| ResultStoreError::Config(format!("bucket `{}`: {e}", args.s3_bucket)))?;
+        let bucket = Bucket::new(endpoint, style, args.s3_bucket.clone(), args.aws_region.clone())
+            .map_err(|e| ResultStoreError::Config(format!("bucket `{}`: {e}", args.s3_bucket)))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| ResultStoreError::Config(e.to_string()))?;
-        let (Some(key), Some(secret)) = (&args.aws_access_key_id, &args.aws_secret_access_key)
-        else {
+        let (Some(key), Some(secret)) = (&args.aws_access_key_id, &args.aws_secret_access_key) else {
             return Err(ResultStoreError::Config(
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or --aws-access-key-id and --aws-secret-access-key) are required".into(),
             ));
@@ -120,14 +113,11 @@ impl ResultStore {
         key: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ResultStoreError> {
-        request
-            .send()
-            .await
-            .map_err(|source| ResultStoreError::Unreachable {
-                op,
-                key: key.to_string(),
-                source,
-            })
+        request.send().await.map_err(|source| ResultStoreError::Unreachable {
+            op,
+            key: key.to_string(),
+            source,
+        })
     }
 
     async fn fail(op: &'static str, key: &str, response: reqwest::Response) -> ResultStoreError {
@@ -158,11 +148,7 @@ impl ResultStore {
         let action = self.bucket.create_bucket(&self.credentials);
         let url = action.sign(REQUEST_SIGNATURE_TTL);
         let create = self
-            .send(
-                "CreateBucket",
-                &name,
-                self.http.put(url).body(action.body()),
-            )
+            .send("CreateBucket", &name, self.http.put(url).body(action.body()))
             .await?;
         // Another process may have created it in between.
         if create.status().is_success() || create.status().as_u16() == 409 {
@@ -173,12 +159,7 @@ impl ResultStore {
     }
 
     /// Stores `body` under `key`; in parts when larger than the threshold.
-    pub async fn put(
-        &self,
-        key: &str,
-        body: Vec<u8>,
-        content_type: &str,
-    ) -> Result<(), ResultStoreError> {
+    pub async fn put(&self, key: &str, body: Vec<u8>, content_type: &str) -> Result<(), ResultStoreError> {
         if body.len() > self.multipart_threshold {
             return self.put_multipart(key, body, content_type).await;
         }
@@ -186,11 +167,7 @@ impl ResultStore {
             .bucket
             .put_object(Some(&self.credentials), key)
             .sign(REQUEST_SIGNATURE_TTL);
-        let request = self
-            .http
-            .put(url)
-            .header("content-type", content_type)
-            .body(body);
+        let request = self.http.put(url).header("content-type", content_type).body(body);
         let response = self.send("PutObject", key, request).await?;
         if !response.status().is_success() {
             return Err(Self::fail("PutObject", key, response).await);
@@ -198,12 +175,7 @@ impl ResultStore {
         Ok(())
     }
 
-    async fn put_multipart(
-        &self,
-        key: &str,
-        body: Vec<u8>,
-        content_type: &str,
-    ) -> Result<(), ResultStoreError> {
+    async fn put_multipart(&self, key: &str, body: Vec<u8>, content_type: &str) -> Result<(), ResultStoreError> {
         let url = self
             .bucket
             .create_multipart_upload(Some(&self.credentials), key)
@@ -218,20 +190,15 @@ impl ResultStore {
         if !response.status().is_success() {
             return Err(Self::fail("CreateMultipartUpload", key, response).await);
         }
-        let xml = response
-            .text()
-            .await
-            .map_err(|source| ResultStoreError::Unreachable {
-                op: "CreateMultipartUpload",
-                key: key.to_string(),
-                source,
-            })?;
-        let created = CreateMultipartUpload::parse_response(&xml).map_err(|e| {
-            ResultStoreError::Protocol {
-                op: "CreateMultipartUpload",
-                key: key.to_string(),
-                detail: e.to_string(),
-            }
+        let xml = response.text().await.map_err(|source| ResultStoreError::Unreachable {
+            op: "CreateMultipartUpload",
+            key: key.to_string(),
+            source,
+        })?;
+        let created = CreateMultipartUpload::parse_response(&xml).map_err(|e| ResultStoreError::Protocol {
+            op: "CreateMultipartUpload",
+            key: key.to_string(),
+            detail: e.to_string(),
         })?;
         let upload_id = created.upload_id();
         let mut etags = Vec::new();
@@ -270,11 +237,7 @@ impl ResultStore {
         );
         let url = action.sign(REQUEST_SIGNATURE_TTL);
         let response = self
-            .send(
-                "CompleteMultipartUpload",
-                key,
-                self.http.post(url).body(action.body()),
-            )
+            .send("CompleteMultipartUpload", key, self.http.post(url).body(action.body()))
             .await?;
         if !response.status().is_success() {
             return Err(Self::fail("CompleteMultipartUpload", key, response).await);
@@ -295,14 +258,11 @@ impl ResultStore {
         if !response.status().is_success() {
             return Err(Self::fail("GetObject", key, response).await);
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| ResultStoreError::Unreachable {
-                op: "GetObject",
-                key: key.to_string(),
-                source,
-            })?;
+        let bytes = response.bytes().await.map_err(|source| ResultStoreError::Unreachable {
+            op: "GetObject",
+            key: key.to_string(),
+            source,
+        })?;
         Ok(Some(bytes.to_vec()))
     }
 

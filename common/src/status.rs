@@ -23,10 +23,7 @@ pub enum JobState {
 impl JobState {
     /// No worker will touch a job in a terminal state again.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -143,10 +140,7 @@ impl JobStatus {
             finished_at: None,
             worker: None,
             attempt: 0,
-            progress: Progress {
-                step: 0,
-                total_steps,
-            },
+            progress: Progress { step: 0, total_steps },
             error: None,
             result: None,
         }

@@ -36,10 +36,7 @@ impl StatusStoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StatusStoreError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
+                e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
             }
             StatusStoreError::Contended(_) => true,
             StatusStoreError::Corrupt { .. } => false,
@@ -125,10 +122,8 @@ impl StatusStore {
 
     /// Writes a new record; false if one already exists.
     pub async fn create(&self, status: &JobStatus) -> Result<bool, StatusStoreError> {
-        let json = serde_json::to_string(status).map_err(|source| StatusStoreError::Corrupt {
-            id: status.id,
-            source,
-        })?;
+        let json =
+            serde_json::to_string(status).map_err(|source| StatusStoreError::Corrupt { id: status.id, source })?;
         let mut conn = self.conn.clone();
         let written: bool = self
             .script
@@ -152,16 +147,14 @@ impl StatusStore {
             let raw = self.get_raw(id).await?;
             let current: Option<JobStatus> = match &raw {
                 None => None,
-                Some(raw) => Some(
-                    serde_json::from_str(raw)
-                        .map_err(|source| StatusStoreError::Corrupt { id, source })?,
-                ),
+                Some(raw) => {
+                    Some(serde_json::from_str(raw).map_err(|source| StatusStoreError::Corrupt { id, source })?)
+                }
             };
             let Some(new) = next(current.as_ref()) else {
                 return Ok(Update::Unchanged(current));
             };
-            let json = serde_json::to_string(&new)
-                .map_err(|source| StatusStoreError::Corrupt { id, source })?;
+            let json = serde_json::to_string(&new).map_err(|source| StatusStoreError::Corrupt { id, source })?;
             let mut conn = self.conn.clone();
             let written: bool = self
                 .script
@@ -185,18 +178,14 @@ impl StatusStore {
             source,
         })?;
         let mut conn = self.conn.clone();
-        let _: i64 = conn
-            .publish(self.names.events_channel(event.job_id), json)
-            .await?;
+        let _: i64 = conn.publish(self.names.events_channel(event.job_id), json).await?;
         Ok(())
     }
 
     /// Raises the cancel flag that the worker running the job polls.
     pub async fn request_cancel(&self, id: Uuid) -> Result<(), StatusStoreError> {
         let mut conn = self.conn.clone();
-        let _: () = conn
-            .set_ex(self.names.cancel_key(id), 1, self.ttl_secs())
-            .await?;
+        let _: () = conn.set_ex(self.names.cancel_key(id), 1, self.ttl_secs()).await?;
         Ok(())
     }
 
@@ -207,11 +196,7 @@ impl StatusStore {
 
     /// Binds an `Idempotency-Key` to `id` unless it is already bound; returns
     /// the job it was bound to before, if any.
-    pub async fn claim_idempotency_key(
-        &self,
-        key: &str,
-        id: Uuid,
-    ) -> Result<Option<Uuid>, StatusStoreError> {
+    pub async fn claim_idempotency_key(&self, key: &str, id: Uuid) -> Result<Option<Uuid>, StatusStoreError> {
         let mut conn = self.conn.clone();
         let redis_key = self.names.idempotency_key(key);
         let set: bool = redis::cmd("SET")
@@ -239,10 +224,7 @@ impl StatusStore {
 
     /// Subscribes to the job's events. Subscribe *before* reading the status,
     /// so that no event falls between the two.
-    pub async fn subscribe(
-        &self,
-        id: Uuid,
-    ) -> Result<impl Stream<Item = JobEvent> + Send + 'static, StatusStoreError> {
+    pub async fn subscribe(&self, id: Uuid) -> Result<impl Stream<Item = JobEvent> + Send + 'static, StatusStoreError> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub.subscribe(self.names.events_channel(id)).await?;
         Ok(pubsub.into_on_message().filter_map(|msg| async move {

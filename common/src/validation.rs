@@ -107,8 +107,7 @@ impl ValidationError {
             ValidationError::PromptMissing | ValidationError::PromptLength(_) => "prompt",
             ValidationError::NegativePromptLength(_) => "negative_prompt",
             ValidationError::Steps(_) => "num_inference_steps",
-            ValidationError::SizeRange { field, .. }
-            | ValidationError::SizeMultiple { field, .. } => field,
+            ValidationError::SizeRange { field, .. } | ValidationError::SizeMultiple { field, .. } => field,
             ValidationError::GuidanceScale(_) => "guidance_scale",
             ValidationError::NumImages(_) => "num_images",
             ValidationError::PreviewEvery(_) => "preview_every",
@@ -135,14 +134,8 @@ fn size(field: &'static str, value: Option<i64>) -> Result<u32, ValidationError>
 
 /// Checks every rule in field order and fills the defaults. `draw_seed` is
 /// called only when the request has no seed.
-pub fn validate(
-    req: &JobRequest,
-    draw_seed: impl FnOnce() -> u64,
-) -> Result<ValidJob, ValidationError> {
-    let prompt = req
-        .prompt
-        .as_deref()
-        .ok_or(ValidationError::PromptMissing)?;
+pub fn validate(req: &JobRequest, draw_seed: impl FnOnce() -> u64) -> Result<ValidJob, ValidationError> {
+    let prompt = req.prompt.as_deref().ok_or(ValidationError::PromptMissing)?;
     let chars = prompt.chars().count();
     if chars == 0 || chars > PROMPT_MAX_CHARS {
         return Err(ValidationError::PromptLength(chars));
@@ -161,9 +154,7 @@ pub fn validate(
     }
     let width = size("width", req.width)?;
     let height = size("height", req.height)?;
-    let guidance_scale = req
-        .guidance_scale
-        .unwrap_or(request::DEFAULT_GUIDANCE_SCALE);
+    let guidance_scale = req.guidance_scale.unwrap_or(request::DEFAULT_GUIDANCE_SCALE);
     // `contains` is false for NaN, so NaN is refused too.
     if !(GUIDANCE_RANGE.0..=GUIDANCE_RANGE.1).contains(&guidance_scale) {
         return Err(ValidationError::GuidanceScale(guidance_scale));
@@ -179,9 +170,7 @@ pub fn validate(
     }
     let output_format = match req.output_format.as_deref() {
         None => OutputFormat::default(),
-        Some(s) => s
-            .parse()
-            .map_err(|_| ValidationError::OutputFormat(s.to_string()))?,
+        Some(s) => s.parse().map_err(|_| ValidationError::OutputFormat(s.to_string()))?,
     };
     let priority = req.priority.unwrap_or(request::DEFAULT_PRIORITY);
     if !in_range(priority, PRIORITY_RANGE) {
@@ -257,14 +246,8 @@ mod tests {
         };
         let job = check(req).unwrap();
         assert_eq!(job.negative_prompt, "");
-        assert_eq!(
-            (job.num_inference_steps, job.width, job.height),
-            (1, 256, 2048)
-        );
-        assert_eq!(
-            (job.seed, job.num_images, job.preview_every),
-            (7, Some(16), 0)
-        );
+        assert_eq!((job.num_inference_steps, job.width, job.height), (1, 256, 2048));
+        assert_eq!((job.seed, job.num_images, job.preview_every), (7, Some(16), 0));
         assert_eq!((job.output_format, job.priority), (OutputFormat::Webp, 9));
     }
 
@@ -285,10 +268,7 @@ mod tests {
     #[test]
     fn prompt_rules() {
         let e = err(JobRequest::default());
-        assert_eq!(
-            (e.field(), e.to_string().as_str()),
-            ("prompt", "`prompt` is required")
-        );
+        assert_eq!((e.field(), e.to_string().as_str()), ("prompt", "`prompt` is required"));
         let e = err(JobRequest {
             prompt: Some(String::new()),
             ..ok()
@@ -321,11 +301,7 @@ mod tests {
                 ..ok()
             });
             assert_eq!(e.field(), "num_inference_steps");
-            assert!(
-                e.to_string()
-                    .contains(&format!("between 1 and 100, got {bad}")),
-                "{e}"
-            );
+            assert!(e.to_string().contains(&format!("between 1 and 100, got {bad}")), "{e}");
         }
         assert!(check(JobRequest {
             num_inference_steps: Some(100),
@@ -336,11 +312,7 @@ mod tests {
 
     #[test]
     fn size_rules() {
-        for (w, h, field) in [
-            (248, 1024, "width"),
-            (1024, 2056, "height"),
-            (-8, 1024, "width"),
-        ] {
+        for (w, h, field) in [(248, 1024, "width"), (1024, 2056, "height"), (-8, 1024, "width")] {
             let e = err(JobRequest {
                 width: Some(w),
                 height: Some(h),
@@ -446,15 +418,11 @@ mod tests {
         assert_eq!(e.field(), "seed");
         assert_eq!(JobRequest::from_json(b"[1]").unwrap_err().field(), "body");
         assert_eq!(JobRequest::from_json(b"{").unwrap_err().field(), "body");
-        let ok =
-            JobRequest::from_json(br#"{"prompt":"x","width":512,"seed":18446744073709551615}"#)
-                .unwrap();
+        let ok = JobRequest::from_json(br#"{"prompt":"x","width":512,"seed":18446744073709551615}"#).unwrap();
         assert_eq!((ok.width, ok.seed), (Some(512), Some(u64::MAX)));
         // null means "not given".
         assert_eq!(
-            JobRequest::from_json(br#"{"prompt":"x","width":null}"#)
-                .unwrap()
-                .width,
+            JobRequest::from_json(br#"{"prompt":"x","width":null}"#).unwrap().width,
             None
         );
     }

@@ -91,10 +91,8 @@ async fn follow_with_bar(jobs: &Jobs, id: Uuid) -> anyhow::Result<JobStatus> {
     let mut stream = jobs.follow(id).await?;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("queued");
     while let Some(followed) = stream.next().await {
@@ -161,10 +159,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<EventKind> {
             return Ok(event.kind);
         }
     }
-    bail!(
-        "the event stream of job {} ended without a terminal event",
-        args.id
-    )
+    bail!("the event stream of job {} ended without a terminal event", args.id)
 }
 
 fn save_preview(dir: &Path, event: &JobEvent) -> anyhow::Result<()> {

@@ -91,9 +91,7 @@ impl Jobs {
             Some(p) => {
                 let mut p = p.lock().await;
                 if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
-                    p.publisher = open_publisher(&p.url, self.status.names().clone())
-                        .await
-                        .ok();
+                    p.publisher = open_publisher(&p.url, self.status.names().clone()).await.ok();
                 }
                 p.publisher.is_some()
             }
@@ -104,25 +102,14 @@ impl Jobs {
 
     /// Validates, writes `queued`, publishes with confirms. If RabbitMQ does
     /// not confirm, the record says `failed` and the caller gets the error.
-    pub async fn submit(
-        &self,
-        request: &JobRequest,
-        idempotency_key: Option<&str>,
-    ) -> Result<Submitted, JobsError> {
+    pub async fn submit(&self, request: &JobRequest, idempotency_key: Option<&str>) -> Result<Submitted, JobsError> {
         let job = validate(request, random_seed)?;
         let publishing = self.publishing.as_ref().ok_or(JobsError::NoPublisher)?;
         let id = Uuid::new_v4();
         if let Some(key) = idempotency_key {
             if let Some(existing) = self.status.claim_idempotency_key(key, id).await? {
-                let status = self
-                    .status
-                    .get(existing)
-                    .await?
-                    .ok_or(JobsError::NotFound(existing))?;
-                return Ok(Submitted {
-                    status,
-                    replayed: true,
-                });
+                let status = self.status.get(existing).await?.ok_or(JobsError::NotFound(existing))?;
+                return Ok(Submitted { status, replayed: true });
             }
         }
         let status = JobStatus::queued(id, job.clone(), Utc::now());
@@ -213,11 +200,7 @@ impl Jobs {
         let store = self.status.clone();
         let (tx, mut rx) = mpsc::channel::<Followed>(64);
         tokio::spawn(async move {
-            if tx
-                .send(Followed::Status(Box::new(status.clone())))
-                .await
-                .is_err()
-            {
+            if tx.send(Followed::Status(Box::new(status.clone()))).await.is_err() {
                 return;
             }
             if let Some(kind) = EventKind::terminal_for(status.state) {
@@ -249,9 +232,7 @@ impl Jobs {
                 }
             }
         });
-        Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx)
-        })))
+        Ok(Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))))
     }
 }
 
@@ -272,11 +253,7 @@ async fn open_publisher(url: &str, names: Names) -> Result<JobPublisher, QueueEr
 }
 
 /// Publishes, re-opening the connection once if RabbitMQ dropped it.
-async fn publish(
-    p: &mut Publishing,
-    names: &Names,
-    message: &JobMessage<ValidJob>,
-) -> Result<(), QueueError> {
+async fn publish(p: &mut Publishing, names: &Names, message: &JobMessage<ValidJob>) -> Result<(), QueueError> {
     if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
         p.publisher = Some(open_publisher(&p.url, names.clone()).await?);
     }

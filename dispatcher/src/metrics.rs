@@ -1,9 +1,7 @@
 //! Every Prometheus metric of the dispatcher, defined in one place (as TEI's
 //! `router/src/prometheus.rs`), served as text by `GET /metrics`.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -27,22 +25,13 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("sdxl_dispatcher".into()), None)?;
-        let jobs_submitted = IntCounter::new(
-            "jobs_submitted_total",
-            "Jobs queued (confirmed by RabbitMQ)",
-        )?;
-        let jobs_replayed = IntCounter::new(
-            "jobs_replayed_total",
-            "Submits answered from an Idempotency-Key",
-        )?;
+        let jobs_submitted = IntCounter::new("jobs_submitted_total", "Jobs queued (confirmed by RabbitMQ)")?;
+        let jobs_replayed = IntCounter::new("jobs_replayed_total", "Submits answered from an Idempotency-Key")?;
         let validation_errors = IntCounterVec::new(
             Opts::new("validation_errors_total", "Requests refused by validation"),
             &["field"],
         )?;
-        let publish_failures = IntCounter::new(
-            "publish_failures_total",
-            "Publishes RabbitMQ did not confirm",
-        )?;
+        let publish_failures = IntCounter::new("publish_failures_total", "Publishes RabbitMQ did not confirm")?;
         let jobs_cancelled = IntCounter::new("jobs_cancelled_total", "Cancel requests accepted")?;
         let http_requests = IntCounterVec::new(
             Opts::new("http_requests_total", "HTTP requests"),

@@ -24,6 +24,8 @@ pub struct Cli {
 enum Command {
     /// Make one image from a prompt, with no services, and write it as PNG.
     Generate(GenerateArgs),
+    /// Serve jobs from the queue (RabbitMQ → S3 + Redis) until SIGTERM.
+    Run(crate::run::RunArgs),
 }
 
 /// Where the model runs.
@@ -123,6 +125,7 @@ struct GenerateArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Run(args) => crate::run::run(args),
     }
 }
 

@@ -2,5 +2,6 @@
 
 pub mod engine;
 pub mod imaging;
+pub mod pipeline_engine;
 pub mod sdxl;
 pub mod service;

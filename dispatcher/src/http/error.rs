@@ -24,9 +24,7 @@ impl ApiError {
             JobsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             JobsError::NotFound(_) => StatusCode::NOT_FOUND,
             JobsError::AlreadyFinished(_) | JobsError::NoResult(_) => StatusCode::CONFLICT,
-            JobsError::Store(_) | JobsError::Publish(_) | JobsError::NoPublisher => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            JobsError::Store(_) | JobsError::Publish(_) | JobsError::NoPublisher => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -103,11 +103,7 @@ fn invalid(state: &AppState, e: ValidationError) -> ApiError {
         ValidationError::UnknownField(_) => "unknown",
         ref other => other.field(),
     };
-    state
-        .metrics
-        .validation_errors
-        .with_label_values(&[field])
-        .inc();
+    state.metrics.validation_errors.with_label_values(&[field]).inc();
     ApiError(JobsError::Invalid(e))
 }
 
@@ -197,13 +193,9 @@ async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Respon
             Followed::Status(status) => Event::default().event("status").json_data(status),
             Followed::Event(event) => Event::default().event(event.kind.as_str()).json_data(event),
         };
-        Ok::<_, Infallible>(
-            event.unwrap_or_else(|e| Event::default().comment(format!("unencodable event: {e}"))),
-        )
+        Ok::<_, Infallible>(event.unwrap_or_else(|e| Event::default().comment(format!("unencodable event: {e}"))))
     });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 async fn result(State(state): State<AppState>, Path(id): Path<String>) -> Response {
@@ -231,11 +223,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    (
-        code,
-        Json(json!({ "rabbitmq": word(rabbitmq), "redis": word(redis) })),
-    )
-        .into_response()
+    (code, Json(json!({ "rabbitmq": word(rabbitmq), "redis": word(redis) }))).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

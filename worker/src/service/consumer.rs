@@ -10,8 +10,7 @@ use common::status_store::StatusStore;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use tokio::sync::watch;
@@ -37,28 +36,17 @@ pub async fn run(
 
     let names = config.service.names();
     let worker_name = config.worker_name();
-    let status = StatusStore::connect(
-        &config.service.redis_url.0,
-        names.clone(),
-        config.service.status_ttl,
-    )
-    .await?;
+    let status = StatusStore::connect(&config.service.redis_url.0, names.clone(), config.service.status_ttl).await?;
     let results = ResultStore::new(&config.service.s3)?;
-    retry(
-        Backoff::new(config.retry_for),
-        "creating the bucket",
-        || results.ensure_bucket(),
-    )
+    retry(Backoff::new(config.retry_for), "creating the bucket", || {
+        results.ensure_bucket()
+    })
     .await?;
     tracing::info!(bucket = results.bucket_name(), queue = %names.queue, worker = %worker_name, "services ready");
 
     warm_up(engine.clone(), &config).await?;
 
-    let conn = queue::connect(
-        &config.service.amqp_url.0,
-        &format!("sdxl-worker {worker_name}"),
-    )
-    .await?;
+    let conn = queue::connect(&config.service.amqp_url.0, &format!("sdxl-worker {worker_name}")).await?;
     let channel = conn.create_channel().await?;
     declare_topology(&channel, &names).await?;
     // One job at a time: the engine runs one, so the broker holds the rest
@@ -128,11 +116,7 @@ pub async fn run(
 async fn settle(delivery: &Delivery, disposition: Disposition) -> Result<(), ServiceError> {
     match disposition {
         Disposition::Ack => delivery.ack(BasicAckOptions::default()).await?,
-        Disposition::Reject => {
-            delivery
-                .reject(BasicRejectOptions { requeue: false })
-                .await?
-        }
+        Disposition::Reject => delivery.reject(BasicRejectOptions { requeue: false }).await?,
         Disposition::Requeue => {
             delivery
                 .nack(BasicNackOptions {

@@ -105,8 +105,8 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     let id = message.id;
     let backoff = ctx.backoff();
     // Anything can be published to a queue: validate again.
-    let request: JobRequest = serde_json::from_value(message.request.clone())
-        .map_err(|e| JobError::Poison(format!("request: {e}")))?;
+    let request: JobRequest =
+        serde_json::from_value(message.request.clone()).map_err(|e| JobError::Poison(format!("request: {e}")))?;
     let job = validate(&request, random_seed).map_err(|e| JobError::Poison(e.to_string()))?;
 
     let current = retry(backoff, "reading the status", || ctx.status.get(id)).await?;
@@ -114,11 +114,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
         tracing::info!(state = %s.state, "job already finished: acking it");
         return Ok(());
     }
-    if retry(backoff, "reading the cancel flag", || {
-        ctx.status.cancel_requested(id)
-    })
-    .await?
-    {
+    if retry(backoff, "reading the cancel flag", || ctx.status.cancel_requested(id)).await? {
         return finish_cancelled(ctx, id).await;
     }
     if let Some(result) = results::load_manifest(&ctx.results, id, backoff).await? {
@@ -129,14 +125,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     let started_at = Utc::now();
     let running = retry(backoff, "writing `running`", || {
         ctx.status.update(id, |current| {
-            start(
-                current,
-                id,
-                &job,
-                message.created_at,
-                started_at,
-                &ctx.worker_name,
-            )
+            start(current, id, &job, message.created_at, started_at, &ctx.worker_name)
         })
     })
     .await?;
@@ -174,19 +163,16 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     let output = match generated {
         Err(join) => return Err(JobError::Poison(format!("the engine panicked: {join}"))),
         Ok(Err(EngineError::Cancelled)) => return finish_cancelled(ctx, id).await,
-        Ok(Err(e @ (EngineError::Invalid(_) | EngineError::Failed(_)))) => {
-            return Err(JobError::Poison(e.to_string()))
-        }
+        Ok(Err(e @ (EngineError::Invalid(_) | EngineError::Failed(_)))) => return Err(JobError::Poison(e.to_string())),
         Ok(Ok(output)) => output,
     };
 
     let upload_start = Instant::now();
     let (format, quality) = (job.output_format, ctx.config.jpeg_quality);
-    let encoded = tokio::task::spawn_blocking(move || {
-        results::encode(id, &output, format, quality).map(|e| (e, output.timings))
-    })
-    .await
-    .map_err(|e| JobError::Poison(format!("encoding panicked: {e}")))??;
+    let encoded =
+        tokio::task::spawn_blocking(move || results::encode(id, &output, format, quality).map(|e| (e, output.timings)))
+            .await
+            .map_err(|e| JobError::Poison(format!("encoding panicked: {e}")))??;
     let (encoded, stage) = encoded;
     let (images, grid) = results::upload(&ctx.results, &encoded, backoff).await?;
     let timings = Timings {
@@ -197,11 +183,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
         decode_ms: millis(stage.decode),
         upload_ms: millis(upload_start.elapsed()),
     };
-    let result = JobResult {
-        grid,
-        images,
-        timings,
-    };
+    let result = JobResult { grid, images, timings };
     results::write_manifest(&ctx.results, id, &result, backoff).await?;
     finish_succeeded(ctx, id, result).await
 }
@@ -299,10 +281,7 @@ async fn finish_succeeded(ctx: &JobContext, id: Uuid, result: JobResult) -> Resu
 }
 
 async fn finish_cancelled(ctx: &JobContext, id: Uuid) -> Result<(), JobError> {
-    finish(ctx, id, EventKind::Cancelled, |s| {
-        s.state = JobState::Cancelled
-    })
-    .await
+    finish(ctx, id, EventKind::Cancelled, |s| s.state = JobState::Cancelled).await
 }
 
 async fn mark_failed(ctx: &JobContext, id: Uuid, reason: &str) -> Result<(), JobError> {

@@ -37,25 +37,16 @@ pub struct EncodedResult {
     pub images: Vec<EncodedImage>,
 }
 
-fn encode_one(
-    image: &RgbImage,
-    format: OutputFormat,
-    jpeg_quality: u8,
-) -> Result<Vec<u8>, image::ImageError> {
+fn encode_one(image: &RgbImage, format: OutputFormat, jpeg_quality: u8) -> Result<Vec<u8>, image::ImageError> {
     let mut out = Cursor::new(Vec::new());
     let (w, h) = image.dimensions();
     let color = image::ExtendedColorType::Rgb8;
     match format {
         OutputFormat::Png => PngEncoder::new(&mut out).write_image(image.as_raw(), w, h, color)?,
-        OutputFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, jpeg_quality).write_image(
-            image.as_raw(),
-            w,
-            h,
-            color,
-        )?,
-        OutputFormat::Webp => {
-            WebPEncoder::new_lossless(&mut out).write_image(image.as_raw(), w, h, color)?
+        OutputFormat::Jpeg => {
+            JpegEncoder::new_with_quality(&mut out, jpeg_quality).write_image(image.as_raw(), w, h, color)?
         }
+        OutputFormat::Webp => WebPEncoder::new_lossless(&mut out).write_image(image.as_raw(), w, h, color)?,
     }
     Ok(out.into_inner())
 }
@@ -67,8 +58,7 @@ pub fn encode(
     format: OutputFormat,
     jpeg_quality: u8,
 ) -> Result<EncodedResult, JobError> {
-    let failed =
-        |e: image::ImageError| JobError::Poison(format!("encoding the result as {format}: {e}"));
+    let failed = |e: image::ImageError| JobError::Poison(format!("encoding the result as {format}: {e}"));
     let first_seed = output.images.first().map(|i| i.seed).unwrap_or_default();
     let grid = EncodedImage {
         key: Names::grid_object(id, format),
@@ -91,11 +81,7 @@ pub fn encode(
             })
         })
         .collect::<Result<Vec<_>, JobError>>()?;
-    Ok(EncodedResult {
-        format,
-        grid,
-        images,
-    })
+    Ok(EncodedResult { format, grid, images })
 }
 
 fn image_ref(store: &ResultStore, e: &EncodedImage) -> ImageRef {
@@ -125,9 +111,7 @@ pub async fn upload(
         .await?;
         images.push(image_ref(store, image));
     }
-    let grid = images
-        .pop()
-        .ok_or_else(|| JobError::Poison("no grid".into()))?;
+    let grid = images.pop().ok_or_else(|| JobError::Poison("no grid".into()))?;
     Ok((images, grid))
 }
 
@@ -138,8 +122,7 @@ pub async fn write_manifest(
     result: &JobResult,
     backoff: Backoff,
 ) -> Result<(), JobError> {
-    let json = serde_json::to_vec(result)
-        .map_err(|e| JobError::Poison(format!("encoding the manifest: {e}")))?;
+    let json = serde_json::to_vec(result).map_err(|e| JobError::Poison(format!("encoding the manifest: {e}")))?;
     let key = Names::manifest_object(id);
     retry(backoff, "writing the result manifest", || {
         store.put(&key, json.clone(), "application/json")
@@ -149,14 +132,9 @@ pub async fn write_manifest(
 }
 
 /// The result a previous attempt stored, with fresh presigned URLs.
-pub async fn load_manifest(
-    store: &ResultStore,
-    id: Uuid,
-    backoff: Backoff,
-) -> Result<Option<JobResult>, JobError> {
+pub async fn load_manifest(store: &ResultStore, id: Uuid, backoff: Backoff) -> Result<Option<JobResult>, JobError> {
     let key = Names::manifest_object(id);
-    let Some(bytes) = retry(backoff, "reading the result manifest", || store.get(&key)).await?
-    else {
+    let Some(bytes) = retry(backoff, "reading the result manifest", || store.get(&key)).await? else {
         return Ok(None);
     };
     let mut result: JobResult = match serde_json::from_slice(&bytes) {
@@ -190,18 +168,10 @@ mod tests {
         };
         for format in OutputFormat::ALL {
             let encoded = encode(Uuid::nil(), &output, format, 90).unwrap();
-            assert_eq!(
-                encoded.grid.key,
-                format!("jobs/{}/grid.{format}", Uuid::nil())
-            );
-            assert_eq!(
-                encoded.images[0].key,
-                format!("jobs/{}/0.{format}", Uuid::nil())
-            );
+            assert_eq!(encoded.grid.key, format!("jobs/{}/grid.{format}", Uuid::nil()));
+            assert_eq!(encoded.images[0].key, format!("jobs/{}/0.{format}", Uuid::nil()));
             assert_eq!(encoded.images[0].seed, 9);
-            let decoded = image::load_from_memory(&encoded.grid.bytes)
-                .unwrap()
-                .to_rgb8();
+            let decoded = image::load_from_memory(&encoded.grid.bytes).unwrap().to_rgb8();
             assert_eq!(decoded.dimensions(), (16, 8));
             if format != OutputFormat::Jpeg {
                 assert_eq!(decoded, image, "{format} is lossless");

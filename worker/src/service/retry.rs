@@ -42,9 +42,7 @@ impl Backoff {
 
     /// The delay before retry `n` (from 0): doubling, capped.
     pub fn delay(&self, n: u32) -> Duration {
-        self.initial
-            .saturating_mul(1u32 << n.min(16))
-            .min(self.max_delay)
+        self.initial.saturating_mul(1u32 << n.min(16)).min(self.max_delay)
     }
 }
 
