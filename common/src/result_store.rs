@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rusty_s3::actions::{CreateMultipartUpload, S3Action};
+use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 
 use crate::config::S3Args;
@@ -287,6 +287,28 @@ impl ResultStore {
                 .unwrap_or_default()
                 .to_string(),
         ))
+    }
+
+    /// The keys under `prefix` (first 1000), e.g. every object of a job.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ResultStoreError> {
+        let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+        action.with_prefix(prefix);
+        let url = action.sign(REQUEST_SIGNATURE_TTL);
+        let response = self.send("ListObjectsV2", prefix, self.http.get(url)).await?;
+        if !response.status().is_success() {
+            return Err(Self::fail("ListObjectsV2", prefix, response).await);
+        }
+        let xml = response.text().await.map_err(|source| ResultStoreError::Unreachable {
+            op: "ListObjectsV2",
+            key: prefix.to_string(),
+            source,
+        })?;
+        let listed = ListObjectsV2::parse_response(&xml).map_err(|e| ResultStoreError::Protocol {
+            op: "ListObjectsV2",
+            key: prefix.to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(listed.contents.into_iter().map(|c| c.key).collect())
     }
 
     /// A presigned GET URL of `key`, valid for the configured presign TTL.
