@@ -407,3 +407,64 @@ pub fn assert_fully_filled(s: &JobStatus, expected_worker: &str) {
     assert!(t.model_ms > 0 && t.denoise_ms > 0, "{t:?}");
     assert!(t.model_ms >= t.text_encode_ms + t.denoise_ms + t.decode_ms, "{t:?}");
 }
+
+/// A private s3s-fs server that a test can stop and start again (on the same
+/// port and data folder), for the "S3 down during a job" test.
+pub struct S3Server {
+    pub port: u16,
+    data: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl S3Server {
+    pub async fn start(dir: &Path) -> anyhow::Result<S3Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let data = dir.join("s3-data");
+        std::fs::create_dir_all(&data)?;
+        let mut server = S3Server {
+            port,
+            data,
+            log: dir.join("s3s-fs.log"),
+            proc: None,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill_9();
+        }
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let env = services_env();
+        let bin = env.get("S3S_FS_BIN").context("services.sh printed no S3S_FS_BIN")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--access-key",
+                env.get("AWS_ACCESS_KEY_ID").map(String::as_str).unwrap_or_default(),
+            ])
+            .args([
+                "--secret-key",
+                env.get("AWS_SECRET_ACCESS_KEY").map(String::as_str).unwrap_or_default(),
+            ])
+            .arg(&self.data);
+        let mut proc = Proc::spawn("s3s-fs", cmd, self.log.clone())?;
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if !proc.is_running() || start.elapsed() > Duration::from_secs(30) {
+                bail!("s3s-fs did not start:\n{}", proc.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.proc = Some(proc);
+        Ok(())
+    }
+}
