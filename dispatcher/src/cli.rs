@@ -25,7 +25,7 @@ pub enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
     /// Validate a request and queue it; prints the job id.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Print the status record of a job as JSON.
     Status(JobArgs),
     /// Print one JSON line per event of a job until its terminal event.

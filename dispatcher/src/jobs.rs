@@ -23,6 +23,8 @@ pub enum JobsError {
     Invalid(#[from] ValidationError),
     #[error("job {0} not found")]
     NotFound(Uuid),
+    #[error("`{0}` is not a job id (a UUID)")]
+    NotAJobId(String),
     #[error("job {} is already {}", .0.id, .0.state)]
     AlreadyFinished(Box<JobStatus>),
     #[error("job {} has not succeeded (it is {})", .0.id, .0.state)]

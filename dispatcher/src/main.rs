@@ -51,7 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::serve(args, shutdown_signal()).await?;
             ExitCode::SUCCESS
         }
-        Command::Submit(args) => match commands::submit(args).await? {
+        Command::Submit(args) => match commands::submit(*args).await? {
             None => ExitCode::SUCCESS,
             Some(state) => ok(state == JobState::Succeeded),
         },

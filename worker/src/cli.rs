@@ -21,6 +21,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, never moved around
 enum Command {
     /// Make one image from a prompt, with no services, and write it as PNG.
     Generate(GenerateArgs),

@@ -22,7 +22,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match &self.0 {
             JobsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            JobsError::NotFound(_) => StatusCode::NOT_FOUND,
+            JobsError::NotFound(_) | JobsError::NotAJobId(_) => StatusCode::NOT_FOUND,
             JobsError::AlreadyFinished(_) | JobsError::NoResult(_) => StatusCode::CONFLICT,
             JobsError::Store(_) | JobsError::Publish(_) | JobsError::NoPublisher => StatusCode::SERVICE_UNAVAILABLE,
         }

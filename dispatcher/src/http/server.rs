@@ -88,14 +88,8 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
-fn parse_id(id: &str) -> Result<Uuid, Response> {
-    id.parse().map_err(|_| {
-        (
-            StatusCode::NOT_FOUND,
-            Json(json!({ "error": format!("`{id}` is not a job id (a UUID)") })),
-        )
-            .into_response()
-    })
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    id.parse().map_err(|_| ApiError(JobsError::NotAJobId(id.to_string())))
 }
 
 fn invalid(state: &AppState, e: ValidationError) -> ApiError {
@@ -157,7 +151,7 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
 async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match state.jobs.status(id).await {
         Ok(status) => Json(status).into_response(),
@@ -168,7 +162,7 @@ async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Respon
 async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match state.jobs.cancel(id).await {
         Ok(status) => {
@@ -182,7 +176,7 @@ async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Respon
 async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let stream = match state.jobs.follow(id).await {
         Ok(s) => s,
@@ -201,7 +195,7 @@ async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Respon
 async fn result(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let status = match state.jobs.status(id).await {
         Ok(s) => s,
