@@ -116,6 +116,10 @@ pub struct S3Args {
     /// S3 endpoint (AWS, MinIO, s3s-fs...).
     #[arg(long, env = "S3_ENDPOINT", default_value = "http://127.0.0.1:8014")]
     pub s3_endpoint: String,
+    /// The endpoint clients reach S3 at, when it differs from `S3_ENDPOINT`
+    /// (e.g. `http://localhost:9000` outside compose): presigned URLs use it.
+    #[arg(long, env = "S3_PUBLIC_ENDPOINT")]
+    pub s3_public_endpoint: Option<String>,
     /// Bucket of the results; created when missing.
     #[arg(long, env = "S3_BUCKET", default_value = "sdxl")]
     pub s3_bucket: String,

@@ -57,6 +57,8 @@ impl ResultStoreError {
 pub struct ResultStore {
     http: reqwest::Client,
     bucket: Bucket,
+    /// The same bucket as clients address it (`S3_PUBLIC_ENDPOINT`), for presigned URLs.
+    public_bucket: Bucket,
     credentials: Credentials,
     multipart_threshold: usize,
     presign_ttl: Duration,
@@ -73,17 +75,23 @@ impl std::fmt::Debug for ResultStore {
 
 impl ResultStore {
     pub fn new(args: &S3Args) -> Result<Self, ResultStoreError> {
-        let endpoint: url::Url = args
-            .s3_endpoint
-            .parse()
-            .map_err(|e| ResultStoreError::Config(format!("S3_ENDPOINT `{}`: {e}", args.s3_endpoint)))?;
         let style = if args.s3_virtual_host_style {
             UrlStyle::VirtualHost
         } else {
             UrlStyle::Path
         };
-        let bucket = Bucket::new(endpoint, style, args.s3_bucket.clone(), args.aws_region.clone())
-            .map_err(|e| ResultStoreError::Config(format!("bucket `{}`: {e}", args.s3_bucket)))?;
+        let bucket_at = |name: &str, endpoint: &str| -> Result<Bucket, ResultStoreError> {
+            let url: url::Url = endpoint
+                .parse()
+                .map_err(|e| ResultStoreError::Config(format!("{name} `{endpoint}`: {e}")))?;
+            Bucket::new(url, style, args.s3_bucket.clone(), args.aws_region.clone())
+                .map_err(|e| ResultStoreError::Config(format!("bucket `{}` at {name}: {e}", args.s3_bucket)))
+        };
+        let bucket = bucket_at("S3_ENDPOINT", &args.s3_endpoint)?;
+        let public_bucket = match &args.s3_public_endpoint {
+            Some(public) => bucket_at("S3_PUBLIC_ENDPOINT", public)?,
+            None => bucket.clone(),
+        };
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(120))
@@ -97,6 +105,7 @@ impl ResultStore {
         Ok(ResultStore {
             http,
             bucket,
+            public_bucket,
             credentials: Credentials::new(key.0.clone(), secret.0.clone()),
             multipart_threshold: args.s3_multipart_threshold.max(MIN_PART_SIZE),
             presign_ttl: args.s3_presign_ttl.min(Duration::from_secs(7 * 86400)),
@@ -313,7 +322,7 @@ impl ResultStore {
 
     /// A presigned GET URL of `key`, valid for the configured presign TTL.
     pub fn presign_get(&self, key: &str) -> String {
-        self.bucket
+        self.public_bucket
             .get_object(Some(&self.credentials), key)
             .sign(self.presign_ttl)
             .to_string()

@@ -270,6 +270,7 @@ impl Stack {
         };
         let args = S3Args {
             s3_endpoint: get("S3_ENDPOINT")?,
+            s3_public_endpoint: None,
             s3_bucket: get("S3_BUCKET")?,
             aws_region: get("AWS_REGION")?,
             aws_access_key_id: Some(Secret(get("AWS_ACCESS_KEY_ID")?)),
