@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture_dir() -> PathBuf {
-    match std::env::var_os("SDXL_REFERENCE_DIR") {
+    match std::env::var_os("SDXL_REFERENCE_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference"),
     }
@@ -128,6 +128,8 @@ fn bad_input_gets_a_one_line_error_and_a_nonzero_exit() {
     let model = model_dir();
     let model = model.to_str().unwrap();
     let noise = fixture_dir().join("noise_0.safetensors");
+    // twice the fixture's width: the fixture's noise cannot fit it
+    let wrong_width = (2 * golden()["width"].as_u64().unwrap()).to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--model", "/no/such/folder"], "/no/such/folder"),
         (
@@ -144,9 +146,7 @@ fn bad_input_gets_a_one_line_error_and_a_nonzero_exit() {
                 "--model",
                 model,
                 "--width",
-                "64",
-                "--height",
-                "64",
+                &wrong_width,
                 "--init-noise",
                 noise.to_str().unwrap(),
             ],

@@ -65,7 +65,7 @@ struct Fixture {
 }
 
 fn fixture_dir() -> PathBuf {
-    match std::env::var_os("SDXL_REFERENCE_DIR") {
+    match std::env::var_os("SDXL_REFERENCE_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference"),
     }

@@ -131,7 +131,7 @@ impl EulerDiscreteScheduler {
     /// `scale_model_input`: the sample the UNet sees at step `i`.
     pub fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let sigma = self.sigmas[i];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        div_scalar(sample, (sigma * sigma + 1.0).sqrt())
     }
 
     /// One Euler step from `sigmas[i]` to `sigmas[i + 1]` (computed in f32,
@@ -150,7 +150,7 @@ impl EulerDiscreteScheduler {
             }
             Prediction::Sample => out.clone(),
         };
-        let derivative = ((&sample - &pred_original)? / sigma as f64)?;
+        let derivative = div_scalar(&(&sample - &pred_original)?, sigma)?;
         let dt = self.sigmas[i + 1] - sigma;
         (sample + (derivative * dt as f64)?)?.to_dtype(dtype)
     }
@@ -162,6 +162,13 @@ impl EulerDiscreteScheduler {
     pub fn is_empty(&self) -> bool {
         self.timesteps.is_empty()
     }
+}
+
+/// `t / s` as a true division (candle's `Tensor / f64` multiplies by the
+/// reciprocal, one rounding more than torch).
+fn div_scalar(t: &Tensor, s: f32) -> Result<Tensor> {
+    let s = Tensor::new(s, t.device())?.to_dtype(t.dtype())?;
+    t.broadcast_div(&s)
 }
 
 fn validate(c: &SchedulerConfig) -> std::result::Result<(), ModelError> {
