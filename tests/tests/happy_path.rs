@@ -198,6 +198,16 @@ async fn http_job_goes_queued_running_succeeded_with_sse_events() -> anyhow::Res
         "the grid equals `worker generate`'s image, pixel for pixel"
     );
 
+    // The record expires after the default TTL of 7 days.
+    let mut redis = redis::Client::open(stack.env("REDIS_URL").unwrap_or_default())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}:job:{id}", stack.prefix))
+        .query_async(&mut redis)
+        .await?;
+    assert!((7 * 86400 - 600..=7 * 86400).contains(&ttl), "TTL {ttl}");
+
     // The stored objects: the grid, the image and the manifest, with the right types.
     let store = stack.result_store()?;
     assert_eq!(
