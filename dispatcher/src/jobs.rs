@@ -31,8 +31,13 @@ pub enum JobsError {
     NoResult(Box<JobStatus>),
     #[error("status store: {0}")]
     Store(#[from] StatusStoreError),
-    #[error("the job could not be queued: {0}")]
-    Publish(#[source] QueueError),
+    /// RabbitMQ did not confirm: the record of job `id` now says `failed`.
+    #[error("job {id} could not be queued (its status says failed): {source}")]
+    Publish {
+        id: Uuid,
+        #[source]
+        source: QueueError,
+    },
     #[error("this front end cannot submit (no RabbitMQ connection)")]
     NoPublisher,
 }
@@ -144,7 +149,7 @@ impl Jobs {
                     Some(next)
                 })
                 .await;
-            return Err(JobsError::Publish(e));
+            return Err(JobsError::Publish { id, source: e });
         }
         tracing::info!(%id, priority = status.request.priority, "job queued");
         Ok(Submitted {

@@ -24,7 +24,7 @@ impl ApiError {
             JobsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             JobsError::NotFound(_) | JobsError::NotAJobId(_) => StatusCode::NOT_FOUND,
             JobsError::AlreadyFinished(_) | JobsError::NoResult(_) => StatusCode::CONFLICT,
-            JobsError::Store(_) | JobsError::Publish(_) | JobsError::NoPublisher => StatusCode::SERVICE_UNAVAILABLE,
+            JobsError::Store(_) | JobsError::Publish { .. } | JobsError::NoPublisher => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -40,6 +40,11 @@ impl IntoResponse for ApiError {
             JobsError::AlreadyFinished(s) | JobsError::NoResult(s) => {
                 json!({ "error": self.0.to_string(), "status": s })
             }
+            JobsError::Publish { id, .. } => json!({
+                "error": self.0.to_string(),
+                "id": id,
+                "status_url": format!("/v1/jobs/{id}"),
+            }),
             other => json!({ "error": other.to_string() }),
         };
         (status, Json(body)).into_response()

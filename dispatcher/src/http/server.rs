@@ -117,7 +117,7 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     let submitted = match state.jobs.submit(&request, key).await {
         Ok(s) => s,
         Err(JobsError::Invalid(e)) => return invalid(&state, e).into_response(),
-        Err(e @ JobsError::Publish(_)) => {
+        Err(e @ JobsError::Publish { .. }) => {
             state.metrics.publish_failures.inc();
             return ApiError(e).into_response();
         }
