@@ -8,7 +8,12 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use worker::engine::{Engine, EngineEvent, EngineJob};
 use worker::imaging;
+use worker::ranks::{default_ranks, DeviceKind, RankGroup, RankGroupConfig};
 use worker::sdxl::noise::initial_noise;
 use worker::sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
 use worker::sdxl::source::DEFAULT_MODEL;
@@ -74,6 +79,11 @@ impl ModelArgs {
                 Device::new_cuda(ordinal).context("opening CUDA device (was the worker built with --features cuda?)")?
             }
         };
+        self.load_options_on(device)
+    }
+
+    /// The options with `device` (rank groups put each rank on its own device).
+    pub fn load_options_on(&self, device: Device) -> anyhow::Result<LoadOptions> {
         let dtype = match (self.dtype, self.device) {
             (Some(DTypeArg::F32), _) | (None, DeviceArg::Cpu) => DType::F32,
             (Some(DTypeArg::F16), _) | (None, DeviceArg::Cuda) => DType::F16,
@@ -118,9 +128,25 @@ struct GenerateArgs {
     /// A safetensors file with one tensor `[1, 4, H/8, W/8]` used as the initial noise.
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// Where to write the PNG.
+    /// Ranks (devices) to spread the images over; default: every visible
+    /// CUDA device, or 1 on CPU.
+    #[arg(long)]
+    ranks: Option<usize>,
+    /// Images of the prompt; image `i` uses seed `seed + i` (default: one per rank).
+    #[arg(long)]
+    num_images: Option<usize>,
+    /// With a TAESD (`--taesd`): a preview grid at step 0 and every this many steps (0 = none).
+    #[arg(long, default_value_t = 5)]
+    preview_every: usize,
+    /// Write each preview grid as `step_NNN.jpg` here.
+    #[arg(long)]
+    save_previews: Option<PathBuf>,
+    /// Where to write the PNG (the grid when there are several images).
     #[arg(long)]
     output: PathBuf,
+    /// Also write each image as `{index}.png` here.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -146,6 +172,12 @@ fn validate(args: &GenerateArgs) -> Result<(), UsageError> {
     if args.steps == 0 {
         return Err(UsageError("--steps 0 must be at least 1".into()));
     }
+    if args.ranks == Some(0) {
+        return Err(UsageError("--ranks 0 must be at least 1".into()));
+    }
+    if args.num_images == Some(0) {
+        return Err(UsageError("--num-images 0 must be at least 1".into()));
+    }
     if !args.guidance_scale.is_finite() || args.guidance_scale < 0.0 {
         return Err(UsageError(format!(
             "--guidance-scale {} must be a finite number >= 0",
@@ -167,6 +199,14 @@ fn read_init_noise(path: &PathBuf) -> anyhow::Result<candle_core::Tensor> {
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     validate(&args)?;
+    if args.init_noise.is_none() {
+        return generate_on_ranks(args);
+    }
+    if args.ranks.unwrap_or(1) != 1 || args.num_images.unwrap_or(1) != 1 {
+        return Err(
+            UsageError("--init-noise makes one image: use it without --ranks/--num-images above 1".into()).into(),
+        );
+    }
     let seed = args.seed.unwrap_or_else(rand::random);
     let noise_override = args.init_noise.as_ref().map(read_init_noise).transpose()?;
 
@@ -246,6 +286,101 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         decode.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+    println!("{}", args.output.display());
+    Ok(())
+}
+
+/// `generate` through the rank group, as the service runs jobs: every rank
+/// makes its share of the images, rank 0 gathers them into a grid.
+fn generate_on_ranks(args: GenerateArgs) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("seed: {seed}");
+    let device = match args.model.device {
+        DeviceArg::Cpu => DeviceKind::Cpu,
+        DeviceArg::Cuda => DeviceKind::Cuda,
+    };
+    let ranks = args.ranks.unwrap_or_else(|| default_ranks(device));
+    let t0 = Instant::now();
+    let group = RankGroup::start(RankGroupConfig {
+        load: args.model.load_options_on(Device::Cpu)?,
+        device,
+        ranks,
+        collective_timeout: Duration::from_secs(300),
+        warm_up: false,
+    })
+    .context("loading the model")?;
+    let load = t0.elapsed();
+    let job = EngineJob {
+        prompt: args.prompt.clone(),
+        negative_prompt: Some(args.negative_prompt.clone()),
+        width: args.width,
+        height: args.height,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        seed,
+        num_images: args.num_images,
+        preview_every: args.preview_every,
+    };
+    if let Some(dir) = &args.save_previews {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let bar = ProgressBar::new(args.steps as u64).with_style(
+        ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {elapsed_precise} ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut preview_error = None;
+    let mut previews = 0usize;
+    let t = Instant::now();
+    let out = group
+        .generate(
+            &job,
+            &mut |event| match event {
+                EngineEvent::Progress { step, .. } => bar.set_position(step as u64),
+                EngineEvent::Preview { step, jpeg, .. } => {
+                    previews += 1;
+                    if let Some(dir) = &args.save_previews {
+                        if let Err(e) = std::fs::write(dir.join(format!("step_{step:03}.jpg")), jpeg) {
+                            preview_error = Some(e);
+                        }
+                    }
+                }
+            },
+            &Arc::new(AtomicBool::new(false)),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let total = t.elapsed();
+    bar.finish_and_clear();
+    if let Some(e) = preview_error {
+        return Err(e).context("writing a preview");
+    }
+    out.grid
+        .save(&args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    if let Some(dir) = &args.output_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (i, img) in out.images.iter().enumerate() {
+            let path = dir.join(format!("{i}.png"));
+            img.image
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let tm = &out.timings;
+    eprintln!(
+        "stages: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.1} ms/step), decode {:.3}s, job {:.3}s; {} images on {} ranks, {} previews",
+        load.as_secs_f64(),
+        tm.text_encode.as_secs_f64(),
+        tm.denoise.as_secs_f64(),
+        tm.denoise.as_secs_f64() * 1000.0 / args.steps as f64,
+        tm.decode.as_secs_f64(),
+        total.as_secs_f64(),
+        out.images.len(),
+        ranks,
+        previews
+    );
+    for img in &out.images {
+        eprintln!("image seed {}", img.seed);
+    }
     println!("{}", args.output.display());
     Ok(())
 }

@@ -2,6 +2,6 @@
 
 pub mod engine;
 pub mod imaging;
-pub mod pipeline_engine;
+pub mod ranks;
 pub mod sdxl;
 pub mod service;

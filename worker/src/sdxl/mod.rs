@@ -58,7 +58,7 @@ impl From<candle_core::Error> for ModelError {
 
 /// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set;
 /// a user-facing one-line error wants only the message.
-pub(crate) fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
         candle_core::Error::Context { context, inner } => candle_core::Error::Context {

@@ -216,6 +216,18 @@ impl SdxlPipeline {
         )
     }
 
+    /// `(height, width)` of the decoded image for a `width`×`height` request.
+    pub fn image_size(&self, width: usize, height: usize) -> (usize, usize) {
+        let (_, _, h, w) = self.latent_shape(width, height);
+        (h * self.vae_scale_factor, w * self.vae_scale_factor)
+    }
+
+    /// `(height, width)` of a preview, or `None` without a preview decoder.
+    pub fn preview_size(&self, width: usize, height: usize) -> Option<(usize, usize)> {
+        let (_, _, h, w) = self.latent_shape(width, height);
+        self.taesd.as_ref().map(|t| (h * t.upscale(), w * t.upscale()))
+    }
+
     pub fn vae_scale_factor(&self) -> usize {
         self.vae_scale_factor
     }
@@ -264,9 +276,10 @@ impl SdxlPipeline {
         })
     }
 
-    /// The denoising loop from `noise` (`[1, c, h/f, w/f]`, unit variance) to
-    /// final latents. `on_step` sees the latents before the first step and
-    /// after each; returning `Break` stops early with `Ok(None)`.
+    /// The denoising loop from `noise` (`[k, c, h/f, w/f]`, unit variance: k
+    /// images of the same prompt) to final latents. `on_step` sees the latents
+    /// before the first step and after each; returning `Break` stops early
+    /// with `Ok(None)`.
     pub fn denoise(
         &self,
         embeds: &PromptEmbeds,
@@ -274,26 +287,45 @@ impl SdxlPipeline {
         params: &DenoiseParams,
         on_step: &mut dyn FnMut(&StepState) -> ControlFlow<()>,
     ) -> Result<Option<Tensor>, ModelError> {
-        let expected = self.latent_shape(params.width, params.height);
-        if noise.dims4()? != expected {
+        let (k, c, h, w) = noise.dims4()?;
+        let (_, ec, eh, ew) = self.latent_shape(params.width, params.height);
+        if k == 0 || (c, h, w) != (ec, eh, ew) {
             return Err(ModelError::Input(format!(
-                "init noise has shape {:?}, expected {:?} for {}x{}",
+                "init noise has shape {:?}, expected [k >= 1, {ec}, {eh}, {ew}] for {}x{}",
                 noise.dims(),
-                [expected.0, expected.1, expected.2, expected.3],
                 params.width,
                 params.height
             )));
         }
         let scheduler = EulerDiscreteScheduler::new(&self.scheduler_config, params.num_inference_steps)?;
         let do_cfg = params.do_cfg();
-        let batch = if do_cfg { 2 } else { 1 };
-        let (h, w) = (params.height as f32, params.width as f32);
+        let halves = if do_cfg { 2 } else { 1 };
+        if embeds.prompt_embeds.dim(0)? != halves {
+            return Err(ModelError::Input(format!(
+                "prompt embeddings have batch {}, expected {halves} (guidance {})",
+                embeds.prompt_embeds.dim(0)?,
+                if do_cfg { "on" } else { "off" }
+            )));
+        }
+        // Each conditioning row (negative, then positive) repeated for the k images.
+        let per_image = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let rows = (0..halves)
+                .map(|i| {
+                    let row = t.narrow(0, i, 1)?;
+                    let mut reps = vec![1; row.rank()];
+                    reps[0] = k;
+                    row.repeat(reps)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?.to_dtype(self.dtype)
+        };
+        let context = per_image(&embeds.prompt_embeds)?;
+        let text_embeds = per_image(&embeds.pooled_prompt_embeds)?;
+        let (hf, wf) = (params.height as f32, params.width as f32);
         // original size, crop top-left (0, 0), target size
-        let time_ids = Tensor::from_vec(vec![h, w, 0.0, 0.0, h, w], (1, 6), &self.device)?
-            .repeat((batch, 1))?
+        let time_ids = Tensor::from_vec(vec![hf, wf, 0.0, 0.0, hf, wf], (1, 6), &self.device)?
+            .repeat((halves * k, 1))?
             .to_dtype(self.dtype)?;
-        let context = embeds.prompt_embeds.to_dtype(self.dtype)?;
-        let text_embeds = embeds.pooled_prompt_embeds.to_dtype(self.dtype)?;
         let mut latents = (noise.to_device(&self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma as f64)?;
         let total = scheduler.len();
         let first = StepState {
@@ -314,8 +346,8 @@ impl SdxlPipeline {
             let input = scheduler.scale_model_input(&input, i)?;
             let noise_pred = self.unet.forward(&input, t, &context, &text_embeds, &time_ids)?;
             let noise_pred = if do_cfg {
-                let uncond = noise_pred.narrow(0, 0, 1)?;
-                let text = noise_pred.narrow(0, 1, 1)?;
+                let uncond = noise_pred.narrow(0, 0, k)?;
+                let text = noise_pred.narrow(0, k, k)?;
                 (&uncond + ((text - &uncond)? * params.guidance_scale)?)?
             } else {
                 noise_pred

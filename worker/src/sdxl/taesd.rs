@@ -125,6 +125,14 @@ impl TinyDecoder {
         })
     }
 
+    /// How many pixels a latent pixel becomes.
+    pub fn upscale(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| if let Layer::Upsample(f) = l { *f } else { 1 })
+            .product()
+    }
+
     /// `AutoencoderTiny.decode`: UNet-space latents (divided by this model's
     /// own scaling factor first) to an image in [-1, 1], the VAE's range.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {

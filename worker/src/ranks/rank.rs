@@ -1,0 +1,335 @@
+//! One rank: an OS thread that owns its device and its pipeline, and runs its
+//! share of each job. Rank 0 also assembles previews and the final grid from
+//! what the others send it, and is the only one that replies to the service.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use super::collective::{Abandon, Collective, CollectiveError};
+use crate::engine::{EngineError, EngineEvent, EngineJob, EngineOutput, GeneratedImage, StageTimings};
+use crate::imaging;
+use crate::sdxl::noise::initial_noise;
+use crate::sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+
+/// A fault to inject into one rank of the next job (tests of failure handling).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    pub rank: usize,
+    /// The denoising step after which it strikes.
+    pub step: usize,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultKind {
+    /// The rank fails with this error, as after an out-of-memory.
+    Error(String),
+    /// The rank stops answering for this long, as a hung device would.
+    Stall(Duration),
+}
+
+/// One job as every rank receives it.
+#[derive(Debug, Clone)]
+pub struct RankJob {
+    pub seq: u64,
+    pub job: Arc<EngineJob>,
+    /// Images of each rank; rank r makes images `sum(counts[..r])..` of the job.
+    pub counts: Arc<Vec<usize>>,
+    pub cancel: Arc<AtomicBool>,
+    pub fault: Option<Fault>,
+    pub reply: Sender<RankReply>,
+}
+
+/// What ranks send back while and after they work.
+#[derive(Debug)]
+pub enum RankReply {
+    /// From rank 0 only.
+    Event(EngineEvent),
+    /// Every rank, once per job; rank 0's carries the output.
+    Done {
+        rank: usize,
+        result: Result<Option<EngineOutput>, EngineError>,
+    },
+}
+
+/// The steps at which previews are made: 0, `every`, `2·every`, … up to `total`.
+pub fn preview_steps(every: usize, total: usize) -> Vec<usize> {
+    if every == 0 {
+        return Vec::new();
+    }
+    (0..=total).step_by(every).collect()
+}
+
+/// Where rank `rank`'s images start in the job.
+pub fn first_image(counts: &[usize], rank: usize) -> usize {
+    counts[..rank].iter().sum()
+}
+
+/// Shares `n` images over `world` ranks: the first `n % world` ranks get one more.
+pub fn share_images(n: usize, world: usize) -> Vec<usize> {
+    (0..world).map(|r| n / world + usize::from(r < n % world)).collect()
+}
+
+/// The state of one rank thread.
+pub struct Rank<C: Collective> {
+    pub pipeline: SdxlPipeline,
+    pub collective: C,
+}
+
+impl<C: Collective> Rank<C> {
+    fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    /// Runs the rank's share of `job` and tells the group how it went.
+    pub fn run(&mut self, job: &RankJob) {
+        self.collective.begin_job(job.seq);
+        let result = self.work(job);
+        let result = match result {
+            Ok(out) => Ok(out),
+            Err(err) => {
+                // Tell the other ranks before replying, so none waits for us.
+                let why = match &err {
+                    EngineError::Cancelled => Abandon::Cancelled,
+                    other => Abandon::Failed(other.to_string()),
+                };
+                self.collective.abandon(why);
+                Err(err)
+            }
+        };
+        let _ = job.reply.send(RankReply::Done {
+            rank: self.rank(),
+            result,
+        });
+    }
+
+    fn work(&mut self, rj: &RankJob) -> Result<Option<EngineOutput>, EngineError> {
+        let job = &rj.job;
+        let rank = self.rank();
+        let counts = &rj.counts;
+        let mine = counts[rank];
+        let slots = counts.iter().copied().max().unwrap_or(0);
+        let params = DenoiseParams {
+            width: job.width,
+            height: job.height,
+            num_inference_steps: job.num_inference_steps,
+            guidance_scale: job.guidance_scale,
+        };
+        let pipeline = &self.pipeline;
+        let device = pipeline.device().clone();
+        let sync = |start: Instant| -> Duration {
+            let _ = device.synchronize();
+            start.elapsed()
+        };
+        let mut timings = StageTimings::default();
+        let previews = if job.preview_every > 0 && pipeline.has_previews() {
+            preview_steps(job.preview_every, job.num_inference_steps)
+        } else {
+            Vec::new()
+        };
+        // Every rank sends tensors of the same shape, images or not (NCCL needs it).
+        let (ih, iw) = pipeline.image_size(job.width, job.height);
+        let (ph, pw) = pipeline.preview_size(job.width, job.height).unwrap_or((8, 8));
+
+        let final_images = if mine > 0 {
+            let t = Instant::now();
+            let embeds = pipeline
+                .encode_prompt(&job.prompt, job.negative_prompt.as_deref(), params.do_cfg())
+                .map_err(model_error)?;
+            timings.text_encode = sync(t);
+            let (_, c, h, w) = pipeline.latent_shape(job.width, job.height);
+            let first = first_image(counts, rank);
+            let noise = (first..first + mine)
+                .map(|i| initial_noise(job.seed.wrapping_add(i as u64), c, h, w, &Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .and_then(|n| Tensor::cat(&n, 0))
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+
+            let t = Instant::now();
+            let mut failure: Option<EngineError> = None;
+            let collective = &mut self.collective;
+            let latents = pipeline
+                .denoise(&embeds, &noise, &params, &mut |state| {
+                    let step_result = on_step(rj, collective, pipeline, &previews, (slots, ph, pw), state);
+                    match step_result {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(e) => {
+                            failure = Some(e);
+                            ControlFlow::Break(())
+                        }
+                    }
+                })
+                .map_err(model_error)?;
+            timings.denoise = sync(t);
+            let latents = match (latents, failure) {
+                (Some(l), None) => l,
+                (_, Some(e)) => return Err(e),
+                (None, None) => return Err(EngineError::Failed("denoising stopped".into())),
+            };
+            let t = Instant::now();
+            let images = pipeline.decode(&latents).map_err(model_error)?;
+            timings.decode = sync(t);
+            images
+        } else {
+            // A rank with no image still takes part in every collective call.
+            for &step in &previews {
+                check_cancel(rj)?;
+                self.collective
+                    .gather(&blank(slots, 3, ph, pw)?)
+                    .map_err(|e| collective_error(e, step))?;
+            }
+            blank(0, 3, ih, iw)?
+        };
+
+        let padded = pad_to(&final_images, slots, ih, iw)?;
+        let gathered = self
+            .collective
+            .gather(&padded)
+            .map_err(|e| collective_error(e, job.num_inference_steps))?;
+        let Some(all) = gathered else {
+            return Ok(None);
+        };
+        let mut images = Vec::new();
+        for (r, t) in all.iter().enumerate() {
+            let rgb =
+                imaging::from_signed_unit(&t.narrow(0, 0, counts[r]).map_err(tensor_error)?).map_err(tensor_error)?;
+            let first = first_image(counts, r);
+            images.extend(rgb.into_iter().enumerate().map(|(j, image)| GeneratedImage {
+                seed: job.seed.wrapping_add((first + j) as u64),
+                image,
+            }));
+        }
+        let plain: Vec<_> = images.iter().map(|g| g.image.clone()).collect();
+        Ok(Some(EngineOutput {
+            grid: imaging::make_grid(&plain, 2),
+            images,
+            timings,
+        }))
+    }
+}
+
+/// Between two steps: progress, the injected fault, cancel, and previews.
+fn on_step<C: Collective>(
+    rj: &RankJob,
+    collective: &mut C,
+    pipeline: &SdxlPipeline,
+    previews: &[usize],
+    (slots, ph, pw): (usize, usize, usize),
+    state: &crate::sdxl::pipeline::StepState,
+) -> Result<(), EngineError> {
+    let rank = collective.rank();
+    if rank == 0 && state.step > 0 {
+        let _ = rj.reply.send(RankReply::Event(EngineEvent::Progress {
+            step: state.step,
+            total_steps: state.total_steps,
+        }));
+    }
+    if let Some(fault) = rj.fault.as_ref().filter(|f| f.rank == rank && f.step == state.step) {
+        match &fault.kind {
+            FaultKind::Error(msg) => return Err(EngineError::Failed(msg.clone())),
+            FaultKind::Stall(d) => std::thread::sleep(*d),
+        }
+    }
+    check_cancel(rj)?;
+    if !previews.contains(&state.step) {
+        return Ok(());
+    }
+    let preview = pipeline
+        .preview(state.latents)
+        .map_err(model_error)?
+        .ok_or_else(|| EngineError::Failed("no preview decoder".into()))?;
+    let padded = pad_to(&preview, slots, ph, pw)?;
+    let gathered = collective
+        .gather(&padded)
+        .map_err(|e| collective_error(e, state.step))?;
+    if let Some(all) = gathered {
+        let mut tiles = Vec::new();
+        for (r, t) in all.iter().enumerate() {
+            let n = rj.counts[r];
+            tiles.extend(imaging::from_signed_unit(&t.narrow(0, 0, n).map_err(tensor_error)?).map_err(tensor_error)?);
+        }
+        let grid = imaging::blur(
+            imaging::make_grid(&tiles, 2),
+            imaging::preview_blur_radius(state.timestep),
+        );
+        let jpeg = imaging::encode_jpeg(&grid, 80).map_err(|e| EngineError::Failed(format!("preview JPEG: {e}")))?;
+        let _ = rj.reply.send(RankReply::Event(EngineEvent::Preview {
+            step: state.step,
+            total_steps: state.total_steps,
+            jpeg,
+        }));
+    }
+    Ok(())
+}
+
+fn check_cancel(rj: &RankJob) -> Result<(), EngineError> {
+    if rj.cancel.load(Ordering::SeqCst) {
+        Err(EngineError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// `n` black images (-1 in the [-1, 1] range) of `h`×`w` on the CPU.
+fn blank(n: usize, c: usize, h: usize, w: usize) -> Result<Tensor, EngineError> {
+    (Tensor::zeros((n, c, h, w), candle_core::DType::F32, &Device::Cpu).map_err(tensor_error)? - 1.0)
+        .map_err(tensor_error)
+}
+
+/// Pads `t` (`[k, 3, h, w]`) with black images to `slots` images, so every
+/// rank sends the same shape.
+fn pad_to(t: &Tensor, slots: usize, h: usize, w: usize) -> Result<Tensor, EngineError> {
+    let t = t.to_dtype(candle_core::DType::F32).map_err(tensor_error)?;
+    let k = t.dim(0).map_err(tensor_error)?;
+    if k == slots {
+        return Ok(t);
+    }
+    let fill = blank(slots - k, 3, h, w)?.to_device(t.device()).map_err(tensor_error)?;
+    if k == 0 {
+        return Ok(fill);
+    }
+    Tensor::cat(&[&t, &fill], 0).map_err(tensor_error)
+}
+
+fn model_error(e: crate::sdxl::ModelError) -> EngineError {
+    match e {
+        crate::sdxl::ModelError::Input(msg) => EngineError::Invalid(msg),
+        other => EngineError::Failed(other.to_string()),
+    }
+}
+
+fn tensor_error(e: candle_core::Error) -> EngineError {
+    EngineError::Failed(crate::sdxl::without_backtrace(e).to_string())
+}
+
+fn collective_error(e: CollectiveError, step: usize) -> EngineError {
+    match e {
+        CollectiveError::Cancelled => EngineError::Cancelled,
+        other => EngineError::Failed(format!("{other} (at step {step})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_shared_out_evenly_in_order() {
+        assert_eq!(share_images(5, 2), vec![3, 2]);
+        assert_eq!(share_images(3, 3), vec![1, 1, 1]);
+        assert_eq!(share_images(2, 4), vec![1, 1, 0, 0]);
+        assert_eq!(first_image(&[3, 2], 1), 3);
+    }
+
+    #[test]
+    fn previews_at_step_zero_and_every_n() {
+        assert_eq!(preview_steps(5, 20), vec![0, 5, 10, 15, 20]);
+        assert_eq!(preview_steps(3, 4), vec![0, 3]);
+        assert!(preview_steps(0, 20).is_empty());
+    }
+}
