@@ -399,9 +399,18 @@ pub fn assert_fully_filled(s: &JobStatus, expected_worker: &str) {
     for image in std::iter::once(&r.grid).chain(r.images.iter()) {
         assert!(!image.bucket.is_empty() && !image.key.is_empty());
         assert!(image.url.contains("X-Amz-Signature="), "presigned: {}", image.url);
-        assert_eq!((image.width, image.height), (s.request.width, s.request.height));
         assert_eq!(image.seed, s.request.seed);
     }
+    assert_eq!(
+        (r.images[0].width, r.images[0].height),
+        (s.request.width, s.request.height)
+    );
+    // The grid is laid out as torchvision's make_grid: the image plus its padding.
+    assert!(
+        r.grid.width >= s.request.width && r.grid.height >= s.request.height,
+        "{:?}",
+        r.grid
+    );
     assert_eq!(r.grid.key, format!("jobs/{}/grid.png", s.id));
     assert_eq!(r.images[0].key, format!("jobs/{}/0.png", s.id));
     let t = r.timings;

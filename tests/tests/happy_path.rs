@@ -27,7 +27,9 @@ fn assert_events(events: &[(String, common::JobEvent)], status: &JobStatus, pref
     assert!(!previews.is_empty(), "at least one preview: {events:?}");
     for (_, p) in &previews {
         let image = decode_preview(p).expect("preview decodes as JPEG");
-        assert_eq!(image.dimensions(), (status.request.width, status.request.height));
+        // A preview is a grid of every image, as the final grid is.
+        let grid = &status.result.as_ref().expect("result").grid;
+        assert_eq!(image.dimensions(), (grid.width, grid.height));
     }
     let steps: Vec<u32> = events
         .iter()

@@ -50,6 +50,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(service::run(args.service, Arc::new(engine), service::shutdown::signal()))?;
+    runtime.block_on(service::run(
+        args.service,
+        Arc::new(engine),
+        service::shutdown::signal(),
+    ))?;
     Ok(())
 }
