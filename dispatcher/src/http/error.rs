@@ -50,3 +50,31 @@ impl IntoResponse for ApiError {
         (status, Json(body)).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::validation::ValidationError;
+    use uuid::Uuid;
+
+    #[test]
+    fn each_error_has_its_status() {
+        let status = |e: JobsError| ApiError(e).status();
+        assert_eq!(
+            status(JobsError::Invalid(ValidationError::Priority(10))),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(status(JobsError::NotFound(Uuid::nil())), StatusCode::NOT_FOUND);
+        assert_eq!(status(JobsError::NotAJobId("x".into())), StatusCode::NOT_FOUND);
+        assert_eq!(status(JobsError::NoPublisher), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_validation_error_names_the_field_in_the_body() {
+        let response = ApiError(JobsError::Invalid(ValidationError::Priority(10))).into_response();
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["field"], "priority");
+        assert_eq!(v["error"], "`priority` must be between 0 and 9, got 10");
+    }
+}

@@ -68,16 +68,14 @@ pub async fn handle(ctx: &JobContext, payload: &[u8]) -> Disposition {
     match run(ctx, &message).instrument(span.clone()).await {
         Ok(()) => Disposition::Ack,
         Err(JobError::Poison(reason)) => {
-            let _enter = span.enter();
-            tracing::error!(%reason, "poison job: marking it failed and dead-lettering it");
-            drop(_enter);
-            if let Err(e) = mark_failed(ctx, id, &reason).instrument(span).await {
-                tracing::error!(error = %e, %id, "could not mark the poison job failed");
+            tracing::error!(parent: &span, %reason, "poison job: marking it failed and dead-lettering it");
+            if let Err(e) = mark_failed(ctx, id, &reason).instrument(span.clone()).await {
+                tracing::error!(parent: &span, error = %e, "could not mark the poison job failed");
             }
             Disposition::Reject
         }
         Err(JobError::Transient(reason)) => {
-            tracing::warn!(%id, %reason, "transient failure outlasted the retries: requeueing the job");
+            tracing::warn!(parent: &span, %reason, "transient failure outlasted the retries: requeueing the job");
             Disposition::Requeue
         }
     }
