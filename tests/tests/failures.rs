@@ -346,3 +346,45 @@ async fn sigterm_during_a_job_finishes_it_and_exits_zero() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_down_past_the_retry_window_requeues_the_job_which_completes_later_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s3 = S3Server::start(dir.path()).await?;
+    let stack = Stack::with_s3_endpoint("s3_requeue", Some(s3.endpoint())).await?;
+    // Retry for one second only, so the job goes back to the queue.
+    let worker = stack.spawn_worker("requeue-worker", &["--retry-for", "1s"]).await?;
+    let id = submit_cli(&stack, &JobParams::new("handed back", 12, 21)).await?;
+    wait_running_past(&stack, id, 1).await?;
+    s3.stop();
+    let start = std::time::Instant::now();
+    while !worker.log_text().contains("requeueing the job") {
+        anyhow::ensure!(
+            start.elapsed() < TIMEOUT,
+            "the job was never requeued:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!stack.status(id).await?.state.is_terminal(), "not lost, not failed");
+    s3.restart().await?;
+
+    let (status, _) = stack.wait_terminal(id, TIMEOUT).await?;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert!(
+        status.attempt >= 2,
+        "ran again after the requeue: attempt {}",
+        status.attempt
+    );
+    assert_eq!(
+        stack.objects_of(id).await?,
+        [
+            format!("jobs/{id}/0.png"),
+            format!("jobs/{id}/grid.png"),
+            format!("jobs/{id}/result.json")
+        ],
+        "stored once"
+    );
+    Ok(())
+}
