@@ -26,12 +26,13 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[allow(clippy::large_enum_variant)] // parsed once, never moved around
 enum Command {
     /// Make one image from a prompt, with no services, and write it as PNG.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
+    /// Write a diffusers folder with random weights from a folder of configs.
+    InitRandom(crate::init_random::InitRandomArgs),
     /// Serve jobs from the queue (RabbitMQ → S3 + Redis) until SIGTERM.
-    Run(crate::run::RunArgs),
+    Run(Box<crate::run::RunArgs>),
 }
 
 /// Where the model runs.
@@ -151,8 +152,9 @@ struct GenerateArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Generate(args) => generate(args),
-        Command::Run(args) => crate::run::run(args),
+        Command::Generate(args) => generate(*args),
+        Command::InitRandom(args) => crate::init_random::run(args),
+        Command::Run(args) => crate::run::run(*args),
     }
 }
 
@@ -367,11 +369,12 @@ fn generate_on_ranks(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let tm = &out.timings;
     eprintln!(
-        "stages: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.1} ms/step), decode {:.3}s, job {:.3}s; {} images on {} ranks, {} previews",
+        "stages: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.1} ms/step, of it previews {:.3}s), decode {:.3}s, job {:.3}s; {} images on {} ranks, {} previews",
         load.as_secs_f64(),
         tm.text_encode.as_secs_f64(),
         tm.denoise.as_secs_f64(),
         tm.denoise.as_secs_f64() * 1000.0 / args.steps as f64,
+        tm.preview.as_secs_f64(),
         tm.decode.as_secs_f64(),
         total.as_secs_f64(),
         out.images.len(),

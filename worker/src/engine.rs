@@ -52,7 +52,10 @@ pub struct GeneratedImage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageTimings {
     pub text_encode: Duration,
+    /// The whole denoising loop, previews included.
     pub denoise: Duration,
+    /// Of `denoise`: decoding, gathering and handing over previews.
+    pub preview: Duration,
     pub decode: Duration,
 }
 

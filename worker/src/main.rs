@@ -1,6 +1,7 @@
 //! The worker binary: `worker generate` makes images with no services.
 
 mod cli;
+mod init_random;
 mod run;
 
 use clap::Parser;

@@ -243,7 +243,7 @@ impl Engine for RankGroup {
             while d.busy.iter().any(|&b| b) {
                 match late.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Ok(RankReply::Done { rank, .. }) => d.busy[rank] = false,
-                    Ok(RankReply::Event(_)) => {}
+                    Ok(_) => {}
                     Err(_) => break,
                 }
             }
@@ -295,6 +295,22 @@ impl Engine for RankGroup {
                     quiet_since = Instant::now();
                     events(e);
                 }
+                Ok(RankReply::PreviewTiles {
+                    step,
+                    total_steps,
+                    timestep,
+                    tiles,
+                }) => {
+                    quiet_since = Instant::now();
+                    match crate::imaging::preview_jpeg(&tiles, timestep) {
+                        Ok(jpeg) => events(EngineEvent::Preview {
+                            step,
+                            total_steps,
+                            jpeg,
+                        }),
+                        Err(e) => tracing::warn!(step, error = %e, "preview not encoded"),
+                    }
+                }
                 Ok(RankReply::Done { rank, result }) => {
                     d.busy[rank] = false;
                     if rank == 0 {
@@ -328,11 +344,17 @@ impl Engine for RankGroup {
 
 impl Drop for RankGroup {
     fn drop(&mut self) {
-        // Closing the job channels ends each rank's loop; a rank stuck in a
-        // device call is not waited for.
+        // Closing the job channels ends each rank's loop, which frees its
+        // communicator and device before the process exits (NCCL aborts fail
+        // when the process tears down under them). A rank stuck in a device
+        // call is given a few seconds, not waited for forever.
         let threads: Vec<_> = self.ranks.iter_mut().filter_map(|h| h.thread.take()).collect();
         self.ranks.clear();
+        let deadline = Instant::now() + Duration::from_secs(10);
         for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             if t.is_finished() {
                 let _ = t.join();
             }

@@ -21,6 +21,8 @@ pub fn new_id() -> Result<Id, EngineError> {
 pub struct NcclCollective {
     sync: Arc<HostSync>,
     comm: Comm,
+    /// The rank's candle device: its stream is the communicator's.
+    device: Device,
     rank: usize,
     job: u64,
     round: u64,
@@ -47,6 +49,7 @@ impl NcclCollective {
         Ok(Self {
             sync,
             comm,
+            device: device.clone(),
             rank,
             job: 0,
             round: 0,
@@ -80,8 +83,7 @@ impl Collective for NcclCollective {
             t
         } else {
             // a rank with no images sends host-made black tiles
-            let dev = Device::Cuda(candle_core::CudaDevice::new(self.comm.ordinal()).map_err(transport)?);
-            t.to_device(&dev).map_err(transport)?
+            t.to_device(&self.device).map_err(transport)?
         };
         let n = t.elem_count();
         let world = self.world_size();

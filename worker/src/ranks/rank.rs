@@ -50,6 +50,14 @@ pub struct RankJob {
 pub enum RankReply {
     /// From rank 0 only.
     Event(EngineEvent),
+    /// From rank 0 only: every image's preview at `step`, to be laid out,
+    /// blurred and encoded off the rank thread while it denoises on.
+    PreviewTiles {
+        step: usize,
+        total_steps: usize,
+        timestep: f32,
+        tiles: Vec<image::RgbImage>,
+    },
     /// Every rank, once per job; rank 0's carries the output.
     Done {
         rank: usize,
@@ -75,10 +83,11 @@ pub fn share_images(n: usize, world: usize) -> Vec<usize> {
     (0..world).map(|r| n / world + usize::from(r < n % world)).collect()
 }
 
-/// The state of one rank thread.
+/// The state of one rank thread. The collective is declared first so it is
+/// dropped first, while the device its communicator uses is still alive.
 pub struct Rank<C: Collective> {
-    pub pipeline: SdxlPipeline,
     pub collective: C,
+    pub pipeline: SdxlPipeline,
 }
 
 impl<C: Collective> Rank<C> {
@@ -152,10 +161,15 @@ impl<C: Collective> Rank<C> {
 
             let t = Instant::now();
             let mut failure: Option<EngineError> = None;
+            let mut preview_time = Duration::ZERO;
             let collective = &mut self.collective;
             let latents = pipeline
                 .denoise(&embeds, &noise, &params, &mut |state| {
+                    let p0 = previews.contains(&state.step).then(Instant::now);
                     let step_result = on_step(rj, collective, pipeline, &previews, (slots, ph, pw), state);
+                    if let Some(p0) = p0 {
+                        preview_time += p0.elapsed();
+                    }
                     match step_result {
                         Ok(()) => ControlFlow::Continue(()),
                         Err(e) => {
@@ -166,6 +180,7 @@ impl<C: Collective> Rank<C> {
                 })
                 .map_err(model_error)?;
             timings.denoise = sync(t);
+            timings.preview = preview_time;
             let latents = match (latents, failure) {
                 (Some(l), None) => l,
                 (_, Some(e)) => return Err(e),
@@ -253,16 +268,12 @@ fn on_step<C: Collective>(
             let n = rj.counts[r];
             tiles.extend(imaging::from_signed_unit(&t.narrow(0, 0, n).map_err(tensor_error)?).map_err(tensor_error)?);
         }
-        let grid = imaging::blur(
-            imaging::make_grid(&tiles, 2),
-            imaging::preview_blur_radius(state.timestep),
-        );
-        let jpeg = imaging::encode_jpeg(&grid, 80).map_err(|e| EngineError::Failed(format!("preview JPEG: {e}")))?;
-        let _ = rj.reply.send(RankReply::Event(EngineEvent::Preview {
+        let _ = rj.reply.send(RankReply::PreviewTiles {
             step: state.step,
             total_steps: state.total_steps,
-            jpeg,
-        }));
+            timestep: state.timestep,
+            tiles,
+        });
     }
     Ok(())
 }

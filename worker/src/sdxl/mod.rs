@@ -9,6 +9,7 @@ pub mod clip;
 pub mod config;
 pub mod noise;
 pub mod pipeline;
+pub mod random;
 pub mod scheduler;
 pub mod source;
 pub mod taesd;
