@@ -89,7 +89,11 @@ pub struct Timings {
     /// The whole model call: text encode + denoise + decode + grid.
     pub model_ms: u64,
     pub text_encode_ms: u64,
+    /// The whole denoising loop, previews included.
     pub denoise_ms: u64,
+    /// Of `denoise_ms`: making and handing over previews.
+    #[serde(default)]
+    pub preview_ms: u64,
     pub decode_ms: u64,
     /// Encoding and uploading the grid and the images.
     pub upload_ms: u64,

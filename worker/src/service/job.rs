@@ -178,6 +178,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
         model_ms: millis(model_time),
         text_encode_ms: millis(stage.text_encode),
         denoise_ms: millis(stage.denoise),
+        preview_ms: millis(stage.preview),
         decode_ms: millis(stage.decode),
         upload_ms: millis(upload_start.elapsed()),
     };
