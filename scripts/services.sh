@@ -23,6 +23,9 @@ S3_DATA="$STATE_DIR/s3-data"
 AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-sdxl-local}"
 AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-sdxl-local-secret}"
 mkdir -p "$STATE_DIR" "$S3_DATA"
+# One run at a time (test runners may start several at once).
+exec 9>"$STATE_DIR/services.lock"
+flock 9
 
 listening() { # port
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
@@ -44,6 +47,7 @@ if listening 5672; then
 else
   if ! command -v rabbitmq-server >/dev/null; then
     log "installing rabbitmq-server (apt)"
+    apt-get update -q >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server >&2
   fi
   log "starting RabbitMQ"
@@ -57,6 +61,7 @@ if listening 6379; then
 else
   if ! command -v redis-server >/dev/null; then
     log "installing redis-server (apt)"
+    apt-get update -q >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >&2
   fi
   log "starting Redis"
@@ -80,7 +85,7 @@ else
   log "starting s3s-fs on 127.0.0.1:$S3_PORT (data in $S3_DATA)"
   nohup "$S3S_FS_BIN" --host 127.0.0.1 --port "$S3_PORT" \
     --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-    "$S3_DATA" >"$STATE_DIR/s3s-fs.log" 2>&1 &
+    "$S3_DATA" >"$STATE_DIR/s3s-fs.log" 2>&1 9>&- &
   echo $! >"$STATE_DIR/s3s-fs.pid"
   wait_port "$S3_PORT" s3s-fs 30
 fi

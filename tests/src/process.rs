@@ -50,20 +50,32 @@ fn build_binaries() -> anyhow::Result<Binaries> {
     if !out.status.success() {
         bail!("cargo build failed: {}", out.status);
     }
-    let dir = tempfile::Builder::new().prefix("sdxl-e2e-bin").tempdir()?;
+    let built: Vec<(String, PathBuf)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|msg| {
+            let exe = msg["executable"].as_str()?;
+            Some((msg["target"]["name"].as_str()?.to_string(), PathBuf::from(exe)))
+        })
+        .collect();
+    // Next to the originals, so that hard links work (same file system).
+    let parent = built
+        .first()
+        .and_then(|(_, exe)| exe.parent())
+        .context("cargo reported no executable")?;
+    // Statics are never dropped, so a test process cannot remove its own
+    // folder: each one removes those of processes that have exited.
+    remove_stale_copies(parent);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!(".e2e-bin-{}-", std::process::id()))
+        .tempdir_in(parent)?;
     let (mut worker, mut dispatcher) = (None, None);
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str()) else {
-            continue;
-        };
+    for (name, exe) in &built {
         let private = dir.path().join(name);
         if std::fs::hard_link(exe, &private).is_err() {
-            std::fs::copy(exe, &private).with_context(|| format!("copying {exe}"))?;
+            std::fs::copy(exe, &private).with_context(|| format!("copying {}", exe.display()))?;
         }
-        match name {
+        match name.as_str() {
             "worker" => worker = Some(private),
             "dispatcher" => dispatcher = Some(private),
             _ => {}
@@ -74,6 +86,19 @@ fn build_binaries() -> anyhow::Result<Binaries> {
         dispatcher: dispatcher.context("cargo built no dispatcher binary")?,
         _dir: dir,
     })
+}
+
+fn remove_stale_copies(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix(".e2e-bin-").and_then(|rest| rest.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A child process with its output in a log file; killed on drop.
