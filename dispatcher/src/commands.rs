@@ -49,16 +49,22 @@ pub async fn serve(
     if let Err(e) = results.ensure_bucket().await {
         tracing::warn!(error = %e, "could not check the bucket");
     }
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let state = AppState {
         jobs: Arc::new(jobs),
         results: Arc::new(results),
         metrics: Metrics::new()?,
         submit_permits: Arc::new(Semaphore::new(args.max_pending_submits.max(1))),
+        stopping,
     };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, queue = %args.service.queue, "serving");
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     server::serve(listener, state, shutdown).await?;
     Ok(())
 }

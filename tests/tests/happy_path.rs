@@ -230,7 +230,7 @@ async fn http_job_goes_queued_running_succeeded_with_sse_events() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idempotency_key_returns_the_same_job_and_api_extras_answer() -> anyhow::Result<()> {
     let stack = Stack::new("http_extras").await?;
-    let (_dispatcher, base) = stack.spawn_dispatcher().await?;
+    let (mut dispatcher, base) = stack.spawn_dispatcher().await?;
     let http = reqwest::Client::new();
     let params = JobParams::new("a quiet harbour", 2, 1);
     let key = Uuid::new_v4().to_string();
@@ -270,5 +270,17 @@ async fn idempotency_key_returns_the_same_job_and_api_extras_answer() -> anyhow:
     assert!(openapi["paths"]["/v1/jobs/{id}/events"]["get"].is_object());
     let missing = http.get(format!("{base}/v1/jobs/{}", Uuid::new_v4())).send().await?;
     assert_eq!(missing.status(), 404);
+
+    // SIGTERM with an event stream open on a job that will never run: the
+    // stream ends and the dispatcher exits 0 without waiting for the job.
+    let events = http.get(format!("{base}/v1/jobs/{}/events", ids[0])).send().await?;
+    assert_eq!(events.status(), 200);
+    let reading = tokio::spawn(async move { events.text().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dispatcher.sigterm()?;
+    let exit = dispatcher.wait_exit(Duration::from_secs(20)).await?;
+    assert_eq!(exit.code(), Some(0), "{}", dispatcher.log_text());
+    let text = tokio::time::timeout(Duration::from_secs(10), reading).await???;
+    assert!(text.starts_with("event: status"), "{text}");
     Ok(())
 }

@@ -21,7 +21,7 @@ use common::validation::ValidationError;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -40,6 +40,9 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Submits in flight; when none is left the answer is 429.
     pub submit_permits: Arc<Semaphore>,
+    /// Becomes true on shutdown: event streams end then, so that the
+    /// graceful shutdown does not wait for running jobs.
+    pub stopping: watch::Receiver<bool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -188,6 +191,10 @@ async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Respon
             Followed::Event(event) => Event::default().event(event.kind.as_str()).json_data(event),
         };
         Ok::<_, Infallible>(event.unwrap_or_else(|e| Event::default().comment(format!("unencodable event: {e}"))))
+    });
+    let mut stopping = state.stopping.clone();
+    let stream = stream.take_until(async move {
+        let _ = stopping.wait_for(|s| *s).await;
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
