@@ -1,2 +1,20 @@
 //! What the dispatcher and the worker share: the job schema, its status, and the
-//! names of the queues, Redis keys and channels both sides must agree on.
+//! names of the queues, Redis keys and channels both sides must agree on, plus
+//! the thin clients of RabbitMQ ([`queue`]), Redis ([`status_store`]) and S3
+//! ([`result_store`]) that both sides use. No model code lives here.
+
+pub mod config;
+pub mod event;
+pub mod names;
+pub mod queue;
+pub mod request;
+pub mod result_store;
+pub mod status;
+pub mod status_store;
+pub mod validation;
+
+pub use event::{EventKind, JobEvent};
+pub use names::Names;
+pub use request::{JobRequest, OutputFormat};
+pub use status::{ImageRef, JobResult, JobState, JobStatus, Progress, Timings};
+pub use validation::{ValidJob, ValidationError};

@@ -1,1 +1,10 @@
-//! End-to-end tests of the whole service live under `tests/tests/`.
+//! The harness of the end-to-end tests under `tests/tests/`: the services
+//! (started by `scripts/services.sh`), the real `worker` and `dispatcher`
+//! binaries as child processes, and a [`Stack`] per test with its own queue,
+//! Redis prefix and bucket, so that tests run in parallel.
+
+pub mod process;
+pub mod stack;
+
+pub use process::Proc;
+pub use stack::{EventRecorder, JobParams, Stack};

@@ -33,6 +33,8 @@ enum Command {
     InitRandom(crate::init_random::InitRandomArgs),
     /// Time each stage of the pipeline on one device (table and JSON).
     Bench(Box<crate::bench::BenchArgs>),
+    /// Serve jobs from the queue (RabbitMQ → S3 + Redis) until SIGTERM.
+    Run(Box<crate::run::RunArgs>),
 }
 
 /// Where the model runs.
@@ -155,6 +157,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate(*args),
         Command::InitRandom(args) => crate::init_random::run(args),
         Command::Bench(args) => crate::bench::run(*args),
+        Command::Run(args) => crate::run::run(*args),
     }
 }
 

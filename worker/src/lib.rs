@@ -4,3 +4,4 @@ pub mod engine;
 pub mod imaging;
 pub mod ranks;
 pub mod sdxl;
+pub mod service;

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod init_random;
+mod run;
 
 use clap::Parser;
 

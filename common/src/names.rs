@@ -1,0 +1,105 @@
+//! The names both sides must agree on: the queue and its dead-letter
+//! exchange and queue, the Redis keys and the event channel, the S3 keys.
+//!
+//! Everything hangs off two configurable roots, the queue name (`SDXL_QUEUE`)
+//! and the Redis key prefix (`SDXL_REDIS_PREFIX`), so that tests can run side
+//! by side each in its own namespace.
+
+use uuid::Uuid;
+
+use crate::request::OutputFormat;
+
+pub const DEFAULT_QUEUE: &str = "sdxl.jobs";
+pub const DEFAULT_REDIS_PREFIX: &str = "sdxl";
+/// Highest AMQP priority the queue honours (`x-max-priority`).
+pub const MAX_PRIORITY: u8 = 9;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub queue: String,
+    pub redis_prefix: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names::new(DEFAULT_QUEUE, DEFAULT_REDIS_PREFIX)
+    }
+}
+
+impl Names {
+    pub fn new(queue: impl Into<String>, redis_prefix: impl Into<String>) -> Self {
+        Names {
+            queue: queue.into(),
+            redis_prefix: redis_prefix.into(),
+        }
+    }
+
+    /// Where rejected (poison) jobs go: `{queue}.dlx`.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+
+    /// The queue bound to the dead-letter exchange: `{queue}.dead`.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// The status record: `sdxl:job:{id}`.
+    pub fn status_key(&self, id: Uuid) -> String {
+        format!("{}:job:{id}", self.redis_prefix)
+    }
+
+    /// Set when a cancel is requested: `sdxl:job:{id}:cancel`.
+    pub fn cancel_key(&self, id: Uuid) -> String {
+        format!("{}:job:{id}:cancel", self.redis_prefix)
+    }
+
+    /// The event channel: `sdxl:job:{id}:events`.
+    pub fn events_channel(&self, id: Uuid) -> String {
+        format!("{}:job:{id}:events", self.redis_prefix)
+    }
+
+    /// An `Idempotency-Key`: `sdxl:idempotency:{key}`.
+    pub fn idempotency_key(&self, key: &str) -> String {
+        format!("{}:idempotency:{key}", self.redis_prefix)
+    }
+
+    /// The grid object: `jobs/{id}/grid.{ext}`.
+    pub fn grid_object(id: Uuid, format: OutputFormat) -> String {
+        format!("jobs/{id}/grid.{}", format.extension())
+    }
+
+    /// Image `index` (from 0): `jobs/{id}/{index}.{ext}`.
+    pub fn image_object(id: Uuid, index: usize, format: OutputFormat) -> String {
+        format!("jobs/{id}/{index}.{}", format.extension())
+    }
+
+    /// The result manifest, written after the images: `jobs/{id}/result.json`.
+    /// A redelivered job whose manifest exists is not generated or stored again.
+    pub fn manifest_object(id: Uuid) -> String {
+        format!("jobs/{id}/result.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_match_the_spec() {
+        let n = Names::default();
+        let id = Uuid::nil();
+        assert_eq!(n.queue, "sdxl.jobs");
+        assert_eq!(n.status_key(id), format!("sdxl:job:{id}"));
+        assert_eq!(n.events_channel(id), format!("sdxl:job:{id}:events"));
+        assert_eq!(n.dead_letter_exchange(), "sdxl.jobs.dlx");
+        assert_eq!(
+            Names::grid_object(id, OutputFormat::Jpeg),
+            format!("jobs/{id}/grid.jpeg")
+        );
+        assert_eq!(
+            Names::image_object(id, 2, OutputFormat::Png),
+            format!("jobs/{id}/2.png")
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! The job queue on RabbitMQ: its topology, the message that travels on it,
+//! and publishing with publisher confirms.
+//!
+//! Topology (declared by both sides, idempotently): a durable queue
+//! `{queue}` with `x-max-priority` and a dead-letter exchange `{queue}.dlx`
+//! (direct) that routes rejected messages to the durable queue `{queue}.dead`.
+
+use chrono::{DateTime, Utc};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::names::{Names, MAX_PRIORITY};
+
+/// What travels on the queue. `R` is [`crate::ValidJob`] when published and
+/// [`serde_json::Value`] when consumed: the worker validates it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobMessage<R> {
+    pub id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub request: R,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the publish of job {0} (nack)")]
+    Nacked(Uuid),
+    #[error("RabbitMQ returned job {0} as unroutable: is queue `{1}` declared?")]
+    Unroutable(Uuid, String),
+    #[error("encoding job message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Opens a connection to `url`, named after the process for the management UI.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, QueueError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// Declares the queue, the dead-letter exchange and the dead-letter queue.
+/// Both sides call it, so that whichever starts first creates them.
+pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), QueueError> {
+    let dlx = names.dead_letter_exchange();
+    let dlq = names.dead_letter_queue();
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            names.queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::LongInt(MAX_PRIORITY.into()));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(dlx.as_str())),
+    );
+    channel
+        .queue_declare(names.queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await?;
+    Ok(())
+}
+
+/// Publishes jobs to the queue and waits for the broker's confirm of each.
+#[derive(Clone)]
+pub struct JobPublisher {
+    channel: Channel,
+    names: Names,
+}
+
+impl JobPublisher {
+    /// A channel in confirm mode on `conn`, with the topology declared.
+    pub async fn new(conn: &Connection, names: Names) -> Result<Self, QueueError> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        declare_topology(&channel, &names).await?;
+        Ok(JobPublisher { channel, names })
+    }
+
+    /// Publishes one job (persistent, with its priority, `mandatory` so that
+    /// an unroutable message comes back) and returns once RabbitMQ has
+    /// confirmed it. Any other outcome is an error: the caller must not
+    /// report the job as queued.
+    pub async fn publish<R: Serialize>(&self, message: &JobMessage<R>, priority: u8) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(message)?;
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(priority.min(MAX_PRIORITY))
+            .with_content_type("application/json".into())
+            .with_message_id(message.id.to_string().as_str().into());
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.names.queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &payload,
+                props,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            return Err(QueueError::Nacked(message.id));
+        }
+        if confirm.take_message().is_some() {
+            return Err(QueueError::Unroutable(message.id, self.names.queue.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether the channel is still usable (for `/healthz`).
+    pub fn is_connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+}

@@ -1,0 +1,173 @@
+//! The status record of a job, as stored in Redis (`sdxl:job:{id}`) and
+//! returned by `GET /v1/jobs/{id}` and `dispatcher status`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::validation::ValidJob;
+
+/// Where a job is in its life. `queued → running → succeeded | failed |
+/// cancelled`; `queued → cancelled | failed` too; `running → running` on a
+/// redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// No worker will touch a job in a terminal state again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job state `{0}`")]
+pub struct UnknownState(pub String);
+
+impl std::str::FromStr for JobState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            other => return Err(UnknownState(other.to_string())),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: u32,
+    pub total_steps: u32,
+}
+
+/// One stored object: the grid or one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub bucket: String,
+    pub key: String,
+    /// Presigned GET URL, valid for the dispatcher's/worker's presign TTL;
+    /// `GET /v1/jobs/{id}/result` gives a fresh one for the grid.
+    pub url: String,
+    pub width: u32,
+    pub height: u32,
+    /// For an image: its seed. For the grid: the seed of its first image.
+    pub seed: u64,
+}
+
+/// How long each stage took, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From `created_at` to the worker taking the job (last attempt).
+    pub queue_wait_ms: u64,
+    /// The whole model call: text encode + denoise + decode + grid.
+    pub model_ms: u64,
+    pub text_encode_ms: u64,
+    /// The whole denoising loop, previews included.
+    pub denoise_ms: u64,
+    /// Of `denoise_ms`: making and handing over previews.
+    #[serde(default)]
+    pub preview_ms: u64,
+    pub decode_ms: u64,
+    /// Encoding and uploading the grid and the images.
+    pub upload_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub grid: ImageRef,
+    pub images: Vec<ImageRef>,
+    pub timings: Timings,
+}
+
+/// The status record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub id: Uuid,
+    pub state: JobState,
+    pub request: ValidJob,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The worker that runs or ran it (host name and process id).
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// How many times a worker started it (1 on the first delivery).
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub progress: Progress,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub result: Option<JobResult>,
+}
+
+impl JobStatus {
+    /// A new `queued` record.
+    pub fn queued(id: Uuid, request: ValidJob, now: DateTime<Utc>) -> Self {
+        let total_steps = request.num_inference_steps;
+        JobStatus {
+            id,
+            state: JobState::Queued,
+            request,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            worker: None,
+            attempt: 0,
+            progress: Progress { step: 0, total_steps },
+            error: None,
+            result: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_display_and_from_str_agree_with_serde() {
+        for s in [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ] {
+            assert_eq!(s.to_string().parse::<JobState>().unwrap(), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
+        }
+        assert!("done".parse::<JobState>().is_err());
+        assert!(JobState::Cancelled.is_terminal() && !JobState::Running.is_terminal());
+    }
+}

@@ -1,0 +1,139 @@
+//! The command line: `serve` and the client commands `submit`, `status`,
+//! `watch` and `cancel`. Every flag also reads an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use common::config::ServiceArgs;
+use common::request::JobRequest;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dispatcher",
+    version,
+    about = "Submit SDXL generation jobs and follow them: HTTP API and CLI"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve(ServeArgs),
+    /// Validate a request and queue it; prints the job id.
+    Submit(Box<SubmitArgs>),
+    /// Print the status record of a job as JSON.
+    Status(JobArgs),
+    /// Print one JSON line per event of a job until its terminal event.
+    Watch(WatchArgs),
+    /// Cancel a queued or running job; prints the status record as JSON.
+    Cancel(JobArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SDXL_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Submits handled at once; more are answered 429.
+    #[arg(long, env = "SDXL_MAX_PENDING_SUBMITS", default_value_t = 256)]
+    pub max_pending_submits: usize,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+/// Every request field, as a flag of the same name.
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// What to draw (1–2000 characters).
+    #[arg(long)]
+    pub prompt: String,
+    /// What to avoid (default `blurry, low quality`; empty: none).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps, 1–100 (default 20).
+    #[arg(long, visible_alias = "steps", allow_negative_numbers = true)]
+    pub num_inference_steps: Option<i64>,
+    /// 256–2048, a multiple of 8 (default 1024).
+    #[arg(long, allow_negative_numbers = true)]
+    pub width: Option<i64>,
+    /// 256–2048, a multiple of 8 (default 1024).
+    #[arg(long, allow_negative_numbers = true)]
+    pub height: Option<i64>,
+    /// Classifier-free guidance, 0–30 (default 5.0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance_scale: Option<f64>,
+    /// Seed of the first image (default: drawn, and reported in the status).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images in the grid, 1–16 (default: one per rank of the worker).
+    #[arg(long, allow_negative_numbers = true)]
+    pub num_images: Option<i64>,
+    /// A preview every N steps, 0 = none (default 5).
+    #[arg(long, allow_negative_numbers = true)]
+    pub preview_every: Option<i64>,
+    /// png (default), jpeg or webp.
+    #[arg(long)]
+    pub output_format: Option<String>,
+    /// 0–9, higher first (default 5).
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i64>,
+}
+
+impl RequestArgs {
+    pub fn to_request(&self) -> JobRequest {
+        JobRequest {
+            prompt: Some(self.prompt.clone()),
+            negative_prompt: self.negative_prompt.clone(),
+            num_inference_steps: self.num_inference_steps,
+            width: self.width,
+            height: self.height,
+            guidance_scale: self.guidance_scale,
+            seed: self.seed,
+            num_images: self.num_images,
+            preview_every: self.preview_every,
+            output_format: self.output_format.clone(),
+            priority: self.priority,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub request: RequestArgs,
+    /// Follow the job with a progress bar and print its final status as JSON.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: save the grid to this file.
+    #[arg(long, requires = "wait")]
+    pub output: Option<PathBuf>,
+    /// Makes a retried submit return the same job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job id.
+    pub id: Uuid,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The job id.
+    pub id: Uuid,
+    /// Save each preview as `DIR/{id}-{step}.jpg`.
+    #[arg(long)]
+    pub save_previews: Option<PathBuf>,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}

@@ -1,0 +1,184 @@
+//! What the client commands do and print. Results go to stdout (JSON), the
+//! progress bar and messages to stderr.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use common::config::ServiceArgs;
+use common::event::{EventKind, JobEvent, PREVIEW_DATA_URI_PREFIX};
+use common::result_store::ResultStore;
+use common::status::{JobState, JobStatus};
+use common::status_store::StatusStore;
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::cli::{JobArgs, ServeArgs, SubmitArgs, WatchArgs};
+use crate::http::server::{self, AppState};
+use crate::jobs::{Followed, Jobs};
+use crate::metrics::Metrics;
+
+async fn store(service: &ServiceArgs) -> anyhow::Result<StatusStore> {
+    StatusStore::connect(&service.redis_url.0, service.names(), service.status_ttl)
+        .await
+        .context("connecting to Redis")
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let status = store(&args.service).await?;
+    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let results = ResultStore::new(&args.service.s3)?;
+    // Best effort: the worker creates the bucket too; the API only presigns.
+    if let Err(e) = results.ensure_bucket().await {
+        tracing::warn!(error = %e, "could not check the bucket");
+    }
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let state = AppState {
+        jobs: Arc::new(jobs),
+        results: Arc::new(results),
+        metrics: Metrics::new()?,
+        submit_permits: Arc::new(Semaphore::new(args.max_pending_submits.max(1))),
+        stopping,
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, queue = %args.service.queue, "serving");
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    server::serve(listener, state, shutdown).await?;
+    Ok(())
+}
+
+/// `submit`: returns the final state with `--wait`.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<JobState>> {
+    let status = store(&args.service).await?;
+    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let submitted = jobs
+        .submit(&args.request.to_request(), args.idempotency_key.as_deref())
+        .await?;
+    let id = submitted.status.id;
+    if !args.wait {
+        println!("{id}");
+        return Ok(None);
+    }
+    eprintln!("job {id} queued (seed {})", submitted.status.request.seed);
+    let final_status = follow_with_bar(&jobs, id).await?;
+    print_json(&final_status)?;
+    if let (Some(path), Some(result)) = (&args.output, &final_status.result) {
+        download(&result.grid.url, path).await?;
+        eprintln!("grid saved to {}", path.display());
+    }
+    Ok(Some(final_status.state))
+}
+
+async fn follow_with_bar(jobs: &Jobs, id: Uuid) -> anyhow::Result<JobStatus> {
+    let mut stream = jobs.follow(id).await?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("queued");
+    while let Some(followed) = stream.next().await {
+        match followed {
+            Followed::Status(s) => {
+                bar.set_length(s.progress.total_steps.into());
+                bar.set_position(s.progress.step.into());
+                bar.set_message(s.state.to_string());
+            }
+            Followed::Event(e) => {
+                bar.set_length(e.total_steps.into());
+                bar.set_position(e.step.into());
+                bar.set_message(match e.kind {
+                    EventKind::Preview => format!("preview at step {}", e.step),
+                    other => other.as_str().to_string(),
+                });
+                if e.kind.is_terminal() {
+                    break;
+                }
+            }
+        }
+    }
+    bar.finish();
+    Ok(jobs.status(id).await?)
+}
+
+async fn download(url: &str, path: &Path) -> anyhow::Result<()> {
+    let response = reqwest::get(url).await.context("downloading the grid")?;
+    if !response.status().is_success() {
+        bail!("downloading the grid: HTTP {}", response.status());
+    }
+    let bytes = response.bytes().await?;
+    tokio::fs::write(path, &bytes)
+        .await
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub async fn status(args: JobArgs) -> anyhow::Result<()> {
+    let jobs = Jobs::new(store(&args.service).await?);
+    print_json(&jobs.status(args.id).await?)
+}
+
+pub async fn cancel(args: JobArgs) -> anyhow::Result<()> {
+    let jobs = Jobs::new(store(&args.service).await?);
+    print_json(&jobs.cancel(args.id).await?)
+}
+
+/// `watch`: returns the terminal event's kind.
+pub async fn watch(args: WatchArgs) -> anyhow::Result<EventKind> {
+    let jobs = Jobs::new(store(&args.service).await?);
+    if let Some(dir) = &args.save_previews {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut stream = jobs.follow(args.id).await?;
+    while let Some(followed) = stream.next().await {
+        let Followed::Event(event) = followed else {
+            continue;
+        };
+        println!("{}", serde_json::to_string(&event)?);
+        if let (Some(dir), EventKind::Preview) = (&args.save_previews, event.kind) {
+            save_preview(dir, &event)?;
+        }
+        if event.kind.is_terminal() {
+            return Ok(event.kind);
+        }
+    }
+    bail!("the event stream of job {} ended without a terminal event", args.id)
+}
+
+fn save_preview(dir: &Path, event: &JobEvent) -> anyhow::Result<()> {
+    let Some(data) = event
+        .image
+        .as_deref()
+        .and_then(|i| i.strip_prefix(PREVIEW_DATA_URI_PREFIX))
+    else {
+        return Ok(());
+    };
+    let jpeg = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .context("decoding a preview")?;
+    let path = dir.join(format!("{}-{:03}.jpg", event.job_id, event.step));
+    std::fs::write(&path, jpeg).with_context(|| format!("writing {}", path.display()))
+}

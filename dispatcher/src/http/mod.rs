@@ -1,0 +1,4 @@
+//! The HTTP API (`dispatcher serve`).
+
+pub mod error;
+pub mod server;

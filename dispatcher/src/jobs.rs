@@ -1,0 +1,269 @@
+//! What the HTTP API and the CLI both do with jobs: submit (validate, write
+//! `queued`, publish with confirms), read the status, cancel, and follow the
+//! events. One implementation, two front ends.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::event::{EventKind, JobEvent};
+use common::queue::{self, JobMessage, JobPublisher, QueueError};
+use common::request::JobRequest;
+use common::status::{JobState, JobStatus};
+use common::status_store::{StatusStore, StatusStoreError, Update};
+use common::validation::{random_seed, validate, ValidJob, ValidationError};
+use common::Names;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::{mpsc, Mutex};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("job {0} not found")]
+    NotFound(Uuid),
+    #[error("`{0}` is not a job id (a UUID)")]
+    NotAJobId(String),
+    #[error("job {} is already {}", .0.id, .0.state)]
+    AlreadyFinished(Box<JobStatus>),
+    #[error("job {} has not succeeded (it is {})", .0.id, .0.state)]
+    NoResult(Box<JobStatus>),
+    #[error("status store: {0}")]
+    Store(#[from] StatusStoreError),
+    /// RabbitMQ did not confirm: the record of job `id` now says `failed`.
+    #[error("job {id} could not be queued (its status says failed): {source}")]
+    Publish {
+        id: Uuid,
+        #[source]
+        source: QueueError,
+    },
+    #[error("this front end cannot submit (no RabbitMQ connection)")]
+    NoPublisher,
+}
+
+/// A submitted job: its `queued` record, and whether an earlier submit with
+/// the same `Idempotency-Key` made it.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub status: JobStatus,
+    pub replayed: bool,
+}
+
+/// What following a job yields: its status first, then its events.
+#[derive(Debug, Clone)]
+pub enum Followed {
+    Status(Box<JobStatus>),
+    Event(JobEvent),
+}
+
+pub type FollowStream = Pin<Box<dyn Stream<Item = Followed> + Send>>;
+
+/// The publisher and the URL to re-open it with when RabbitMQ drops it.
+struct Publishing {
+    url: String,
+    publisher: Option<JobPublisher>,
+}
+
+pub struct Jobs {
+    status: StatusStore,
+    publishing: Option<Mutex<Publishing>>,
+}
+
+impl Jobs {
+    /// For reading and cancelling only (`dispatcher status|watch|cancel`).
+    pub fn new(status: StatusStore) -> Self {
+        Jobs {
+            status,
+            publishing: None,
+        }
+    }
+
+    /// For submitting too: connects to RabbitMQ and declares the topology.
+    pub async fn with_publisher(status: StatusStore, amqp_url: &str) -> Result<Self, QueueError> {
+        let publisher = open_publisher(amqp_url, status.names().clone()).await?;
+        Ok(Jobs {
+            status,
+            publishing: Some(Mutex::new(Publishing {
+                url: amqp_url.to_string(),
+                publisher: Some(publisher),
+            })),
+        })
+    }
+
+    /// Whether RabbitMQ and Redis are reachable now.
+    pub async fn health(&self) -> (bool, bool) {
+        let rabbit = match &self.publishing {
+            None => false,
+            Some(p) => {
+                let mut p = p.lock().await;
+                if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
+                    p.publisher = open_publisher(&p.url, self.status.names().clone()).await.ok();
+                }
+                p.publisher.is_some()
+            }
+        };
+        let redis = self.status.ping().await.is_ok();
+        (rabbit, redis)
+    }
+
+    /// Validates, writes `queued`, publishes with confirms. If RabbitMQ does
+    /// not confirm, the record says `failed` and the caller gets the error.
+    pub async fn submit(&self, request: &JobRequest, idempotency_key: Option<&str>) -> Result<Submitted, JobsError> {
+        let job = validate(request, random_seed)?;
+        let publishing = self.publishing.as_ref().ok_or(JobsError::NoPublisher)?;
+        let id = Uuid::new_v4();
+        if let Some(key) = idempotency_key {
+            if let Some(existing) = self.status.claim_idempotency_key(key, id).await? {
+                let status = self.status.get(existing).await?.ok_or(JobsError::NotFound(existing))?;
+                return Ok(Submitted { status, replayed: true });
+            }
+        }
+        let status = JobStatus::queued(id, job.clone(), Utc::now());
+        let created = self.status.create(&status).await;
+        if !matches!(created, Ok(true)) {
+            if let Some(key) = idempotency_key {
+                let _ = self.status.release_idempotency_key(key).await;
+            }
+            created?;
+        }
+        let message = JobMessage {
+            id,
+            created_at: status.created_at,
+            request: job,
+        };
+        let published = {
+            let mut p = publishing.lock().await;
+            publish(&mut p, self.status.names(), &message).await
+        };
+        if let Err(e) = published {
+            tracing::error!(%id, error = %e, "publish not confirmed: marking the job failed");
+            let reason = format!("the job could not be queued: {e}");
+            let _ = self
+                .status
+                .update(id, |cur| {
+                    let mut next = cur.filter(|s| s.state == JobState::Queued)?.clone();
+                    next.state = JobState::Failed;
+                    next.error = Some(reason.clone());
+                    next.finished_at = Some(Utc::now());
+                    Some(next)
+                })
+                .await;
+            return Err(JobsError::Publish { id, source: e });
+        }
+        tracing::info!(%id, priority = status.request.priority, "job queued");
+        Ok(Submitted {
+            status,
+            replayed: false,
+        })
+    }
+
+    pub async fn status(&self, id: Uuid) -> Result<JobStatus, JobsError> {
+        self.status.get(id).await?.ok_or(JobsError::NotFound(id))
+    }
+
+    /// Cancels a job: a queued one is `cancelled` at once (the worker that
+    /// takes it will skip it); a running one is flagged and the worker stops
+    /// it between two steps. Returns the record after the request.
+    pub async fn cancel(&self, id: Uuid) -> Result<JobStatus, JobsError> {
+        let current = self.status(id).await?;
+        if current.state.is_terminal() {
+            return Err(JobsError::AlreadyFinished(Box::new(current)));
+        }
+        self.status.request_cancel(id).await?;
+        let update = self
+            .status
+            .update(id, |cur| {
+                let mut next = cur.filter(|s| s.state == JobState::Queued)?.clone();
+                next.state = JobState::Cancelled;
+                next.finished_at = Some(Utc::now());
+                Some(next)
+            })
+            .await?;
+        match update {
+            Update::Written(status) => {
+                let event = JobEvent {
+                    kind: EventKind::Cancelled,
+                    job_id: id,
+                    step: status.progress.step,
+                    total_steps: status.progress.total_steps,
+                    image: None,
+                    error: None,
+                };
+                self.status.publish_event(&event).await?;
+                Ok(status)
+            }
+            Update::Unchanged(status) => status.ok_or(JobsError::NotFound(id)),
+        }
+    }
+
+    /// The status, then every event until the terminal one (which ends the
+    /// stream). A terminal state seen in the record ends it too, so a missed
+    /// event cannot make a follower wait forever.
+    pub async fn follow(&self, id: Uuid) -> Result<FollowStream, JobsError> {
+        // Subscribe before reading, so that nothing falls in between.
+        let mut events = Box::pin(self.status.subscribe(id).await?);
+        let status = self.status(id).await?;
+        let store = self.status.clone();
+        let (tx, mut rx) = mpsc::channel::<Followed>(64);
+        tokio::spawn(async move {
+            if tx.send(Followed::Status(Box::new(status.clone()))).await.is_err() {
+                return;
+            }
+            if let Some(kind) = EventKind::terminal_for(status.state) {
+                let _ = tx.send(Followed::Event(terminal_of(&status, kind))).await;
+                return;
+            }
+            let mut recheck = tokio::time::interval(Duration::from_secs(2));
+            recheck.tick().await;
+            loop {
+                tokio::select! {
+                    event = events.next() => {
+                        let Some(event) = event else { return };
+                        let terminal = event.kind.is_terminal();
+                        if tx.send(Followed::Event(event)).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    _ = recheck.tick() => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        if let Ok(Some(status)) = store.get(id).await {
+                            if let Some(kind) = EventKind::terminal_for(status.state) {
+                                let _ = tx.send(Followed::Event(terminal_of(&status, kind))).await;
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))))
+    }
+}
+
+fn terminal_of(status: &JobStatus, kind: EventKind) -> JobEvent {
+    JobEvent {
+        kind,
+        job_id: status.id,
+        step: status.progress.step,
+        total_steps: status.progress.total_steps,
+        image: None,
+        error: status.error.clone(),
+    }
+}
+
+async fn open_publisher(url: &str, names: Names) -> Result<JobPublisher, QueueError> {
+    let conn = queue::connect(url, "sdxl-dispatcher").await?;
+    JobPublisher::new(&conn, names).await
+}
+
+/// Publishes, re-opening the connection once if RabbitMQ dropped it.
+async fn publish(p: &mut Publishing, names: &Names, message: &JobMessage<ValidJob>) -> Result<(), QueueError> {
+    if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
+        p.publisher = Some(open_publisher(&p.url, names.clone()).await?);
+    }
+    let publisher = p.publisher.as_ref().ok_or(QueueError::Nacked(message.id))?;
+    publisher.publish(message, message.request.priority).await
+}

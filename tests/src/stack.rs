@@ -1,0 +1,480 @@
+//! One test's view of the system: the services' addresses, a namespace of
+//! its own (queue, Redis prefix, bucket), and ways to start workers and a
+//! dispatcher, run CLI commands, read statuses, record events and read
+//! results, all through the real services.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use common::config::{S3Args, Secret};
+use common::event::{JobEvent, PREVIEW_DATA_URI_PREFIX};
+use common::result_store::ResultStore;
+use common::status::{JobState, JobStatus};
+use common::status_store::StatusStore;
+use futures_util::StreamExt;
+use image::RgbImage;
+use uuid::Uuid;
+
+use crate::process::{binaries, workspace_root, Proc};
+
+/// The environment printed by `scripts/services.sh` (run once per test binary).
+pub fn services_env() -> &'static HashMap<String, String> {
+    static ENV: OnceLock<HashMap<String, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/services.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running scripts/services.sh");
+        assert!(out.status.success(), "scripts/services.sh failed: {}", out.status);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    })
+}
+
+pub fn tiny_model() -> PathBuf {
+    workspace_root().join("tests/fixtures/sdxl-reference/tiny-sdxl")
+}
+
+pub fn tiny_taesd() -> PathBuf {
+    workspace_root().join("tests/fixtures/sdxl-reference/tiny-taesdxl")
+}
+
+/// The request fields the tests use, turned into CLI flags or JSON.
+#[derive(Debug, Clone)]
+pub struct JobParams {
+    pub prompt: String,
+    pub size: u32,
+    pub steps: u32,
+    pub seed: u64,
+    pub preview_every: u32,
+}
+
+impl JobParams {
+    pub fn new(prompt: &str, steps: u32, seed: u64) -> Self {
+        JobParams {
+            prompt: prompt.into(),
+            size: 256,
+            steps,
+            seed,
+            preview_every: 2,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt": self.prompt,
+            "width": self.size,
+            "height": self.size,
+            "num_inference_steps": self.steps,
+            "seed": self.seed,
+            "preview_every": self.preview_every,
+        })
+    }
+
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--prompt".into(),
+            self.prompt.clone(),
+            "--width".into(),
+            self.size.to_string(),
+            "--height".into(),
+            self.size.to_string(),
+            "--steps".into(),
+            self.steps.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--preview-every".into(),
+            self.preview_every.to_string(),
+        ]
+    }
+}
+
+pub struct Stack {
+    pub queue: String,
+    pub prefix: String,
+    pub bucket: String,
+    pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    status: StatusStore,
+}
+
+impl Stack {
+    /// A fresh namespace for test `name`.
+    pub async fn new(name: &str) -> anyhow::Result<Stack> {
+        Self::with_s3_endpoint(name, None).await
+    }
+
+    /// As [`Stack::new`], with results on another S3 server.
+    pub async fn with_s3_endpoint(name: &str, s3_endpoint: Option<String>) -> anyhow::Result<Stack> {
+        let tag = Uuid::new_v4().simple().to_string()[..10].to_string();
+        let queue = format!("e2e.{name}.{tag}");
+        let prefix = format!("e2e:{tag}");
+        let bucket = format!("e2e-{}-{tag}", name.replace('_', "-"));
+        let mut env: Vec<(String, String)> = services_env()
+            .iter()
+            .filter(|(k, _)| k.as_str() != "S3S_FS_BIN")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(endpoint) = s3_endpoint {
+            env.retain(|(k, _)| k != "S3_ENDPOINT");
+            env.push(("S3_ENDPOINT".into(), endpoint));
+        }
+        env.retain(|(k, _)| k != "S3_BUCKET");
+        env.extend([
+            ("S3_BUCKET".to_string(), bucket.clone()),
+            ("SDXL_QUEUE".to_string(), queue.clone()),
+            ("SDXL_REDIS_PREFIX".to_string(), prefix.clone()),
+            ("RUST_LOG".to_string(), "info".to_string()),
+            ("SDXL_WARMUP_SIZE".to_string(), "256".to_string()),
+            ("SDXL_CANCEL_POLL".to_string(), "100ms".to_string()),
+        ]);
+        let redis_url = env
+            .iter()
+            .find(|(k, _)| k == "REDIS_URL")
+            .map(|(_, v)| v.clone())
+            .context("services.sh printed no REDIS_URL")?;
+        let status = StatusStore::connect(
+            &redis_url,
+            common::Names::new(queue.clone(), prefix.clone()),
+            Duration::from_secs(3600),
+        )
+        .await?;
+        Ok(Stack {
+            queue,
+            prefix,
+            bucket,
+            dir: tempfile::Builder::new().prefix(&format!("e2e-{name}-")).tempdir()?,
+            env,
+            status,
+        })
+    }
+
+    pub fn env(&self, key: &str) -> Option<&str> {
+        self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// A worker on the tiny model on CPU, ready to consume when this returns.
+    pub async fn spawn_worker(&self, name: &str, extra: &[&str]) -> anyhow::Result<Proc> {
+        let mut cmd = self.command(&binaries().worker);
+        cmd.arg("run")
+            .arg("--model")
+            .arg(tiny_model())
+            .arg("--taesd")
+            .arg(tiny_taesd())
+            .args([
+                "--device",
+                "cpu",
+                "--dtype",
+                "f32",
+                "--ranks",
+                "1",
+                "--worker-name",
+                name,
+            ])
+            .args(extra);
+        let mut proc = Proc::spawn(name, cmd, self.dir.path().join(format!("{name}.log")))?;
+        proc.wait_for_log("consuming", Duration::from_secs(120)).await?;
+        Ok(proc)
+    }
+
+    /// `dispatcher serve` on a free port; returns it with its base URL once healthy.
+    pub async fn spawn_dispatcher(&self) -> anyhow::Result<(Proc, String)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut cmd = self.command(&binaries().dispatcher);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        let mut proc = Proc::spawn("dispatcher", cmd, self.dir.path().join("dispatcher.log"))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = reqwest::get(format!("{base}/healthz")).await {
+                if r.status().is_success() {
+                    return Ok((proc, base));
+                }
+            }
+            if !proc.is_running() || start.elapsed() > Duration::from_secs(60) {
+                bail!("dispatcher did not become healthy:\n{}", proc.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs a `dispatcher` CLI command to completion.
+    pub async fn cli(&self, args: &[String]) -> anyhow::Result<Output> {
+        let mut cmd = self.command(&binaries().dispatcher);
+        cmd.args(args).env("RUST_LOG", "warn");
+        let cmd = tokio::process::Command::from(cmd);
+        let mut cmd = cmd;
+        Ok(cmd.output().await?)
+    }
+
+    pub fn status_store(&self) -> &StatusStore {
+        &self.status
+    }
+
+    pub async fn status(&self, id: Uuid) -> anyhow::Result<JobStatus> {
+        self.status
+            .get(id)
+            .await?
+            .with_context(|| format!("no status record for {id}"))
+    }
+
+    /// Polls the status until `done` holds; returns it and every state seen.
+    pub async fn wait_until(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+        done: impl Fn(&JobStatus) -> bool,
+    ) -> anyhow::Result<(JobStatus, Vec<JobState>)> {
+        let start = Instant::now();
+        let mut seen: Vec<JobState> = Vec::new();
+        loop {
+            if let Some(s) = self.status.get(id).await? {
+                if seen.last() != Some(&s.state) {
+                    seen.push(s.state);
+                }
+                if done(&s) {
+                    return Ok((s, seen));
+                }
+                if start.elapsed() > timeout {
+                    bail!("job {id} still {:?} after {timeout:?} (states seen {seen:?})", s);
+                }
+            } else if start.elapsed() > timeout {
+                bail!("job {id} has no status after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_terminal(&self, id: Uuid, timeout: Duration) -> anyhow::Result<(JobStatus, Vec<JobState>)> {
+        self.wait_until(id, timeout, |s| s.state.is_terminal()).await
+    }
+
+    pub fn result_store(&self) -> anyhow::Result<ResultStore> {
+        let get = |key: &str| -> anyhow::Result<String> {
+            Ok(self.env(key).with_context(|| format!("{key} not set"))?.to_string())
+        };
+        let args = S3Args {
+            s3_endpoint: get("S3_ENDPOINT")?,
+            s3_public_endpoint: None,
+            s3_bucket: get("S3_BUCKET")?,
+            aws_region: get("AWS_REGION")?,
+            aws_access_key_id: Some(Secret(get("AWS_ACCESS_KEY_ID")?)),
+            aws_secret_access_key: Some(Secret(get("AWS_SECRET_ACCESS_KEY")?)),
+            s3_virtual_host_style: false,
+            s3_multipart_threshold: 8 * 1024 * 1024,
+            s3_presign_ttl: Duration::from_secs(3600),
+        };
+        Ok(ResultStore::new(&args)?)
+    }
+
+    /// Every object stored for job `id`.
+    pub async fn objects_of(&self, id: Uuid) -> anyhow::Result<Vec<String>> {
+        let mut keys = self.result_store()?.list(&format!("jobs/{id}/")).await?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The stored grid of a finished job, decoded.
+    pub async fn stored_grid(&self, status: &JobStatus) -> anyhow::Result<RgbImage> {
+        let result = status.result.as_ref().context("no result")?;
+        let bytes = reqwest::get(&result.grid.url)
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        Ok(image::load_from_memory(&bytes)?.to_rgb8())
+    }
+
+    /// What `worker generate` makes for these parameters.
+    pub async fn reference_image(&self, params: &JobParams) -> anyhow::Result<RgbImage> {
+        let out = self.dir.path().join(format!("reference-{}.png", params.seed));
+        let mut cmd = self.command(&binaries().worker);
+        cmd.arg("generate")
+            .arg("--model")
+            .arg(tiny_model())
+            .args(["--device", "cpu", "--dtype", "f32"])
+            .args(["--prompt", &params.prompt])
+            .args([
+                "--width",
+                &params.size.to_string(),
+                "--height",
+                &params.size.to_string(),
+            ])
+            .args(["--steps", &params.steps.to_string(), "--seed", &params.seed.to_string()])
+            .arg("--output")
+            .arg(&out);
+        let status = tokio::process::Command::from(cmd).status().await?;
+        if !status.success() {
+            bail!("worker generate failed: {status}");
+        }
+        Ok(image::open(&out)?.to_rgb8())
+    }
+
+    /// Starts recording every event published in this stack's namespace.
+    pub async fn record_events(&self) -> anyhow::Result<EventRecorder> {
+        let url = self.env("REDIS_URL").context("REDIS_URL")?;
+        let client = redis::Client::open(url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.psubscribe(format!("{}:job:*:events", self.prefix)).await?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let Ok(payload) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let channel = msg.get_channel_name().to_string();
+                if let Ok(event) = serde_json::from_str::<JobEvent>(&payload) {
+                    if let Ok(mut events) = sink.lock() {
+                        events.push((channel, event));
+                    }
+                }
+            }
+        });
+        Ok(EventRecorder { events, task })
+    }
+}
+
+/// Events seen on the Redis channels, with the channel each came on.
+pub struct EventRecorder {
+    events: Arc<Mutex<Vec<(String, JobEvent)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventRecorder {
+    pub fn of(&self, id: Uuid) -> Vec<(String, JobEvent)> {
+        self.events
+            .lock()
+            .map(|e| e.iter().filter(|(_, ev)| ev.job_id == id).cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for EventRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Decodes a preview's `data:image/jpeg;base64,` URI as a JPEG.
+pub fn decode_preview(event: &JobEvent) -> anyhow::Result<RgbImage> {
+    let data = event
+        .image
+        .as_deref()
+        .and_then(|i| i.strip_prefix(PREVIEW_DATA_URI_PREFIX))
+        .context("the preview has no JPEG data URI")?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(data)?;
+    Ok(image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg)?.to_rgb8())
+}
+
+/// Asserts every field of a succeeded status record is filled.
+pub fn assert_fully_filled(s: &JobStatus, expected_worker: &str) {
+    assert_eq!(s.state, JobState::Succeeded);
+    let started = s.started_at.expect("started_at");
+    let finished = s.finished_at.expect("finished_at");
+    assert!(s.created_at <= started && started <= finished, "{s:?}");
+    assert_eq!(s.worker.as_deref(), Some(expected_worker));
+    assert!(s.attempt >= 1);
+    assert_eq!(s.progress.step, s.progress.total_steps);
+    assert_eq!(s.progress.total_steps, s.request.num_inference_steps);
+    assert!(s.error.is_none());
+    let r = s.result.as_ref().expect("result");
+    assert_eq!(r.images.len(), 1, "one image per rank, one rank");
+    for image in std::iter::once(&r.grid).chain(r.images.iter()) {
+        assert!(!image.bucket.is_empty() && !image.key.is_empty());
+        assert!(image.url.contains("X-Amz-Signature="), "presigned: {}", image.url);
+        assert_eq!(image.seed, s.request.seed);
+    }
+    assert_eq!(
+        (r.images[0].width, r.images[0].height),
+        (s.request.width, s.request.height)
+    );
+    // The grid is laid out as torchvision's make_grid: the image plus its padding.
+    assert!(
+        r.grid.width >= s.request.width && r.grid.height >= s.request.height,
+        "{:?}",
+        r.grid
+    );
+    assert_eq!(r.grid.key, format!("jobs/{}/grid.png", s.id));
+    assert_eq!(r.images[0].key, format!("jobs/{}/0.png", s.id));
+    let t = r.timings;
+    assert!(t.model_ms > 0 && t.denoise_ms > 0, "{t:?}");
+    assert!(t.model_ms >= t.text_encode_ms + t.denoise_ms + t.decode_ms, "{t:?}");
+}
+
+/// A private s3s-fs server that a test can stop and start again (on the same
+/// port and data folder), for the "S3 down during a job" test.
+pub struct S3Server {
+    pub port: u16,
+    data: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl S3Server {
+    pub async fn start(dir: &Path) -> anyhow::Result<S3Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let data = dir.join("s3-data");
+        std::fs::create_dir_all(&data)?;
+        let mut server = S3Server {
+            port,
+            data,
+            log: dir.join("s3s-fs.log"),
+            proc: None,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill_9();
+        }
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let env = services_env();
+        let bin = env.get("S3S_FS_BIN").context("services.sh printed no S3S_FS_BIN")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--access-key",
+                env.get("AWS_ACCESS_KEY_ID").map(String::as_str).unwrap_or_default(),
+            ])
+            .args([
+                "--secret-key",
+                env.get("AWS_SECRET_ACCESS_KEY").map(String::as_str).unwrap_or_default(),
+            ])
+            .arg(&self.data);
+        let mut proc = Proc::spawn("s3s-fs", cmd, self.log.clone())?;
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if !proc.is_running() || start.elapsed() > Duration::from_secs(30) {
+                bail!("s3s-fs did not start:\n{}", proc.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.proc = Some(proc);
+        Ok(())
+    }
+}

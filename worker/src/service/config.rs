@@ -1,0 +1,46 @@
+//! `worker run`'s service flags, each with its environment variable. The
+//! model flags (`--model`, `--device`, ...) belong to the engine side.
+
+use std::time::Duration;
+
+use clap::Args;
+use common::config::{parse_duration, ServiceArgs};
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// How long a transient failure (S3 or Redis unreachable) is retried, with
+    /// backoff, before the job is handed back to the queue for redelivery.
+    #[arg(long, env = "SDXL_RETRY_FOR", default_value = "2m", value_parser = parse_duration)]
+    pub retry_for: Duration,
+    /// How often the cancel flag of the running job is checked.
+    #[arg(long, env = "SDXL_CANCEL_POLL", default_value = "200ms", value_parser = parse_duration)]
+    pub cancel_poll: Duration,
+    /// JPEG quality of stored results in `jpeg` format.
+    #[arg(long, env = "SDXL_JPEG_QUALITY", default_value_t = 90)]
+    pub jpeg_quality: u8,
+    /// Denoising steps of the warm-up generation run before consuming (0: none).
+    #[arg(long, env = "SDXL_WARMUP_STEPS", default_value_t = 1)]
+    pub warmup_steps: usize,
+    /// Width and height of the warm-up generation.
+    #[arg(long, env = "SDXL_WARMUP_SIZE", default_value_t = 512)]
+    pub warmup_size: usize,
+    /// This worker's name in status records (default: host name and process id).
+    #[arg(long, env = "SDXL_WORKER_NAME")]
+    pub worker_name: Option<String>,
+}
+
+impl WorkerConfig {
+    pub fn worker_name(&self) -> String {
+        self.worker_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "worker".into());
+            format!("{host}:{}", std::process::id())
+        })
+    }
+}

@@ -1,0 +1,340 @@
+//! One job, from the bytes of a delivery to the decision to ack, reject or
+//! requeue it.
+//!
+//! Order matters: results are stored (images, grid, then manifest), then the
+//! status says `succeeded`, then the terminal event is published, and only
+//! then is the delivery acked. A crash anywhere before the ack redelivers the
+//! job; the manifest keeps a redelivery from storing the result twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::event::{EventKind, JobEvent};
+use common::queue::JobMessage;
+use common::request::JobRequest;
+use common::result_store::ResultStore;
+use common::status::{JobResult, JobState, JobStatus, Progress, Timings};
+use common::status_store::{StatusStore, Update};
+use common::validation::{random_seed, validate, ValidJob};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::config::WorkerConfig;
+use super::error::JobError;
+use super::events::PreviewSink;
+use super::results;
+use super::retry::{retry, Backoff};
+use crate::engine::{Engine, EngineError, EngineJob};
+
+/// What to tell RabbitMQ about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (succeeded, cancelled, or already finished before).
+    Ack,
+    /// Poison: reject without requeue, RabbitMQ dead-letters it.
+    Reject,
+    /// Transient failure: nack with requeue, a worker gets it again.
+    Requeue,
+}
+
+/// Everything a job needs, shared by all jobs of this worker.
+pub struct JobContext {
+    pub engine: Arc<dyn Engine>,
+    pub status: StatusStore,
+    pub results: ResultStore,
+    pub config: WorkerConfig,
+    pub worker_name: String,
+}
+
+impl JobContext {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.config.retry_for)
+    }
+}
+
+/// Handles one delivery's payload and says what to do with it.
+pub async fn handle(ctx: &JobContext, payload: &[u8]) -> Disposition {
+    let message: JobMessage<serde_json::Value> = match serde_json::from_slice(payload) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, bytes = payload.len(), "undecodable message: dead-lettering it");
+            return Disposition::Reject;
+        }
+    };
+    let id = message.id;
+    let span = tracing::info_span!("job", %id);
+    match run(ctx, &message).instrument(span.clone()).await {
+        Ok(()) => Disposition::Ack,
+        Err(JobError::Poison(reason)) => {
+            tracing::error!(parent: &span, %reason, "poison job: marking it failed and dead-lettering it");
+            if let Err(e) = mark_failed(ctx, id, &reason).instrument(span.clone()).await {
+                tracing::error!(parent: &span, error = %e, "could not mark the poison job failed");
+            }
+            Disposition::Reject
+        }
+        Err(JobError::Transient(reason)) => {
+            tracing::warn!(parent: &span, %reason, "transient failure outlasted the retries: requeueing the job");
+            Disposition::Requeue
+        }
+    }
+}
+
+fn engine_job(job: &ValidJob) -> EngineJob {
+    EngineJob {
+        prompt: job.prompt.clone(),
+        negative_prompt: (!job.negative_prompt.is_empty()).then(|| job.negative_prompt.clone()),
+        width: job.width as usize,
+        height: job.height as usize,
+        num_inference_steps: job.num_inference_steps as usize,
+        guidance_scale: job.guidance_scale,
+        seed: job.seed,
+        num_images: job.num_images.map(|n| n as usize),
+        preview_every: job.preview_every as usize,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Result<(), JobError> {
+    let id = message.id;
+    let backoff = ctx.backoff();
+    // Anything can be published to a queue: validate again.
+    let request: JobRequest =
+        serde_json::from_value(message.request.clone()).map_err(|e| JobError::Poison(format!("request: {e}")))?;
+    let job = validate(&request, random_seed).map_err(|e| JobError::Poison(e.to_string()))?;
+
+    let current = retry(backoff, "reading the status", || ctx.status.get(id)).await?;
+    if let Some(s) = current.as_ref().filter(|s| s.state.is_terminal()) {
+        tracing::info!(state = %s.state, "job already finished: acking it");
+        return Ok(());
+    }
+    if retry(backoff, "reading the cancel flag", || ctx.status.cancel_requested(id)).await? {
+        return finish_cancelled(ctx, id).await;
+    }
+    if let Some(result) = results::load_manifest(&ctx.results, id, backoff).await? {
+        tracing::info!("a previous attempt stored the result: finishing from it");
+        return finish_succeeded(ctx, id, result).await;
+    }
+
+    let started_at = Utc::now();
+    let running = retry(backoff, "writing `running`", || {
+        ctx.status.update(id, |current| {
+            start(current, id, &job, message.created_at, started_at, &ctx.worker_name)
+        })
+    })
+    .await?;
+    let status = match running {
+        Update::Written(s) => s,
+        Update::Unchanged(s) => {
+            tracing::info!(state = ?s.map(|s| s.state), "job finished meanwhile: acking it");
+            return Ok(());
+        }
+    };
+    tracing::info!(attempt = status.attempt, worker = %ctx.worker_name, "running");
+
+    // Generate on a blocking thread; the cancel flag is polled from Redis.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let poller = tokio::spawn(poll_cancel(
+        ctx.status.clone(),
+        id,
+        cancel.clone(),
+        ctx.config.cancel_poll,
+    ));
+    let sink = PreviewSink::start(ctx.status.clone(), id);
+    let mut callback = sink.callback();
+    let engine = ctx.engine.clone();
+    let request = engine_job(&job);
+    let model_start = Instant::now();
+    let span = tracing::Span::current();
+    let generated = tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        engine.generate(&request, &mut callback, &cancel)
+    })
+    .await;
+    let model_time = model_start.elapsed();
+    poller.abort();
+    sink.finish().await;
+    let output = match generated {
+        Err(join) => return Err(JobError::Poison(format!("the engine panicked: {join}"))),
+        Ok(Err(EngineError::Cancelled)) => return finish_cancelled(ctx, id).await,
+        Ok(Err(e @ (EngineError::Invalid(_) | EngineError::Failed(_)))) => return Err(JobError::Poison(e.to_string())),
+        Ok(Ok(output)) => output,
+    };
+
+    let upload_start = Instant::now();
+    let (format, quality) = (job.output_format, ctx.config.jpeg_quality);
+    let encoded =
+        tokio::task::spawn_blocking(move || results::encode(id, &output, format, quality).map(|e| (e, output.timings)))
+            .await
+            .map_err(|e| JobError::Poison(format!("encoding panicked: {e}")))??;
+    let (encoded, stage) = encoded;
+    let (images, grid) = results::upload(&ctx.results, &encoded, backoff).await?;
+    let timings = Timings {
+        queue_wait_ms: (started_at - message.created_at).num_milliseconds().max(0) as u64,
+        model_ms: millis(model_time),
+        text_encode_ms: millis(stage.text_encode),
+        denoise_ms: millis(stage.denoise),
+        preview_ms: millis(stage.preview),
+        decode_ms: millis(stage.decode),
+        upload_ms: millis(upload_start.elapsed()),
+    };
+    let result = JobResult { grid, images, timings };
+    results::write_manifest(&ctx.results, id, &result, backoff).await?;
+    finish_succeeded(ctx, id, result).await
+}
+
+/// The `running` record: from `queued`, from `running` (a redelivery), or
+/// from nothing (a job published straight to the queue, or an expired record).
+fn start(
+    current: Option<&JobStatus>,
+    id: Uuid,
+    job: &ValidJob,
+    created_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    worker: &str,
+) -> Option<JobStatus> {
+    let mut next = match current {
+        Some(s) if s.state.is_terminal() => return None,
+        Some(s) => s.clone(),
+        None => JobStatus::queued(id, job.clone(), created_at),
+    };
+    next.state = JobState::Running;
+    next.started_at = Some(now);
+    next.worker = Some(worker.to_string());
+    next.attempt += 1;
+    next.progress = Progress {
+        step: 0,
+        total_steps: job.num_inference_steps,
+    };
+    next.error = None;
+    Some(next)
+}
+
+async fn poll_cancel(store: StatusStore, id: Uuid, flag: Arc<AtomicBool>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match store.cancel_requested(id).await {
+            Ok(true) => {
+                tracing::info!("cancel requested: stopping after this step");
+                flag.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read the cancel flag now"),
+        }
+    }
+}
+
+fn terminal_event(id: Uuid, kind: EventKind, status: &JobStatus) -> JobEvent {
+    JobEvent {
+        kind,
+        job_id: id,
+        step: status.progress.step,
+        total_steps: status.progress.total_steps,
+        image: None,
+        error: status.error.clone(),
+    }
+}
+
+/// Writes a terminal state (unless the record is terminal already), then
+/// publishes the terminal event.
+async fn finish(
+    ctx: &JobContext,
+    id: Uuid,
+    kind: EventKind,
+    change: impl Fn(&mut JobStatus) + Copy,
+) -> Result<(), JobError> {
+    let backoff = ctx.backoff();
+    let update = retry(backoff, "writing the final status", || {
+        ctx.status.update(id, |current| {
+            let mut next = current.filter(|s| !s.state.is_terminal())?.clone();
+            next.finished_at = Some(Utc::now());
+            change(&mut next);
+            Some(next)
+        })
+    })
+    .await?;
+    if let Update::Written(status) = update {
+        tracing::info!(state = %status.state, "job finished");
+        let event = terminal_event(id, kind, &status);
+        retry(backoff, "publishing the final event", || {
+            ctx.status.publish_event(&event)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn finish_succeeded(ctx: &JobContext, id: Uuid, result: JobResult) -> Result<(), JobError> {
+    let result = &result;
+    finish(ctx, id, EventKind::Succeeded, move |s| {
+        s.state = JobState::Succeeded;
+        s.progress.step = s.progress.total_steps;
+        s.result = Some(result.clone());
+    })
+    .await
+}
+
+async fn finish_cancelled(ctx: &JobContext, id: Uuid) -> Result<(), JobError> {
+    finish(ctx, id, EventKind::Cancelled, |s| s.state = JobState::Cancelled).await
+}
+
+async fn mark_failed(ctx: &JobContext, id: Uuid, reason: &str) -> Result<(), JobError> {
+    finish(ctx, id, EventKind::Failed, |s| {
+        s.state = JobState::Failed;
+        s.error = Some(reason.to_string());
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::request::JobRequest;
+
+    fn job() -> ValidJob {
+        let req = JobRequest {
+            prompt: Some("p".into()),
+            num_inference_steps: Some(3),
+            ..Default::default()
+        };
+        validate(&req, || 1).unwrap()
+    }
+
+    #[test]
+    fn start_counts_attempts_and_keeps_creation_time() {
+        let t0 = Utc::now();
+        let first = start(None, Uuid::nil(), &job(), t0, t0, "w1").unwrap();
+        assert_eq!(
+            (first.state, first.attempt, first.created_at),
+            (JobState::Running, 1, t0)
+        );
+        let again = start(Some(&first), Uuid::nil(), &job(), t0, Utc::now(), "w2").unwrap();
+        assert_eq!((again.attempt, again.worker.as_deref()), (2, Some("w2")));
+        assert_eq!(
+            again.progress,
+            Progress {
+                step: 0,
+                total_steps: 3
+            }
+        );
+        let mut done = again.clone();
+        done.state = JobState::Cancelled;
+        assert!(start(Some(&done), Uuid::nil(), &job(), t0, t0, "w3").is_none());
+    }
+
+    #[test]
+    fn empty_negative_prompt_means_none() {
+        let mut j = job();
+        j.negative_prompt.clear();
+        assert_eq!(engine_job(&j).negative_prompt, None);
+        assert_eq!(
+            engine_job(&job()).negative_prompt.as_deref(),
+            Some("blurry, low quality")
+        );
+    }
+}
