@@ -116,7 +116,7 @@ impl ClipTokenizer {
             specials.push(pad.text());
         }
         let added: Vec<AddedToken> = specials.iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
-        tokenizer.add_special_tokens(&added);
+        tokenizer.add_special_tokens(added).map_err(|e| err(e.to_string()))?;
         let id = |token: &str| {
             tokenizer
                 .token_to_id(token)
@@ -183,11 +183,13 @@ fn build_clip_bpe(vocab: &Path, merges: &Path, unk: &str) -> Result<Tokenizer, S
         " ",
     )
     .map_err(|e| e.to_string())?;
-    tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
-        NFC.into(),
-        whitespace.into(),
-        Lowercase.into(),
-    ])));
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])))
+        .map_err(|e| e.to_string())?;
     let split = Split::new(
         SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
         SplitDelimiterBehavior::Removed,
