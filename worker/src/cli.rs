@@ -31,6 +31,8 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// Write a diffusers folder with random weights from a folder of configs.
     InitRandom(crate::init_random::InitRandomArgs),
+    /// Time each stage of the pipeline on one device (table and JSON).
+    Bench(Box<crate::bench::BenchArgs>),
     /// Serve jobs from the queue (RabbitMQ → S3 + Redis) until SIGTERM.
     Run(Box<crate::run::RunArgs>),
 }
@@ -154,6 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(*args),
         Command::InitRandom(args) => crate::init_random::run(args),
+        Command::Bench(args) => crate::bench::run(*args),
         Command::Run(args) => crate::run::run(*args),
     }
 }
@@ -312,6 +315,13 @@ fn generate_on_ranks(args: GenerateArgs) -> anyhow::Result<()> {
     })
     .context("loading the model")?;
     let load = t0.elapsed();
+    eprintln!(
+        "ranks: {ranks} ({})",
+        match device {
+            DeviceKind::Cuda => "CUDA devices, gathered over NCCL",
+            DeviceKind::Cpu => "CPU, gathered in process",
+        }
+    );
     let job = EngineJob {
         prompt: args.prompt.clone(),
         negative_prompt: Some(args.negative_prompt.clone()),

@@ -1,5 +1,6 @@
 //! The worker binary: `worker generate` makes images with no services.
 
+mod bench;
 mod cli;
 mod init_random;
 mod run;

@@ -220,7 +220,7 @@ fn vae_and_taesd_decodes_match() {
     let latents = f.tensor("vae_in_latents");
     let image = f.pipeline.decode(latents).unwrap();
     assert_close("vae_out", &image, f.tensor("vae_out"), TOL);
-    let preview = f.pipeline.preview(latents).unwrap().expect("taesd loaded");
+    let preview = f.pipeline.tiny_decode(latents).unwrap().expect("taesd loaded");
     assert_close("taesd_out", &preview, f.tensor("taesd_out"), TOL);
 }
 

@@ -1,0 +1,255 @@
+//! `worker bench`: the speed of each stage of the pipeline on one device, as a
+//! table and as JSON, for BENCHMARKS.md and for comparison with diffusers
+//! (`bench/diffusers_reference.py` measures the same stages the same way).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use worker::sdxl::noise::initial_noise;
+use worker::sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: crate::cli::ModelArgs,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    guidance_scale: f64,
+    /// Timed repetitions of each stage (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Timed whole images.
+    #[arg(long, default_value_t = 3)]
+    images: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A safetensors file with `sample`, `encoder_hidden_states`, `text_embeds`,
+    /// `time_ids` (and `timestep`): run the UNet once on them and write
+    /// `unet_out` to `FILE.candle.safetensors`, to compare with diffusers.
+    #[arg(long)]
+    unet_io: Option<PathBuf>,
+}
+
+/// Median milliseconds of each stage.
+#[derive(Debug, Serialize)]
+struct Report {
+    device: String,
+    dtype: String,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance_scale: f64,
+    load_s: f64,
+    text_encode_ms: f64,
+    unet_step_ms: f64,
+    vae_decode_ms: f64,
+    preview_decode_ms: Option<f64>,
+    image_s: f64,
+    taesd_decode_ms: Option<f64>,
+    peak_gpu_memory_mib: Option<f64>,
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+/// Times `f` `iters` times after one warm-up run, synchronising the device.
+fn time<T>(device: &Device, iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Duration> {
+    f()?;
+    device.synchronize()?;
+    let mut xs = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        xs.push(t.elapsed());
+    }
+    Ok(median(xs))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let opts = args.model.load_options(0)?;
+    let device = opts.device.clone();
+    let memory = MemorySampler::start(&device);
+    let t = Instant::now();
+    let pipeline = SdxlPipeline::load(&opts).context("loading the model")?;
+    device.synchronize()?;
+    let load = t.elapsed();
+    let params = DenoiseParams {
+        width: args.width,
+        height: args.height,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance_scale,
+    };
+    let prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
+    let negative = Some("blurry, low quality");
+    let text = time(&device, args.iters, || {
+        Ok(pipeline.encode_prompt(prompt, negative, params.do_cfg())?)
+    })?;
+
+    let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
+    let (_, c, h, w) = pipeline.latent_shape(args.width, args.height);
+    let batch = if params.do_cfg() { 2 } else { 1 };
+    let dtype = pipeline.dtype();
+    let sample = Tensor::randn(0f32, 1f32, (batch, c, h, w), &device)?.to_dtype(dtype)?;
+    let context = embeds.prompt_embeds.to_dtype(dtype)?;
+    let pooled = embeds.pooled_prompt_embeds.to_dtype(dtype)?;
+    let (hf, wf) = (args.height as f32, args.width as f32);
+    let time_ids = Tensor::from_vec(vec![hf, wf, 0.0, 0.0, hf, wf], (1, 6), &device)?
+        .repeat((batch, 1))?
+        .to_dtype(dtype)?;
+    let unet = time(&device, args.iters, || {
+        Ok(pipeline.unet().forward(&sample, 500.0, &context, &pooled, &time_ids)?)
+    })?;
+
+    let latents = Tensor::randn(0f32, 1f32, (1, c, h, w), &device)?.to_dtype(dtype)?;
+    let vae = time(&device, args.iters.min(5), || Ok(pipeline.decode(&latents)?))?;
+    let preview = if pipeline.has_previews() {
+        Some(time(&device, args.iters, || Ok(pipeline.preview(&latents)?))?)
+    } else {
+        None
+    };
+    let taesd = if pipeline.has_previews() {
+        Some(time(&device, args.iters, || Ok(pipeline.tiny_decode(&latents)?))?)
+    } else {
+        None
+    };
+    if let Some(io) = &args.unet_io {
+        unet_io(&pipeline, io)?;
+    }
+
+    let image = time(&device, args.images, || {
+        let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
+        let noise = initial_noise(0, c, h, w, &Device::Cpu)?;
+        let latents = pipeline
+            .denoise(&embeds, &noise, &params, &mut |_| std::ops::ControlFlow::Continue(()))?
+            .context("denoising stopped")?;
+        Ok(pipeline.decode(&latents)?)
+    })?;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let report = Report {
+        device: format!("{:?}", device.location()),
+        dtype: format!("{dtype:?}"),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        load_s: load.as_secs_f64(),
+        text_encode_ms: ms(text),
+        unet_step_ms: ms(unet),
+        vae_decode_ms: ms(vae),
+        preview_decode_ms: preview.map(ms),
+        taesd_decode_ms: taesd.map(ms),
+        image_s: image.as_secs_f64(),
+        peak_gpu_memory_mib: memory.and_then(|m| m.stop()),
+    };
+    println!("| stage | {} {:?} |", report.device, dtype);
+    println!("|---|---|");
+    println!("| model load (local safetensors) | {:.2} s |", report.load_s);
+    println!("| text encode (prompt + negative) | {:.1} ms |", report.text_encode_ms);
+    println!("| UNet step (batch {batch}) | {:.1} ms |", report.unet_step_ms);
+    println!("| VAE decode (1 image) | {:.1} ms |", report.vae_decode_ms);
+    if let Some(p) = report.taesd_decode_ms {
+        println!("| TAESD decode (1 image, full size) | {p:.1} ms |");
+    }
+    if let Some(p) = report.preview_decode_ms {
+        println!("| preview decode as the worker does it (1 image, pooled to 512 px) | {p:.1} ms |");
+    }
+    println!("| whole image ({} steps) | {:.2} s |", args.steps, report.image_s);
+    if let Some(m) = report.peak_gpu_memory_mib {
+        println!("| peak GPU memory (device-wide, sampled) | {m:.0} MiB |");
+    }
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One UNet forward on inputs written by the diffusers reference, so the two
+/// outputs can be compared (cosine similarity) from the same random weights.
+fn unet_io(pipeline: &SdxlPipeline, path: &std::path::Path) -> anyhow::Result<()> {
+    let device = pipeline.device();
+    let dtype = pipeline.dtype();
+    let t = candle_core::safetensors::load(path, device).with_context(|| format!("reading {}", path.display()))?;
+    let get = |k: &str| -> anyhow::Result<Tensor> {
+        Ok(t.get(k)
+            .with_context(|| format!("{} lacks {k}", path.display()))?
+            .to_dtype(dtype)?)
+    };
+    let timestep = t
+        .get("timestep")
+        .map(|x| {
+            x.to_dtype(candle_core::DType::F32)
+                .and_then(|x| x.flatten_all()?.to_vec1::<f32>())
+        })
+        .transpose()?
+        .and_then(|v| v.first().copied())
+        .unwrap_or(500.0);
+    let out = pipeline.unet().forward(
+        &get("sample")?,
+        timestep,
+        &get("encoder_hidden_states")?,
+        &get("text_embeds")?,
+        &get("time_ids")?,
+    )?;
+    let out_path = path.with_extension("candle.safetensors");
+    let out = out.to_dtype(candle_core::DType::F32)?;
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("unet_out".to_string(), out)]),
+        &out_path,
+    )?;
+    eprintln!("wrote {}", out_path.display());
+    Ok(())
+}
+
+/// Samples the device's used memory every few milliseconds from another
+/// thread; the maximum is the peak (device-wide: the bench is its only user).
+struct MemorySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl MemorySampler {
+    #[cfg(feature = "cuda")]
+    fn start(device: &Device) -> Option<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0usize;
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((free, total)) = ctx.mem_get_info() {
+                    peak = peak.max(total - free);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak as f64 / (1024.0 * 1024.0)
+        });
+        Some(Self { stop, thread })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn start(_device: &Device) -> Option<Self> {
+        None
+    }
+
+    fn stop(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok()
+    }
+}
