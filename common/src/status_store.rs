@@ -9,8 +9,11 @@
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, AsyncConnectionConfig, RedisResult};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::event::JobEvent;
@@ -29,6 +32,8 @@ pub enum StatusStoreError {
     },
     #[error("status record of job {0} kept changing under us")]
     Contended(Uuid),
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 impl StatusStoreError {
@@ -38,7 +43,7 @@ impl StatusStoreError {
             StatusStoreError::Redis(e) => {
                 e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
             }
-            StatusStoreError::Contended(_) => true,
+            StatusStoreError::Contended(_) | StatusStoreError::Timeout(_) => true,
             StatusStoreError::Corrupt { .. } => false,
         }
     }
@@ -55,6 +60,17 @@ end
 return 0
 ";
 
+/// No command may take longer than this, reconnection included: a Redis that
+/// went away must surface as a (transient) error, never as a hang.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(6);
+
+async fn deadline<T>(fut: impl Future<Output = RedisResult<T>>) -> Result<T, StatusStoreError> {
+    match tokio::time::timeout(COMMAND_DEADLINE, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(StatusStoreError::Timeout(COMMAND_DEADLINE)),
+    }
+}
+
 /// The outcome of [`StatusStore::update`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
@@ -67,29 +83,55 @@ pub enum Update {
 #[derive(Clone)]
 pub struct StatusStore {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// One multiplexed connection, made on first use and dropped after a
+    /// transient error so that the next command makes a fresh one. (redis'
+    /// `ConnectionManager` was seen to time out for 90 s after a Redis
+    /// restart; this does not.)
+    conn: Arc<Mutex<Option<MultiplexedConnection>>>,
     names: Names,
     ttl: Duration,
     script: redis::Script,
 }
 
 impl StatusStore {
-    /// Connects; commands time out after 5 s and the connection is re-made in
-    /// the background when Redis comes back.
+    /// Connects (to check the URL and that Redis answers); commands time out
+    /// and the connection is re-made when Redis comes back.
     pub async fn connect(url: &str, names: Names, ttl: Duration) -> Result<Self, StatusStoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(5))
-            .set_response_timeout(Duration::from_secs(5))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-        Ok(StatusStore {
-            client,
-            conn,
+        let store = StatusStore {
+            client: redis::Client::open(url)?,
+            conn: Arc::new(Mutex::new(None)),
             names,
             ttl,
             script: redis::Script::new(COMPARE_AND_SET),
-        })
+        };
+        store.connection().await?;
+        Ok(store)
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, StatusStoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(5));
+        let conn = deadline(self.client.get_multiplexed_async_connection_with_config(&config)).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one command with a deadline; a transient failure drops the connection.
+    async fn run<T, Fut>(&self, op: impl FnOnce(MultiplexedConnection) -> Fut) -> Result<T, StatusStoreError>
+    where
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        let result = deadline(op(conn)).await;
+        if result.as_ref().is_err_and(StatusStoreError::is_transient) {
+            *self.conn.lock().await = None;
+        }
+        result
     }
 
     pub fn names(&self) -> &Names {
@@ -101,14 +143,15 @@ impl StatusStore {
     }
 
     pub async fn ping(&self) -> Result<(), StatusStoreError> {
-        let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        let _: String = self
+            .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
     async fn get_raw(&self, id: Uuid) -> Result<Option<String>, StatusStoreError> {
-        let mut conn = self.conn.clone();
-        Ok(conn.get(self.names.status_key(id)).await?)
+        let key = self.names.status_key(id);
+        self.run(|mut c| async move { c.get(key).await }).await
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<JobStatus>, StatusStoreError> {
@@ -124,16 +167,22 @@ impl StatusStore {
     pub async fn create(&self, status: &JobStatus) -> Result<bool, StatusStoreError> {
         let json =
             serde_json::to_string(status).map_err(|source| StatusStoreError::Corrupt { id: status.id, source })?;
-        let mut conn = self.conn.clone();
-        let written: bool = self
-            .script
-            .key(self.names.status_key(status.id))
-            .arg("")
-            .arg(json)
-            .arg(self.ttl_secs())
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(written)
+        self.compare_and_set(status.id, String::new(), json).await
+    }
+
+    /// Writes `new` if the record is still `expected` ("" = missing).
+    async fn compare_and_set(&self, id: Uuid, expected: String, new: String) -> Result<bool, StatusStoreError> {
+        let (script, key, ttl) = (self.script.clone(), self.names.status_key(id), self.ttl_secs());
+        self.run(|mut c| async move {
+            script
+                .key(key)
+                .arg(expected)
+                .arg(new)
+                .arg(ttl)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
     }
 
     /// Compare-and-set: `next` sees the current record (if any) and returns
@@ -155,16 +204,7 @@ impl StatusStore {
                 return Ok(Update::Unchanged(current));
             };
             let json = serde_json::to_string(&new).map_err(|source| StatusStoreError::Corrupt { id, source })?;
-            let mut conn = self.conn.clone();
-            let written: bool = self
-                .script
-                .key(self.names.status_key(id))
-                .arg(raw.unwrap_or_default())
-                .arg(json)
-                .arg(self.ttl_secs())
-                .invoke_async(&mut conn)
-                .await?;
-            if written {
+            if self.compare_and_set(id, raw.unwrap_or_default(), json).await? {
                 return Ok(Update::Written(new));
             }
         }
@@ -177,48 +217,52 @@ impl StatusStore {
             id: event.job_id,
             source,
         })?;
-        let mut conn = self.conn.clone();
-        let _: i64 = conn.publish(self.names.events_channel(event.job_id), json).await?;
+        let channel = self.names.events_channel(event.job_id);
+        let _: i64 = self.run(|mut c| async move { c.publish(channel, json).await }).await?;
         Ok(())
     }
 
     /// Raises the cancel flag that the worker running the job polls.
     pub async fn request_cancel(&self, id: Uuid) -> Result<(), StatusStoreError> {
-        let mut conn = self.conn.clone();
-        let _: () = conn.set_ex(self.names.cancel_key(id), 1, self.ttl_secs()).await?;
+        let (key, ttl) = (self.names.cancel_key(id), self.ttl_secs());
+        let _: () = self.run(|mut c| async move { c.set_ex(key, 1, ttl).await }).await?;
         Ok(())
     }
 
     pub async fn cancel_requested(&self, id: Uuid) -> Result<bool, StatusStoreError> {
-        let mut conn = self.conn.clone();
-        Ok(conn.exists(self.names.cancel_key(id)).await?)
+        let key = self.names.cancel_key(id);
+        self.run(|mut c| async move { c.exists(key).await }).await
     }
 
     /// Binds an `Idempotency-Key` to `id` unless it is already bound; returns
     /// the job it was bound to before, if any.
     pub async fn claim_idempotency_key(&self, key: &str, id: Uuid) -> Result<Option<Uuid>, StatusStoreError> {
-        let mut conn = self.conn.clone();
         let redis_key = self.names.idempotency_key(key);
-        let set: bool = redis::cmd("SET")
-            .arg(&redis_key)
-            .arg(id.to_string())
-            .arg("NX")
-            .arg("EX")
-            .arg(self.ttl_secs())
-            .query_async::<Option<String>>(&mut conn)
+        let (k, ttl) = (redis_key.clone(), self.ttl_secs());
+        let set: bool = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(k)
+                    .arg(id.to_string())
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl)
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
             .await?
             .is_some();
         if set {
             return Ok(None);
         }
-        let existing: Option<String> = conn.get(&redis_key).await?;
+        let existing: Option<String> = self.run(|mut c| async move { c.get(redis_key).await }).await?;
         Ok(existing.and_then(|s| s.parse().ok()))
     }
 
     /// Releases a key claimed by a submit that then failed.
     pub async fn release_idempotency_key(&self, key: &str) -> Result<(), StatusStoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = conn.del(self.names.idempotency_key(key)).await?;
+        let key = self.names.idempotency_key(key);
+        let _: i64 = self.run(|mut c| async move { c.del(key).await }).await?;
         Ok(())
     }
 

@@ -216,10 +216,17 @@ impl Jobs {
             }
             let mut recheck = tokio::time::interval(Duration::from_secs(2));
             recheck.tick().await;
+            // If the subscription drops (Redis restarted), the status is still
+            // polled, so the stream ends with the job all the same.
+            let mut subscribed = true;
             loop {
                 tokio::select! {
-                    event = events.next() => {
-                        let Some(event) = event else { return };
+                    event = events.next(), if subscribed => {
+                        let Some(event) = event else {
+                            tracing::warn!(%id, "event subscription lost: following the status only");
+                            subscribed = false;
+                            continue;
+                        };
                         let terminal = event.kind.is_terminal();
                         if tx.send(Followed::Event(event)).await.is_err() || terminal {
                             return;

@@ -115,6 +115,12 @@ impl Stack {
 
     /// As [`Stack::new`], with results on another S3 server.
     pub async fn with_s3_endpoint(name: &str, s3_endpoint: Option<String>) -> anyhow::Result<Stack> {
+        let overrides: Vec<(&str, String)> = s3_endpoint.into_iter().map(|e| ("S3_ENDPOINT", e)).collect();
+        Self::with_env(name, &overrides).await
+    }
+
+    /// As [`Stack::new`], with some service addresses replaced.
+    pub async fn with_env(name: &str, overrides: &[(&str, String)]) -> anyhow::Result<Stack> {
         let tag = Uuid::new_v4().simple().to_string()[..10].to_string();
         let queue = format!("e2e.{name}.{tag}");
         let prefix = format!("e2e:{tag}");
@@ -124,9 +130,9 @@ impl Stack {
             .filter(|(k, _)| k.as_str() != "S3S_FS_BIN")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if let Some(endpoint) = s3_endpoint {
-            env.retain(|(k, _)| k != "S3_ENDPOINT");
-            env.push(("S3_ENDPOINT".into(), endpoint));
+        for (key, value) in overrides {
+            env.retain(|(k, _)| k != key);
+            env.push((key.to_string(), value.clone()));
         }
         env.retain(|(k, _)| k != "S3_BUCKET");
         env.extend([
@@ -243,7 +249,8 @@ impl Stack {
         let start = Instant::now();
         let mut seen: Vec<JobState> = Vec::new();
         loop {
-            if let Some(s) = self.status.get(id).await? {
+            // Redis may be down on purpose: an error is "no answer yet".
+            if let Ok(Some(s)) = self.status.get(id).await {
                 if seen.last() != Some(&s.state) {
                     seen.push(s.state);
                 }
@@ -254,7 +261,7 @@ impl Stack {
                     bail!("job {id} still {:?} after {timeout:?} (states seen {seen:?})", s);
                 }
             } else if start.elapsed() > timeout {
-                bail!("job {id} has no status after {timeout:?}");
+                bail!("job {id} has no readable status after {timeout:?}");
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -418,32 +425,91 @@ pub fn assert_fully_filled(s: &JobStatus, expected_worker: &str) {
     assert!(t.model_ms >= t.text_encode_ms + t.denoise_ms + t.decode_ms, "{t:?}");
 }
 
-/// A private s3s-fs server that a test can stop and start again (on the same
-/// port and data folder), for the "S3 down during a job" test.
-pub struct S3Server {
+/// A private server (s3s-fs, redis-server) that a test can stop and start
+/// again on the same port and data folder.
+pub struct Server {
     pub port: u16,
-    data: PathBuf,
+    name: String,
+    command: Box<dyn Fn(u16) -> Command + Send + Sync>,
     log: PathBuf,
     proc: Option<Proc>,
 }
 
-impl S3Server {
-    pub async fn start(dir: &Path) -> anyhow::Result<S3Server> {
+impl Server {
+    async fn start(
+        name: &str,
+        dir: &Path,
+        command: Box<dyn Fn(u16) -> Command + Send + Sync>,
+    ) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let data = dir.join("s3-data");
-        std::fs::create_dir_all(&data)?;
-        let mut server = S3Server {
+        let mut server = Server {
             port,
-            data,
-            log: dir.join("s3s-fs.log"),
+            name: name.to_string(),
+            command,
+            log: dir.join(format!("{name}.log")),
             proc: None,
         };
         server.restart().await?;
         Ok(server)
     }
 
-    pub fn endpoint(&self) -> String {
+    /// s3s-fs with the credentials of `services.sh`, data under `dir`.
+    pub async fn s3s_fs(dir: &Path) -> anyhow::Result<Server> {
+        let env = services_env();
+        let bin = env
+            .get("S3S_FS_BIN")
+            .context("services.sh printed no S3S_FS_BIN")?
+            .clone();
+        let key = env.get("AWS_ACCESS_KEY_ID").cloned().unwrap_or_default();
+        let secret = env.get("AWS_SECRET_ACCESS_KEY").cloned().unwrap_or_default();
+        let data = dir.join("s3-data");
+        std::fs::create_dir_all(&data)?;
+        Self::start(
+            "s3s-fs",
+            dir,
+            Box::new(move |port| {
+                let mut cmd = Command::new(&bin);
+                cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--access-key", &key, "--secret-key", &secret])
+                    .arg(&data);
+                cmd
+            }),
+        )
+        .await
+    }
+
+    /// redis-server keeping nothing on disk: a restart loses every key.
+    pub async fn redis(dir: &Path) -> anyhow::Result<Server> {
+        let dir_arg = dir.to_path_buf();
+        Self::start(
+            "redis-server",
+            dir,
+            Box::new(move |port| {
+                let mut cmd = Command::new("redis-server");
+                cmd.args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(&dir_arg);
+                cmd
+            }),
+        )
+        .await
+    }
+
+    pub fn http_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
     }
 
     pub fn stop(&mut self) {
@@ -453,24 +519,11 @@ impl S3Server {
     }
 
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let env = services_env();
-        let bin = env.get("S3S_FS_BIN").context("services.sh printed no S3S_FS_BIN")?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--access-key",
-                env.get("AWS_ACCESS_KEY_ID").map(String::as_str).unwrap_or_default(),
-            ])
-            .args([
-                "--secret-key",
-                env.get("AWS_SECRET_ACCESS_KEY").map(String::as_str).unwrap_or_default(),
-            ])
-            .arg(&self.data);
-        let mut proc = Proc::spawn("s3s-fs", cmd, self.log.clone())?;
+        let mut proc = Proc::spawn(&self.name, (self.command)(self.port), self.log.clone())?;
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if !proc.is_running() || start.elapsed() > Duration::from_secs(30) {
-                bail!("s3s-fs did not start:\n{}", proc.log_text());
+                bail!("{} did not start:\n{}", self.name, proc.log_text());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

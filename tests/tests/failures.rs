@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::event::EventKind;
 use common::status::{JobState, JobStatus};
-use e2e_tests::stack::S3Server;
+use e2e_tests::stack::Server;
 use e2e_tests::{JobParams, Stack};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
@@ -293,8 +293,8 @@ async fn cancelling_a_queued_and_a_running_job_and_the_worker_goes_on() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_stopped_during_a_job_the_job_completes_once_s3_is_back() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s3 = S3Server::start(dir.path()).await?;
-    let stack = Stack::with_s3_endpoint("s3_down", Some(s3.endpoint())).await?;
+    let mut s3 = Server::s3s_fs(dir.path()).await?;
+    let stack = Stack::with_s3_endpoint("s3_down", Some(s3.http_endpoint())).await?;
     let worker = stack.spawn_worker("s3-worker", &[]).await?;
     let id = submit_cli(&stack, &JobParams::new("a patient job", 12, 8)).await?;
     wait_running_past(&stack, id, 1).await?;
@@ -350,8 +350,8 @@ async fn sigterm_during_a_job_finishes_it_and_exits_zero() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_down_past_the_retry_window_requeues_the_job_which_completes_later_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s3 = S3Server::start(dir.path()).await?;
-    let stack = Stack::with_s3_endpoint("s3_requeue", Some(s3.endpoint())).await?;
+    let mut s3 = Server::s3s_fs(dir.path()).await?;
+    let stack = Stack::with_s3_endpoint("s3_requeue", Some(s3.http_endpoint())).await?;
     // Retry for one second only, so the job goes back to the queue.
     let worker = stack.spawn_worker("requeue-worker", &["--retry-for", "1s"]).await?;
     let id = submit_cli(&stack, &JobParams::new("handed back", 12, 21)).await?;
@@ -386,5 +386,26 @@ async fn s3_down_past_the_retry_window_requeues_the_job_which_completes_later_on
         ],
         "stored once"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarted_during_a_job_the_job_completes_and_its_record_is_rewritten() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut redis = Server::redis(dir.path()).await?;
+    let stack = Stack::with_env("redis_down", &[("REDIS_URL", redis.redis_url())]).await?;
+    let worker = stack.spawn_worker("redis-worker", &[]).await?;
+    let id = submit_cli(&stack, &JobParams::new("through a redis restart", 16, 17)).await?;
+    wait_running_past(&stack, id, 1).await?;
+    redis.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A Redis that keeps nothing on disk comes back empty.
+    redis.restart().await?;
+
+    let (status, _) = stack.wait_terminal(id, TIMEOUT).await?;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}\n{}", worker.log_text());
+    assert_eq!((status.attempt, status.worker.as_deref()), (1, Some("redis-worker")));
+    assert!(status.result.is_some() && status.started_at.is_some());
+    assert_eq!(stack.objects_of(id).await?.len(), 3, "stored once");
     Ok(())
 }

@@ -152,6 +152,13 @@ struct GenerateArgs {
     output_dir: Option<PathBuf>,
 }
 
+impl Cli {
+    /// `worker run`: a long-running service (logs at `info` by default).
+    pub fn is_service(&self) -> bool {
+        matches!(self.command, Command::Run(_))
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(*args),

@@ -8,11 +8,15 @@ mod run;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    // A service says what it does; a one-shot command only what went wrong.
+    let default_filter = if args.is_service() { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -112,12 +112,13 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
         tracing::info!(state = %s.state, "job already finished: acking it");
         return Ok(());
     }
+    let queued = JobStatus::queued(id, job.clone(), message.created_at);
     if retry(backoff, "reading the cancel flag", || ctx.status.cancel_requested(id)).await? {
-        return finish_cancelled(ctx, id).await;
+        return finish_cancelled(ctx, id, current.as_ref().unwrap_or(&queued)).await;
     }
     if let Some(result) = results::load_manifest(&ctx.results, id, backoff).await? {
         tracing::info!("a previous attempt stored the result: finishing from it");
-        return finish_succeeded(ctx, id, result).await;
+        return finish_succeeded(ctx, id, current.as_ref().unwrap_or(&queued), result).await;
     }
 
     let started_at = Utc::now();
@@ -160,7 +161,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     sink.finish().await;
     let output = match generated {
         Err(join) => return Err(JobError::Poison(format!("the engine panicked: {join}"))),
-        Ok(Err(EngineError::Cancelled)) => return finish_cancelled(ctx, id).await,
+        Ok(Err(EngineError::Cancelled)) => return finish_cancelled(ctx, id, &status).await,
         Ok(Err(e @ (EngineError::Invalid(_) | EngineError::Failed(_)))) => return Err(JobError::Poison(e.to_string())),
         Ok(Ok(output)) => output,
     };
@@ -184,7 +185,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     };
     let result = JobResult { grid, images, timings };
     results::write_manifest(&ctx.results, id, &result, backoff).await?;
-    finish_succeeded(ctx, id, result).await
+    finish_succeeded(ctx, id, &status, result).await
 }
 
 /// The `running` record: from `queued`, from `running` (a redelivery), or
@@ -241,17 +242,23 @@ fn terminal_event(id: Uuid, kind: EventKind, status: &JobStatus) -> JobEvent {
 }
 
 /// Writes a terminal state (unless the record is terminal already), then
-/// publishes the terminal event.
+/// publishes the terminal event. `base` is the record to finish when Redis
+/// has lost it (restarted without persistence, or expired).
 async fn finish(
     ctx: &JobContext,
     id: Uuid,
     kind: EventKind,
+    base: Option<&JobStatus>,
     change: impl Fn(&mut JobStatus) + Copy,
 ) -> Result<(), JobError> {
     let backoff = ctx.backoff();
     let update = retry(backoff, "writing the final status", || {
         ctx.status.update(id, |current| {
-            let mut next = current.filter(|s| !s.state.is_terminal())?.clone();
+            let mut next = match current {
+                Some(s) if s.state.is_terminal() => return None,
+                Some(s) => s.clone(),
+                None => base?.clone(),
+            };
             next.finished_at = Some(Utc::now());
             change(&mut next);
             Some(next)
@@ -269,9 +276,9 @@ async fn finish(
     Ok(())
 }
 
-async fn finish_succeeded(ctx: &JobContext, id: Uuid, result: JobResult) -> Result<(), JobError> {
+async fn finish_succeeded(ctx: &JobContext, id: Uuid, base: &JobStatus, result: JobResult) -> Result<(), JobError> {
     let result = &result;
-    finish(ctx, id, EventKind::Succeeded, move |s| {
+    finish(ctx, id, EventKind::Succeeded, Some(base), move |s| {
         s.state = JobState::Succeeded;
         s.progress.step = s.progress.total_steps;
         s.result = Some(result.clone());
@@ -279,12 +286,15 @@ async fn finish_succeeded(ctx: &JobContext, id: Uuid, result: JobResult) -> Resu
     .await
 }
 
-async fn finish_cancelled(ctx: &JobContext, id: Uuid) -> Result<(), JobError> {
-    finish(ctx, id, EventKind::Cancelled, |s| s.state = JobState::Cancelled).await
+async fn finish_cancelled(ctx: &JobContext, id: Uuid, base: &JobStatus) -> Result<(), JobError> {
+    finish(ctx, id, EventKind::Cancelled, Some(base), |s| {
+        s.state = JobState::Cancelled
+    })
+    .await
 }
 
 async fn mark_failed(ctx: &JobContext, id: Uuid, reason: &str) -> Result<(), JobError> {
-    finish(ctx, id, EventKind::Failed, |s| {
+    finish(ctx, id, EventKind::Failed, None, |s| {
         s.state = JobState::Failed;
         s.error = Some(reason.to_string());
     })
