@@ -34,12 +34,16 @@ pub fn from_unit(images: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
 }
 
 /// Lays images out as torchvision's `make_grid` does: `floor(sqrt(n))` images
-/// per row, `padding` black pixels around and between them. All images must
-/// have the size of the first.
+/// per row, `padding` black pixels around and between them; a single image is
+/// returned as it is, unpadded (torchvision returns `tensor.squeeze(0)`). All
+/// images must have the size of the first.
 pub fn make_grid(images: &[RgbImage], padding: u32) -> RgbImage {
     let Some(first) = images.first() else {
         return RgbImage::new(0, 0);
     };
+    if images.len() == 1 {
+        return first.clone();
+    }
     let n = images.len() as u32;
     let per_row = ((n as f64).sqrt().floor() as u32).clamp(1, n);
     let rows = n.div_ceil(per_row);
@@ -111,8 +115,9 @@ mod tests {
         let g = make_grid(&vec![solid(4, 4, 1); 5], 2);
         assert_eq!(g.dimensions(), (2 * 6 + 2, 3 * 6 + 2));
         assert_eq!(g.get_pixel(8, 14).0, [0, 0, 0], "the sixth cell stays empty");
-        // one image: padding on every side
-        assert_eq!(make_grid(&[solid(8, 8, 5)], 2).dimensions(), (12, 12));
+        // one image: returned as it is, as torchvision does
+        let one = solid(8, 8, 5);
+        assert_eq!(make_grid(std::slice::from_ref(&one), 2), one);
     }
 
     #[test]
