@@ -162,29 +162,17 @@ impl HostSync {
     }
 }
 
-/// What each rank of a job calls, in the same order on every rank.
-pub trait Collective {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
-    /// Starts job `job` (resets the round counter).
-    fn begin_job(&mut self, job: u64);
-    /// Gathers `t` (the same shape on every rank) to rank 0, which gets every
-    /// rank's tensor on the CPU in rank order; the others get `None`.
-    fn gather(&mut self, t: &Tensor) -> Result<Option<Vec<Tensor>>, CollectiveError>;
-    /// This rank gives up the current job; the others' next call fails.
-    fn abandon(&mut self, why: Abandon);
-}
-
-/// CPU ranks: data moves through host memory.
+/// A rank's place at the host meeting: which job it is in and how many
+/// collective calls (rounds) of it it has made.
 #[derive(Debug)]
-pub struct InProcessCollective {
+pub struct Seat {
     sync: Arc<HostSync>,
     rank: usize,
     job: u64,
     round: u64,
 }
 
-impl InProcessCollective {
+impl Seat {
     pub fn new(sync: Arc<HostSync>, rank: usize) -> Self {
         Self {
             sync,
@@ -193,36 +181,77 @@ impl InProcessCollective {
             round: 0,
         }
     }
+
+    /// The next round of the current job: see [`HostSync::meet`].
+    pub fn meet(&mut self, payload: Option<Tensor>) -> Result<Option<Vec<Option<Tensor>>>, CollectiveError> {
+        self.round += 1;
+        self.sync.meet(self.job, self.round, self.rank, payload)
+    }
 }
 
-impl Collective for InProcessCollective {
+/// What each rank of a job calls, in the same order on every rank.
+pub trait Collective {
+    fn seat(&self) -> &Seat;
+    fn seat_mut(&mut self) -> &mut Seat;
+
+    /// Gathers `t` (the same shape on every rank) to rank 0, which gets every
+    /// rank's tensor on the CPU in rank order; the others get `None`.
+    fn gather(&mut self, t: &Tensor) -> Result<Option<Vec<Tensor>>, CollectiveError>;
+
     fn rank(&self) -> usize {
-        self.rank
+        self.seat().rank
     }
 
     fn world_size(&self) -> usize {
-        self.sync.world_size()
+        self.seat().sync.world_size()
     }
 
+    /// Starts job `job` (resets the round counter; rank 0 forgets older jobs).
     fn begin_job(&mut self, job: u64) {
-        self.job = job;
-        self.round = 0;
-        if self.rank == 0 {
-            self.sync.begin_job(job);
+        let seat = self.seat_mut();
+        seat.job = job;
+        seat.round = 0;
+        if seat.rank == 0 {
+            seat.sync.begin_job(job);
         }
+    }
+
+    /// This rank gives up the current job; the others' next call fails.
+    fn abandon(&mut self, why: Abandon) {
+        let seat = self.seat();
+        seat.sync.abandon(seat.job, seat.rank, why);
+    }
+}
+
+/// CPU ranks: data moves through host memory.
+#[derive(Debug)]
+pub struct InProcessCollective {
+    seat: Seat,
+}
+
+impl InProcessCollective {
+    pub fn new(sync: Arc<HostSync>, rank: usize) -> Self {
+        Self {
+            seat: Seat::new(sync, rank),
+        }
+    }
+}
+
+impl Collective for InProcessCollective {
+    fn seat(&self) -> &Seat {
+        &self.seat
+    }
+
+    fn seat_mut(&mut self) -> &mut Seat {
+        &mut self.seat
     }
 
     fn gather(&mut self, t: &Tensor) -> Result<Option<Vec<Tensor>>, CollectiveError> {
         let payload = t
             .to_device(&Device::Cpu)
             .map_err(|e| CollectiveError::Transport(e.to_string()))?;
-        self.round += 1;
-        let out = self.sync.meet(self.job, self.round, self.rank, Some(payload))?;
+        let out = self.seat.meet(Some(payload))?;
         Ok(out.map(|all| all.into_iter().flatten().collect()))
-    }
-
-    fn abandon(&mut self, why: Abandon) {
-        self.sync.abandon(self.job, self.rank, why);
     }
 }
 

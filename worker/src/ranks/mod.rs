@@ -108,8 +108,6 @@ impl RankGroup {
             let ready = ready_tx.clone();
             let config = config.clone();
             let sync = sync.clone();
-            #[cfg(feature = "cuda")]
-            let nccl_id = nccl_id.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("rank-{rank}"))
                 .spawn(move || {

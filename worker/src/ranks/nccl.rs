@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::nccl::safe::{Comm, Id};
 
-use super::collective::{Abandon, Collective, CollectiveError, HostSync};
+use super::collective::{Collective, CollectiveError, HostSync, Seat};
 use crate::engine::EngineError;
 
 /// A new NCCL unique id, made once on the host and shared by every rank.
@@ -19,13 +19,10 @@ pub fn new_id() -> Result<Id, EngineError> {
 /// One rank's NCCL communicator.
 #[derive(Debug)]
 pub struct NcclCollective {
-    sync: Arc<HostSync>,
+    seat: Seat,
     comm: Comm,
     /// The rank's candle device: its stream is the communicator's.
     device: Device,
-    rank: usize,
-    job: u64,
-    round: u64,
 }
 
 fn transport(e: impl std::fmt::Debug) -> CollectiveError {
@@ -47,36 +44,24 @@ impl NcclCollective {
         let stream = device.as_cuda_device().map_err(transport)?.cuda_stream();
         let comm = Comm::from_rank(stream, rank, world, id).map_err(transport)?;
         Ok(Self {
-            sync,
+            seat: Seat::new(sync, rank),
             comm,
             device: device.clone(),
-            rank,
-            job: 0,
-            round: 0,
         })
     }
 }
 
 impl Collective for NcclCollective {
-    fn rank(&self) -> usize {
-        self.rank
+    fn seat(&self) -> &Seat {
+        &self.seat
     }
 
-    fn world_size(&self) -> usize {
-        self.sync.world_size()
-    }
-
-    fn begin_job(&mut self, job: u64) {
-        self.job = job;
-        self.round = 0;
-        if self.rank == 0 {
-            self.sync.begin_job(job);
-        }
+    fn seat_mut(&mut self) -> &mut Seat {
+        &mut self.seat
     }
 
     fn gather(&mut self, t: &Tensor) -> Result<Option<Vec<Tensor>>, CollectiveError> {
-        self.round += 1;
-        self.sync.meet(self.job, self.round, self.rank, None)?;
+        self.seat.meet(None)?;
         let t = t.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(transport)?;
         let device = self.comm.stream();
         let t = if t.device().is_cuda() {
@@ -95,7 +80,7 @@ impl Collective for NcclCollective {
         let src = src.slice(layout.start_offset()..layout.start_offset() + n);
         let mut recv = device.alloc_zeros::<f32>(n * world).map_err(transport)?;
         self.comm.all_gather(&src, &mut recv).map_err(transport)?;
-        if self.rank != 0 {
+        if self.rank() != 0 {
             device.synchronize().map_err(transport)?;
             return Ok(None);
         }
@@ -105,9 +90,5 @@ impl Collective for NcclCollective {
             .map(|chunk| Tensor::from_slice(chunk, shape.as_slice(), &Device::Cpu).map_err(transport))
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
-    }
-
-    fn abandon(&mut self, why: Abandon) {
-        self.sync.abandon(self.job, self.rank, why);
     }
 }
