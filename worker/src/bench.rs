@@ -38,6 +38,13 @@ pub struct BenchArgs {
     /// `unet_out` to `FILE.candle.safetensors`, to compare with diffusers.
     #[arg(long)]
     unet_io: Option<PathBuf>,
+    /// Only run this stage (`unet` or `vae`): two warm-up runs, then one
+    /// between cuProfilerStart/Stop (for `ncu --profile-from-start off`), and exit.
+    #[arg(long, value_parser = ["unet", "vae"])]
+    profile: Option<String>,
+    /// Skip the whole-image timing (for quick A/B runs of single stages).
+    #[arg(long)]
+    no_image: bool,
 }
 
 /// Median milliseconds of each stage.
@@ -109,6 +116,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let time_ids = Tensor::from_vec(vec![hf, wf, 0.0, 0.0, hf, wf], (1, 6), &device)?
         .repeat((batch, 1))?
         .to_dtype(dtype)?;
+    if args.profile.as_deref() == Some("unet") {
+        return profile(&device, || {
+            Ok(pipeline.unet().forward(&sample, 500.0, &context, &pooled, &time_ids)?)
+        });
+    }
+    if args.profile.as_deref() == Some("vae") {
+        let latents = Tensor::randn(0f32, 1f32, (1, c, h, w), &device)?.to_dtype(dtype)?;
+        return profile(&device, || Ok(pipeline.decode(&latents)?));
+    }
     let unet = time(&device, args.iters, || {
         Ok(pipeline.unet().forward(&sample, 500.0, &context, &pooled, &time_ids)?)
     })?;
@@ -129,13 +145,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         unet_io(&pipeline, io)?;
     }
 
-    let image = time(&device, args.images, || {
+    let image = time(&device, if args.no_image { 0 } else { args.images }, || {
+        if args.no_image {
+            return Ok(None);
+        }
         let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
         let noise = initial_noise(0, c, h, w, &Device::Cpu)?;
         let latents = pipeline
             .denoise(&embeds, &noise, &params, &mut |_| std::ops::ControlFlow::Continue(()))?
             .context("denoising stopped")?;
-        Ok(pipeline.decode(&latents)?)
+        Ok(Some(pipeline.decode(&latents)?))
     })?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -176,6 +195,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// Runs `f` twice to warm up, then once with the CUDA profiler on.
+fn profile(device: &Device, mut f: impl FnMut() -> anyhow::Result<Tensor>) -> anyhow::Result<()> {
+    f()?;
+    f()?;
+    device.synchronize()?;
+    #[cfg(feature = "cuda")]
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart();
+    }
+    let t = Instant::now();
+    f()?;
+    device.synchronize()?;
+    #[cfg(feature = "cuda")]
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop();
+    }
+    eprintln!("profiled run: {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
     Ok(())
 }
 

@@ -33,6 +33,8 @@ enum Command {
     InitRandom(crate::init_random::InitRandomArgs),
     /// Time each stage of the pipeline on one device (table and JSON).
     Bench(Box<crate::bench::BenchArgs>),
+    /// Check each CUDA kernel against candle in f32, and time both.
+    CheckKernels(crate::check_kernels::CheckKernelsArgs),
     /// Serve jobs from the queue (RabbitMQ → S3 + Redis) until SIGTERM.
     Run(Box<crate::run::RunArgs>),
 }
@@ -164,6 +166,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate(*args),
         Command::InitRandom(args) => crate::init_random::run(args),
         Command::Bench(args) => crate::bench::run(*args),
+        Command::CheckKernels(args) => crate::check_kernels::run(args),
         Command::Run(args) => crate::run::run(*args),
     }
 }

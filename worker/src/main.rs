@@ -1,6 +1,7 @@
 //! The worker binary: `worker generate` makes images with no services.
 
 mod bench;
+mod check_kernels;
 mod cli;
 mod init_random;
 mod run;

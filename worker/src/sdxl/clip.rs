@@ -3,10 +3,10 @@
 //! (`text_model.encoder.layers.N.self_attn.q_proj`, `text_projection`, …).
 
 use candle_core::{Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ClipTextConfig;
-use super::nn::{causal_attention, Activation};
+use super::nn::{causal_attention, layer_norm, linear, linear_no_bias, Activation, LayerNorm, Linear};
 
 #[derive(Debug)]
 struct ClipAttention {
@@ -21,10 +21,10 @@ impl ClipAttention {
     fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
         })
     }
@@ -56,12 +56,12 @@ impl ClipEncoderLayer {
     fn new(c: &ClipTextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
-            layer_norm2: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
             mlp: ClipMlp {
-                fc1: candle_nn::linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
-                fc2: candle_nn::linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
+                fc1: linear(d, c.intermediate_size, vb.pp("mlp.fc1"))?,
+                fc2: linear(c.intermediate_size, d, vb.pp("mlp.fc2"))?,
                 act,
             },
         })
@@ -129,7 +129,7 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if with_projection {
             let dim = c.projection_dim.unwrap_or(c.hidden_size);
-            Some(candle_nn::linear_no_bias(c.hidden_size, dim, vb.pp("text_projection"))?)
+            Some(linear_no_bias(c.hidden_size, dim, vb.pp("text_projection"))?)
         } else {
             None
         };
@@ -141,7 +141,7 @@ impl ClipTextModel {
                 emb.pp("position_embedding"),
             )?,
             layers,
-            final_layer_norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
+            final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
             text_projection,
             eos_token_id: c.eos_token_id,
         })

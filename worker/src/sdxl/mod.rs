@@ -17,7 +17,10 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
-mod nn;
+pub mod accel;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod nn;
 mod resnet;
 
 use std::path::Path;

@@ -1,8 +1,13 @@
 //! Small building blocks shared by the SDXL models: activations by their
-//! config names, layer constructors with diffusers' defaults, and attention.
+//! config names, convolution and group-norm layers, layer constructors with
+//! diffusers' defaults, attention and GEGLU. On CUDA devices these take the
+//! fast paths of `sdxl::cuda` (see `accel.rs`); on the CPU, candle's ops.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+pub use candle_nn::Conv2dConfig;
+use candle_nn::VarBuilder;
+
+use super::accel::{on_cuda, Accel};
 
 /// An activation function as configs name it (`silu`, `gelu`, `quick_gelu`, `relu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,13 +46,67 @@ impl Module for Activation {
     }
 }
 
+/// `torch.nn.Conv2d` (one group, no dilation on the fast path): cuDNN on CUDA
+/// devices, candle's convolution elsewhere.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let cfg = self.inner.config();
+            if on_cuda(xs) && Accel::current().conv && cfg.groups == 1 && cfg.dilation == 1 {
+                let w = self.inner.weight();
+                return match self.inner.bias() {
+                    Some(b) => super::cuda::conv::conv2d_bias(xs, w, b, None, cfg.padding, cfg.stride),
+                    None => super::cuda::conv::conv2d(xs, w, cfg.padding, cfg.stride),
+                };
+            }
+        }
+        self.inner.forward(xs)
+    }
+}
+
+impl Conv2d {
+    /// `self.forward(xs) + residual`; on CUDA the bias and the residual are
+    /// added in one in-place pass over the convolution's output.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let cfg = self.inner.config();
+            if on_cuda(xs)
+                && Accel::current().conv
+                && cfg.groups == 1
+                && cfg.dilation == 1
+                && super::cuda::kernels::aligned(residual)
+            {
+                if let Some(b) = self.inner.bias() {
+                    let w = self.inner.weight();
+                    return super::cuda::conv::conv2d_bias(xs, w, b, Some(residual), cfg.padding, cfg.stride);
+                }
+            }
+        }
+        self.forward(xs)? + residual
+    }
+}
+
+/// A convolution with a bias, as `torch.nn.Conv2d(c_in, c_out, kernel, …)`.
+pub fn conv2d(c_in: usize, c_out: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+    Ok(Conv2d {
+        inner: candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?,
+    })
+}
+
 /// A `kernel`×`kernel` convolution with "same" padding, stride 1.
 pub fn conv2d_same(c_in: usize, c_out: usize, kernel: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding: (kernel - 1) / 2,
         ..Default::default()
     };
-    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)
+    conv2d(c_in, c_out, kernel, cfg, vb)
 }
 
 /// Like [`conv2d_same`] without a bias (TAESD's block skips and convs).
@@ -56,12 +115,233 @@ pub fn conv2d_same_no_bias(c_in: usize, c_out: usize, kernel: usize, vb: VarBuil
         padding: (kernel - 1) / 2,
         ..Default::default()
     };
-    candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)
+    Ok(Conv2d {
+        inner: candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)?,
+    })
+}
+
+/// `torch.nn.Linear`. On CUDA the bias is added in place on the product
+/// instead of by a broadcast add (which is several times slower).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// One layer computing what `layers` compute from the same input, their
+    /// outputs side by side (e.g. q, k and v projections as one product).
+    pub fn fuse(layers: &[Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let bias = if layers.iter().all(|l| l.bias.is_none()) {
+            None
+        } else {
+            let biases = layers
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(l.weight.dim(0)?, l.weight.dtype(), l.weight.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        };
+        Ok(Linear {
+            weight: Tensor::cat(&weights, 0)?,
+            bias,
+        })
+    }
+}
+
+impl Linear {
+    /// `self.forward(xs) + residual`: on CUDA the bias and the residual are
+    /// added in one in-place pass over the product.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let product = candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?;
+        #[cfg(feature = "cuda")]
+        if let Some(bias) = &self.bias {
+            use super::cuda::kernels::{aligned, bias_add_inplace};
+            if on_cuda(xs) && Accel::current().bias && aligned(&product) && aligned(residual) {
+                bias_add_inplace(&product, bias, Some(residual), product.rank() - 1)?;
+                return Ok(product);
+            }
+        }
+        self.add_bias(product)? + residual
+    }
+
+    fn add_bias(&self, product: Tensor) -> Result<Tensor> {
+        let Some(bias) = &self.bias else {
+            return Ok(product);
+        };
+        #[cfg(feature = "cuda")]
+        if on_cuda(&product) && Accel::current().bias && super::cuda::kernels::aligned(&product) {
+            let last = product.rank() - 1;
+            super::cuda::kernels::bias_add_inplace(&product, bias, None, last)?;
+            return Ok(product);
+        }
+        product.broadcast_add(bias)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.add_bias(candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?)
+    }
+}
+
+/// `torch.nn.LayerNorm` with affine weights over the last dimension; our
+/// kernel on CUDA, candle's elsewhere.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+}
+
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        inner: candle_nn::layer_norm(size, eps, vb)?,
+    })
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if on_cuda(xs) && Accel::current().norm && super::cuda::kernels::layer_norm_supports(xs) {
+            if let Some(bias) = self.inner.bias() {
+                return super::cuda::kernels::layer_norm(xs, self.inner.weight(), bias, self.inner.eps());
+            }
+        }
+        self.inner.forward(xs)
+    }
+}
+
+pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear(c_in, c_out, vb)?;
+    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
+}
+
+pub fn linear_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear_no_bias(c_in, c_out, vb)?;
+    Ok(Linear::new(l.weight().clone(), None))
+}
+
+/// `xs + bias[:, :, None, None]` for a per-sample channel bias `[batch, c]`
+/// (the UNet's time embedding); in place on CUDA, where `xs` is a fresh
+/// convolution output.
+pub fn add_channel_bias(xs: Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(&xs) && Accel::current().bias && super::cuda::kernels::aligned(&xs) {
+        super::cuda::kernels::bias_add_inplace(&xs, bias, None, 1)?;
+        return Ok(xs);
+    }
+    xs.broadcast_add(&bias.unsqueeze(2)?.unsqueeze(3)?)
+}
+
+/// `torch.nn.GroupNorm` with affine weights, over `[batch, channels, …]`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("group norm: {channels} channels do not split into {groups} groups")
+    }
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?,
+        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Self {
+        Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        }
+    }
+
+    /// The norm followed by `act` (`None`: the norm alone). On CUDA, SiLU is
+    /// fused into the norm's kernel.
+    pub fn forward_act(&self, xs: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if on_cuda(xs) && Accel::current().norm && matches!(act, None | Some(Activation::Silu)) {
+            let silu = act.is_some();
+            return super::cuda::kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
+        }
+        let normed = self.reference(xs)?;
+        match act {
+            Some(act) => act.forward(&normed),
+            None => Ok(normed),
+        }
+    }
+
+    /// candle's ops; statistics in f32 for half types, as PyTorch computes them.
+    pub fn reference(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("group norm: input of rank {} (needs at least 3)", dims.len())
+        }
+        let (b, c) = (dims[0], dims[1]);
+        let per_group = dims[2..].iter().product::<usize>() * c / self.groups;
+        let dtype = xs.dtype();
+        let x = xs.reshape((b, self.groups, per_group))?.to_dtype(match dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        })?;
+        let mean = (x.sum_keepdim(2)? / per_group as f64)?;
+        let x = x.broadcast_sub(&mean)?;
+        let var = (x.sqr()?.sum_keepdim(2)? / per_group as f64)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut shape = vec![1; dims.len()];
+        shape[1] = c;
+        x.to_dtype(dtype)?
+            .reshape(dims)?
+            .broadcast_mul(&self.weight.reshape(shape.clone())?)?
+            .broadcast_add(&self.bias.reshape(shape)?)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_act(xs, None)
+    }
+}
+
+/// diffusers' GEGLU on the projection's output: `x · gelu(gate)` where
+/// `x, gate = h.chunk(2, dim=-1)`.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(h) && Accel::current().geglu {
+        return super::cuda::kernels::geglu(h);
+    }
+    let half = h.dim(D::Minus1)? / 2;
+    let x = h.narrow(D::Minus1, 0, half)?;
+    let gate = h.narrow(D::Minus1, half, half)?;
+    x * gate.gelu_erf()?
 }
 
 /// Multi-head scaled dot-product attention over `[batch, tokens, heads*dim]`
 /// inputs, returning the same layout. Softmax runs in f32 for half types.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(q) && Accel::current().attention && super::cuda::kernels::flash_attention_supports(q, k, v, heads) {
+        return super::cuda::kernels::flash_attention(q, k, v, heads);
+    }
+    attention_candle(q, k, v, heads)
+}
+
+/// [`attention`] with candle's ops: heads split out, scores materialised.
+pub fn attention_candle(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n_q, inner) = q.dims3()?;
     let n_kv = k.dim(1)?;
     let head_dim = inner / heads;

@@ -2,9 +2,11 @@
 //! UNet and the VAE decoder.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::nn::{conv2d_same, Activation};
+use super::nn::{
+    add_channel_bias, conv2d, conv2d_same, group_norm, linear, Activation, Conv2d, Conv2dConfig, GroupNorm, Linear,
+};
 
 /// Shape and numerics of one `ResnetBlock2D`.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +36,7 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(c: ResnetConfig, vb: VarBuilder) -> Result<Self> {
         let conv_shortcut = if c.in_channels != c.out_channels {
-            Some(candle_nn::conv2d(
+            Some(conv2d(
                 c.in_channels,
                 c.out_channels,
                 1,
@@ -45,14 +47,14 @@ impl ResnetBlock2D {
             None
         };
         let time_emb_proj = match c.temb_channels {
-            Some(t) => Some(candle_nn::linear(t, c.out_channels, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(linear(t, c.out_channels, vb.pp("time_emb_proj"))?),
             None => None,
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?,
+            norm1: group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?,
             conv1: conv2d_same(c.in_channels, c.out_channels, 3, vb.pp("conv1"))?,
             time_emb_proj,
-            norm2: candle_nn::group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?,
+            norm2: group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?,
             conv2: conv2d_same(c.out_channels, c.out_channels, 3, vb.pp("conv2"))?,
             conv_shortcut,
             act: c.act,
@@ -62,19 +64,17 @@ impl ResnetBlock2D {
 
     /// `temb` is the (not yet activated) time embedding `[batch, temb_channels]`.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.act.forward(&self.norm1.forward(xs)?)?;
+        let h = self.norm1.forward_act(xs, Some(self.act))?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&self.act.forward(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            h = add_channel_bias(h, &proj.forward(&self.act.forward(temb)?)?)?;
         }
-        let h = self.act.forward(&self.norm2.forward(&h)?)?;
-        let h = self.conv2.forward(&h)?;
+        let h = self.norm2.forward_act(&h, Some(self.act))?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = self.conv2.forward_add(&h, &shortcut)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -99,7 +99,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
     }

@@ -4,10 +4,10 @@
 //! `nn.Sequential` does.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{expect_one_of, TinyVaeConfig};
-use super::nn::{conv2d_same, conv2d_same_no_bias, Activation};
+use super::nn::{conv2d_same, conv2d_same_no_bias, Activation, Conv2d};
 use super::ModelError;
 
 /// `AutoencoderTinyBlock`: three convolutions, a skip, and a ReLU on the sum.

@@ -2,10 +2,12 @@
 //! `decoder.*`): latents to an image in [-1, 1].
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{expect_one_of, VaeConfig};
-use super::nn::{attention, conv2d_same, Activation};
+use super::nn::{
+    attention, conv2d, conv2d_same, group_norm, linear, Activation, Conv2d, Conv2dConfig, GroupNorm, Linear,
+};
 use super::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::ModelError;
 
@@ -25,11 +27,11 @@ struct VaeAttention {
 impl VaeAttention {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: candle_nn::linear(channels, channels, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(channels, channels, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(channels, channels, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(channels, channels, vb.pp("to_out.0"))?,
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: linear(channels, channels, vb.pp("to_q"))?,
+            to_k: linear(channels, channels, vb.pp("to_k"))?,
+            to_v: linear(channels, channels, vb.pp("to_v"))?,
+            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
         })
     }
 
@@ -117,7 +119,7 @@ impl AutoencoderKLDecoder {
                 )
             };
             let post_quant_conv = if c.use_post_quant_conv {
-                Some(candle_nn::conv2d(
+                Some(conv2d(
                     c.latent_channels,
                     c.latent_channels,
                     1,
@@ -164,7 +166,7 @@ impl AutoencoderKLDecoder {
                 mid_attention,
                 mid_resnet_1: resnet(top, top, mid.pp("resnets.1"))?,
                 up_blocks,
-                conv_norm_out: candle_nn::group_norm(c.norm_num_groups, boc[0], 1e-6, dec.pp("conv_norm_out"))?,
+                conv_norm_out: group_norm(c.norm_num_groups, boc[0], 1e-6, dec.pp("conv_norm_out"))?,
                 act,
                 conv_out: conv2d_same(boc[0], c.out_channels, 3, dec.pp("conv_out"))?,
                 config: c.clone(),
@@ -196,7 +198,7 @@ impl AutoencoderKLDecoder {
                 xs = up.forward(&xs, None)?;
             }
         }
-        let xs = self.act.forward(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_act(&xs, Some(self.act))?;
         self.conv_out.forward(&xs)
     }
 

@@ -2,18 +2,30 @@
 //! cross-attention and a GEGLU feed-forward, between group-norm and projections.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::sdxl::nn::attention;
+use crate::sdxl::nn::{
+    attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, LayerNorm,
+    Linear,
+};
 
 /// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.
+/// The projections that read the same input run as one product (q, k, v for
+/// self-attention; k, v for cross-attention); checkpoint keys stay `to_q`, `to_k`, `to_v`.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: usize,
+    inner: usize,
+}
+
+#[derive(Debug)]
+enum Projections {
+    /// `[to_q; to_k; to_v]` over the hidden states.
+    SelfAttention(Linear),
+    /// `to_q` over the hidden states, `[to_k; to_v]` over the context.
+    Cross { to_q: Linear, to_kv: Linear },
 }
 
 impl Attention {
@@ -26,22 +38,44 @@ impl Attention {
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
-        let context_dim = context_dim.unwrap_or(query_dim);
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        let to_q = linear_no_bias(query_dim, inner, vb.pp("to_q"))?;
+        let to_k = linear_no_bias(kv_dim, inner, vb.pp("to_k"))?;
+        let to_v = linear_no_bias(kv_dim, inner, vb.pp("to_v"))?;
+        let projections = match context_dim {
+            None => Projections::SelfAttention(Linear::fuse(&[to_q, to_k, to_v])?),
+            Some(_) => Projections::Cross {
+                to_q,
+                to_kv: Linear::fuse(&[to_k, to_v])?,
+            },
+        };
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            projections,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
+            inner,
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(xs);
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads)?)
+    /// `forward(xs, context) + residual`, the residual added with `to_out`'s bias.
+    pub fn forward_add(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+        self.to_out.forward_add(&self.attend(xs, context)?, residual)
+    }
+
+    /// Everything before `to_out`.
+    fn attend(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let n = self.inner;
+        let (q, k, v) = match &self.projections {
+            Projections::SelfAttention(qkv) => {
+                let qkv = qkv.forward(xs)?;
+                (qkv.narrow(D::Minus1, 0, n)?, qkv.narrow(D::Minus1, n, n)?, qkv.narrow(D::Minus1, 2 * n, n)?)
+            }
+            Projections::Cross { to_q, to_kv } => {
+                let kv = to_kv.forward(context.unwrap_or(xs))?;
+                (to_q.forward(xs)?, kv.narrow(D::Minus1, 0, n)?, kv.narrow(D::Minus1, n, n)?)
+            }
+        };
+        attention(&q, &k, &v, self.heads)
     }
 }
 
@@ -56,17 +90,13 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let x = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(x * gate.gelu_erf()?)?)
+    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_add(&geglu(&self.proj.forward(xs)?)?, residual)
     }
 }
 
@@ -83,19 +113,19 @@ struct BasicTransformerBlock {
 impl BasicTransformerBlock {
     fn new(dim: usize, heads: usize, head_dim: usize, context_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(dim, None, heads, head_dim, vb.pp("attn1"))?,
-            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(dim, Some(context_dim), heads, head_dim, vb.pp("attn2"))?,
-            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
+        let xs = self.attn2.forward_add(&self.norm2.forward(&xs)?, Some(context), &xs)?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -131,14 +161,14 @@ impl Transformer2DModel {
         let inner = c.heads * c.head_dim;
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
-                Projection::Linear(candle_nn::linear(c.channels, inner, vb.pp("proj_in"))?),
-                Projection::Linear(candle_nn::linear(inner, c.channels, vb.pp("proj_out"))?),
+                Projection::Linear(linear(c.channels, inner, vb.pp("proj_in"))?),
+                Projection::Linear(linear(inner, c.channels, vb.pp("proj_out"))?),
             )
         } else {
             let cfg = Conv2dConfig::default();
             (
-                Projection::Conv(candle_nn::conv2d(c.channels, inner, 1, cfg, vb.pp("proj_in"))?),
-                Projection::Conv(candle_nn::conv2d(inner, c.channels, 1, cfg, vb.pp("proj_out"))?),
+                Projection::Conv(conv2d(c.channels, inner, 1, cfg, vb.pp("proj_in"))?),
+                Projection::Conv(conv2d(inner, c.channels, 1, cfg, vb.pp("proj_out"))?),
             )
         };
         let transformer_blocks = (0..c.layers)
@@ -154,7 +184,7 @@ impl Transformer2DModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             // diffusers fixes this group norm's eps at 1e-6
-            norm: candle_nn::group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?,
             proj_in,
             transformer_blocks,
             proj_out,

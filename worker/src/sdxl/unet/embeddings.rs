@@ -3,9 +3,9 @@
 //! `text_time` micro-conditioning.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::sdxl::nn::Activation;
+use crate::sdxl::nn::{linear, Activation, Linear};
 
 /// `get_timestep_embedding`: `[n]` values → `[n, dim]` sinusoids, in f32.
 #[derive(Debug, Clone, Copy)]
@@ -58,8 +58,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(in_dim: usize, time_embed_dim: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_1: linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
             act,
         })
     }

@@ -6,12 +6,12 @@ mod blocks;
 mod embeddings;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use self::blocks::{BlockCommon, CrossAttention, DownBlock, MidBlock, UpBlock, UpChannels};
 use self::embeddings::{TimestepEmbedding, Timesteps};
 use super::config::{expect_one_of, PerBlock, UNetConfig};
-use super::nn::{conv2d_same, Activation};
+use super::nn::{conv2d_same, group_norm, Activation, Conv2d, GroupNorm};
 use super::resnet::ResnetConfig;
 use super::ModelError;
 
@@ -281,7 +281,7 @@ impl UNet2DConditionModel {
                 down_blocks,
                 mid_block,
                 up_blocks,
-                conv_norm_out: candle_nn::group_norm(c.norm_num_groups, boc[0], c.norm_eps, vb.pp("conv_norm_out"))?,
+                conv_norm_out: group_norm(c.norm_num_groups, boc[0], c.norm_eps, vb.pp("conv_norm_out"))?,
                 conv_act: act,
                 conv_out: conv2d_same(boc[0], c.out_channels, c.conv_out_kernel, vb.pp("conv_out"))?,
                 center_input_sample: c.center_input_sample,
@@ -353,7 +353,7 @@ impl UNet2DConditionModel {
             xs = block.forward(&xs, &skips[rest..], &emb, encoder_hidden_states, upsample_size)?;
             skips.truncate(rest);
         }
-        let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_act(&xs, Some(self.conv_act))?;
         self.conv_out.forward(&xs)
     }
 }

@@ -1,0 +1,327 @@
+//! `worker check-kernels`: each CUDA fast path (`sdxl::cuda`) against a
+//! reference computed by candle in f32 from the same (fresh random) inputs, at
+//! SDXL's shapes and at odd ones, with the time of both. Exits non-zero when
+//! an error is over its tolerance, so a GPU run can gate on it.
+
+use std::time::Instant;
+
+use anyhow::bail;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+#[derive(Debug, clap::Args)]
+pub struct CheckKernelsArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Timed repetitions of each variant (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: CheckKernelsArgs) -> anyhow::Result<()> {
+    bail!("check-kernels needs a worker built with --features cuda")
+}
+
+/// ‖a − b‖ / ‖b‖ and max |a − b|, in f32.
+fn errors(a: &Tensor, b: &Tensor) -> anyhow::Result<(f32, f32)> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let d = (&a - &b)?;
+    let rel = (d.sqr()?.sum_all()?.sqrt()? / b.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+    let max = d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    if !rel.is_finite() {
+        bail!("non-finite error (NaN or inf in the output)");
+    }
+    Ok((rel, max))
+}
+
+fn median_ms(device: &Device, iters: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut xs = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        xs.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    xs.sort_by(f64::total_cmp);
+    Ok(xs[xs.len() / 2])
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => 1e-3,
+    }
+}
+
+struct Row {
+    kernel: String,
+    shape: String,
+    dtype: DType,
+    rel: f32,
+    max: f32,
+    fast_ms: f64,
+    candle_ms: f64,
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: CheckKernelsArgs) -> anyhow::Result<()> {
+    let dev = Device::new_cuda(args.device)?;
+    let mut rows = Vec::new();
+    let outcome = check_all(&dev, &args, &mut rows);
+    let failed = print_rows(&rows);
+    outcome?;
+    if failed > 0 {
+        bail!("{failed} kernel check(s) over tolerance");
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use worker::sdxl::cuda::{conv, kernels};
+    use worker::sdxl::nn;
+    let dev = dev.clone();
+    let randn = |shape: &[usize], dtype: DType| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1f32, shape, &dev)?.to_dtype(dtype)
+    };
+
+    // Attention: q from a [b, n, heads*64] projection; k, v also as strided
+    // views of one fused [b, n_kv, 2*heads*64] tensor.
+    for &(b, n_q, n_kv, heads) in &[
+        (2usize, 4096usize, 4096usize, 10usize),
+        (2, 1024, 1024, 20),
+        (2, 4096, 77, 10),
+        (1, 1000, 333, 3),
+        (3, 70, 1, 2),
+    ] {
+        for dtype in [DType::F16, DType::BF16] {
+            let inner = heads * 64;
+            let q = randn(&[b, n_q, inner], dtype)?;
+            let kv = randn(&[b, n_kv, 2 * inner], dtype)?;
+            let (k, v) = (kv.narrow(2, 0, inner)?, kv.narrow(2, inner, inner)?);
+            if !kernels::flash_attention_supports(&q, &k, &v, heads) {
+                bail!("flash attention refused b={b} n_q={n_q} n_kv={n_kv} heads={heads}");
+            }
+            let fast = kernels::flash_attention(&q, &k, &v, heads)?;
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let reference = nn::attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, heads)?;
+            let (rel, max) = errors(&fast, &reference)?;
+            let (kc, vc) = (k.contiguous()?, v.contiguous()?);
+            let fast_ms = median_ms(&dev, args.iters, || kernels::flash_attention(&q, &k, &v, heads))?;
+            let candle_ms = median_ms(&dev, args.iters, || nn::attention_candle(&q, &kc, &vc, heads))?;
+            rows.push(Row {
+                kernel: "flash attention".into(),
+                shape: format!("b{b} q{n_q} kv{n_kv} h{heads}"),
+                dtype,
+                rel,
+                max,
+                fast_ms,
+                candle_ms,
+            });
+        }
+    }
+
+    // Group norm (+ SiLU).
+    for &(shape, groups, dtype, silu) in &[
+        (&[2usize, 320, 128, 128][..], 32usize, DType::F16, true),
+        (&[2, 1280, 32, 32][..], 32, DType::F16, false),
+        (&[2, 640, 64, 64][..], 32, DType::BF16, true),
+        (&[1, 128, 1024, 1024][..], 32, DType::F32, true),
+        (&[1, 12, 7, 9][..], 3, DType::F32, false),
+        (&[3, 6, 5][..], 2, DType::F16, true),
+    ] {
+        let c = shape[1];
+        // an offset mean, so the shifted sums matter
+        let x = (randn(shape, DType::F32)? * 3.0)?.affine(1.0, 5.0)?.to_dtype(dtype)?;
+        let w = randn(&[c], dtype)?;
+        let bias = randn(&[c], dtype)?;
+        let norm = nn::GroupNorm::new(w.clone(), bias.clone(), groups, 1e-5);
+        let fast = kernels::group_norm(&x, &w, &bias, groups, 1e-5, silu)?;
+        let norm32 = nn::GroupNorm::new(w.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?, groups, 1e-5);
+        let mut reference = norm32.reference(&x.to_dtype(DType::F32)?)?;
+        if silu {
+            reference = candle_nn::ops::silu(&reference)?;
+        }
+        let (rel, max) = errors(&fast, &reference)?;
+        let fast_ms = median_ms(&dev, args.iters, || kernels::group_norm(&x, &w, &bias, groups, 1e-5, silu))?;
+        let candle_ms = median_ms(&dev, args.iters, || {
+            let y = norm.reference(&x)?;
+            if silu {
+                candle_nn::ops::silu(&y)
+            } else {
+                Ok(y)
+            }
+        })?;
+        rows.push(Row {
+            kernel: format!("group norm{}", if silu { " + SiLU" } else { "" }),
+            shape: format!("{shape:?} g{groups}"),
+            dtype,
+            rel,
+            max,
+            fast_ms,
+            candle_ms,
+        });
+    }
+
+    // GEGLU.
+    for &(shape, dtype) in &[
+        (&[2usize, 4096, 5120][..], DType::F16),
+        (&[2, 1024, 10240][..], DType::BF16),
+        (&[3, 7, 10][..], DType::F32),
+    ] {
+        let h = randn(shape, dtype)?;
+        let fast = kernels::geglu(&h)?;
+        let candle_geglu = |h: &Tensor| -> candle_core::Result<Tensor> {
+            let half = h.dim(D::Minus1)? / 2;
+            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
+        };
+        let reference = candle_geglu(&h.to_dtype(DType::F32)?)?;
+        let (rel, max) = errors(&fast, &reference)?;
+        rows.push(Row {
+            kernel: "GEGLU".into(),
+            shape: format!("{shape:?}"),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(&dev, args.iters, || kernels::geglu(&h))?,
+            candle_ms: median_ms(&dev, args.iters, || candle_geglu(&h))?,
+        });
+    }
+
+    // Layer norm over the last dimension.
+    for &(shape, dtype) in &[
+        (&[2usize, 4096, 640][..], DType::F16),
+        (&[2, 1024, 1280][..], DType::BF16),
+        (&[2, 77, 768][..], DType::F32),
+        (&[3, 5, 2048][..], DType::F16),
+    ] {
+        let n = shape[shape.len() - 1];
+        let x = (randn(shape, DType::F32)? * 2.0)?.affine(1.0, 3.0)?.to_dtype(dtype)?;
+        let (g, b) = (randn(&[n], dtype)?, randn(&[n], dtype)?);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let reference = candle_nn::LayerNorm::new(f32(&g)?, f32(&b)?, 1e-5).forward(&f32(&x)?)?;
+        let candle_ln = candle_nn::LayerNorm::new(g.clone(), b.clone(), 1e-5);
+        let fast = kernels::layer_norm(&x, &g, &b, 1e-5)?;
+        let (rel, max) = errors(&fast, &reference)?;
+        rows.push(Row {
+            kernel: "layer norm".into(),
+            shape: format!("{shape:?}"),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(&dev, args.iters, || kernels::layer_norm(&x, &g, &b, 1e-5))?,
+            candle_ms: median_ms(&dev, args.iters, || candle_ln.forward(&x))?,
+        });
+    }
+
+    // In-place bias adds: a Linear's [rows, c] output, an NCHW conv output,
+    // and a per-sample [batch, c] bias (the UNet's time embedding).
+    for &(shape, channel_dim, per_sample, with_residual, dtype) in &[
+        (&[2usize, 4096, 5120][..], 2usize, false, false, DType::F16),
+        (&[2, 4096, 640][..], 2, false, true, DType::BF16),
+        (&[2, 320, 128, 128][..], 1, true, false, DType::F16),
+        (&[2, 320, 128, 128][..], 1, false, true, DType::F16),
+        (&[1, 128, 1024, 1024][..], 1, false, true, DType::F32),
+        (&[3, 5, 7][..], 1, false, true, DType::BF16),
+    ] {
+        let residual = if with_residual { Some(randn(shape, dtype)?) } else { None };
+        let x = randn(shape, dtype)?;
+        let c = shape[channel_dim];
+        let batch: usize = shape[..channel_dim].iter().product();
+        let bias = if per_sample { randn(&[batch, c], dtype)? } else { randn(&[c], dtype)? };
+        let mut bshape = vec![1; shape.len()];
+        bshape[channel_dim] = c;
+        if per_sample {
+            bshape[0] = batch;
+        }
+        let broadcast = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = x.broadcast_add(&bias.to_dtype(x.dtype())?.reshape(bshape.clone())?)?;
+            match &residual {
+                Some(r) => y + r.to_dtype(x.dtype())?,
+                None => Ok(y),
+            }
+        };
+        let reference = broadcast(&x.to_dtype(DType::F32)?)?;
+        let fast = x.copy()?;
+        kernels::bias_add_inplace(&fast, &bias, residual.as_ref(), channel_dim)?;
+        let (rel, max) = errors(&fast, &reference)?;
+        let target = x.copy()?;
+        rows.push(Row {
+            kernel: format!("bias add{} (in place)", if with_residual { " + residual" } else { "" }),
+            shape: format!("{shape:?} dim{channel_dim}{}", if per_sample { " per-sample" } else { "" }),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(&dev, args.iters, || {
+                kernels::bias_add_inplace(&target, &bias, residual.as_ref(), channel_dim)?;
+                Ok(target.clone())
+            })?,
+            candle_ms: median_ms(&dev, args.iters, || broadcast(&x))?,
+        });
+    }
+
+    // Convolutions (cuDNN vs candle's im2col), reference in f32 without TF32
+    // on candle's side (candle's f32 GEMM does not use TF32 unless asked).
+    for &(x_shape, w_shape, padding, stride, dtype) in &[
+        (&[2usize, 320, 128, 128][..], &[320usize, 320, 3, 3][..], 1usize, 1usize, DType::F16),
+        (&[2, 640, 64, 64][..], &[640, 640, 3, 3][..], 1, 1, DType::BF16),
+        (&[2, 2560, 32, 32][..], &[1280, 2560, 1, 1][..], 0, 1, DType::F16),
+        (&[2, 320, 129, 129][..], &[320, 320, 3, 3][..], 0, 2, DType::F16),
+        (&[1, 128, 1024, 1024][..], &[128, 128, 3, 3][..], 1, 1, DType::F32),
+        (&[1, 3, 17, 9][..], &[5, 3, 3, 3][..], 1, 1, DType::F32),
+    ] {
+        let x = randn(x_shape, dtype)?;
+        let w = (randn(w_shape, DType::F32)? * 0.05)?.to_dtype(dtype)?;
+        let fast = conv::conv2d(&x, &w, padding, stride)?;
+        let reference = x
+            .to_dtype(DType::F32)?
+            .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
+        let (rel, max) = errors(&fast, &reference)?;
+        rows.push(Row {
+            kernel: "conv2d (cuDNN)".into(),
+            shape: format!("x{x_shape:?} w{w_shape:?} p{padding} s{stride}"),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(&dev, args.iters, || conv::conv2d(&x, &w, padding, stride))?,
+            candle_ms: median_ms(&dev, args.iters.min(5), || x.conv2d(&w, padding, stride, 1, 1))?,
+        });
+    }
+
+    Ok(())
+}
+
+/// Prints the table; returns how many rows are over tolerance.
+fn print_rows(rows: &[Row]) -> usize {
+    println!("| kernel | shape | dtype | rel. error | max abs error | ours ms | candle ms | speed-up |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut failed = 0;
+    for r in rows {
+        // TF32 convolutions are compared against f32: TF32's 10-bit mantissa
+        let tol = if r.kernel.starts_with("conv") && r.dtype == DType::F32 {
+            2e-3
+        } else {
+            tolerance(r.dtype)
+        };
+        let ok = r.rel <= tol;
+        failed += usize::from(!ok);
+        println!(
+            "| {} | {} | {:?} | {:.2e}{} | {:.2e} | {:.3} | {:.3} | {:.1}× |",
+            r.kernel,
+            r.shape,
+            r.dtype,
+            r.rel,
+            if ok { "" } else { " FAIL" },
+            r.max,
+            r.fast_ms,
+            r.candle_ms,
+            r.candle_ms / r.fast_ms
+        );
+    }
+    failed
+}

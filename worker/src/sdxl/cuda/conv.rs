@@ -1,0 +1,366 @@
+//! 2-D convolutions through cuDNN, NCHW, as PyTorch runs them: f32 accumulation
+//! for half types with tensor-core math, TF32 allowed for f32 (PyTorch's
+//! `cudnn.allow_tf32` default), and the algorithm chosen once per shape by
+//! timing the candidates (`cudnnFindConvolutionForwardAlgorithmEx`, what
+//! `cudnn.benchmark=True` does). Descriptors and the chosen algorithm are cached
+//! per shape on the rank's thread; one workspace per device grows as needed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void, CStr};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cudnn::sys;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+/// `conv2d(xs, weight)` with symmetric `padding` and `stride` (no bias, no
+/// dilation, one group); inputs are made contiguous first.
+pub fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let xs = xs.contiguous()?;
+    let weight = weight.contiguous()?;
+    xs.apply_op2_no_bwd(&weight, &CudnnConv { padding, stride })
+}
+
+/// [`conv2d`] plus a per-channel `bias` (and a `residual` of the output's
+/// shape), added in place on the fresh output in one pass.
+pub fn conv2d_bias(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let y = conv2d(xs, weight, padding, stride)?;
+    super::kernels::bias_add_inplace(&y, bias, residual, 1)?;
+    Ok(y)
+}
+
+fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
+    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        return Ok(());
+    }
+    let msg = unsafe { CStr::from_ptr(sys::cudnnGetErrorString(status)) };
+    bail!("cuDNN {what}: {}", msg.to_string_lossy())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct ConvKey {
+    device: DeviceId,
+    dtype: DType,
+    x: [usize; 4],
+    w: [usize; 4],
+    padding: usize,
+    stride: usize,
+}
+
+/// Descriptors and algorithm for one shape. Raw cuDNN handles: they live and
+/// die on the thread that made them.
+struct ConvPlan {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    workspace: usize,
+    out: [usize; 4],
+}
+
+impl Drop for ConvPlan {
+    fn drop(&mut self) {
+        unsafe {
+            sys::cudnnDestroyTensorDescriptor(self.x);
+            sys::cudnnDestroyFilterDescriptor(self.w);
+            sys::cudnnDestroyConvolutionDescriptor(self.conv);
+            sys::cudnnDestroyTensorDescriptor(self.y);
+        }
+    }
+}
+
+struct DeviceState {
+    handle: sys::cudnnHandle_t,
+    workspace: Option<CudaSlice<u8>>,
+}
+
+impl Drop for DeviceState {
+    fn drop(&mut self) {
+        unsafe {
+            sys::cudnnDestroy(self.handle);
+        }
+    }
+}
+
+thread_local! {
+    static DEVICES: RefCell<HashMap<DeviceId, DeviceState>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<ConvKey, ConvPlan>> = RefCell::new(HashMap::new());
+}
+
+fn data_type(dtype: DType) -> Result<(sys::cudnnDataType_t, sys::cudnnDataType_t, sys::cudnnMathType_t)> {
+    use sys::cudnnDataType_t as D;
+    use sys::cudnnMathType_t as M;
+    Ok(match dtype {
+        DType::F16 => (D::CUDNN_DATA_HALF, D::CUDNN_DATA_FLOAT, M::CUDNN_TENSOR_OP_MATH),
+        DType::BF16 => (D::CUDNN_DATA_BFLOAT16, D::CUDNN_DATA_FLOAT, M::CUDNN_TENSOR_OP_MATH),
+        // default math lets cuDNN use TF32 for f32 data (never f16 conversion)
+        DType::F32 if allow_tf32() => (D::CUDNN_DATA_FLOAT, D::CUDNN_DATA_FLOAT, M::CUDNN_DEFAULT_MATH),
+        DType::F32 => (D::CUDNN_DATA_FLOAT, D::CUDNN_DATA_FLOAT, M::CUDNN_FMA_MATH),
+        other => bail!("cuDNN convolution: no support for {other:?}"),
+    })
+}
+
+/// TF32 for f32 convolutions, as PyTorch's default; `SDXL_TF32=0` turns it off.
+fn allow_tf32() -> bool {
+    std::env::var("SDXL_TF32").map(|v| v != "0").unwrap_or(true)
+}
+
+fn as_i32(xs: [usize; 4]) -> [c_int; 4] {
+    xs.map(|x| x as c_int)
+}
+
+impl ConvPlan {
+    fn new(handle: sys::cudnnHandle_t, key: &ConvKey) -> Result<Self> {
+        let (data, compute, math) = data_type(key.dtype)?;
+        let mut plan = ConvPlan {
+            x: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            algo: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            workspace: 0,
+            out: [0; 4],
+        };
+        let [n, c, h, w] = as_i32(key.x);
+        let [k, kc, kh, kw] = as_i32(key.w);
+        let (p, s) = (key.padding as c_int, key.stride as c_int);
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        unsafe {
+            check(sys::cudnnCreateTensorDescriptor(&mut plan.x), "create x")?;
+            check(sys::cudnnSetTensor4dDescriptor(plan.x, nchw, data, n, c, h, w), "set x")?;
+            check(sys::cudnnCreateFilterDescriptor(&mut plan.w), "create w")?;
+            check(sys::cudnnSetFilter4dDescriptor(plan.w, data, nchw, k, kc, kh, kw), "set w")?;
+            check(sys::cudnnCreateConvolutionDescriptor(&mut plan.conv), "create conv")?;
+            check(
+                sys::cudnnSetConvolution2dDescriptor(
+                    plan.conv,
+                    p,
+                    p,
+                    s,
+                    s,
+                    1,
+                    1,
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    compute,
+                ),
+                "set conv",
+            )?;
+            check(sys::cudnnSetConvolutionMathType(plan.conv, math), "set math type")?;
+            let (mut on, mut oc, mut oh, mut ow) = (0, 0, 0, 0);
+            check(
+                sys::cudnnGetConvolution2dForwardOutputDim(plan.conv, plan.x, plan.w, &mut on, &mut oc, &mut oh, &mut ow),
+                "output dims",
+            )?;
+            plan.out = [on as usize, oc as usize, oh as usize, ow as usize];
+            check(sys::cudnnCreateTensorDescriptor(&mut plan.y), "create y")?;
+            check(sys::cudnnSetTensor4dDescriptor(plan.y, nchw, data, on, oc, oh, ow), "set y")?;
+        }
+        let _ = handle;
+        Ok(plan)
+    }
+}
+
+/// How much workspace the algorithm search may offer: NCHW kernels that go
+/// through NHWC need about the input's size again (1 GiB for the VAE's last
+/// f32 convolutions), so up to 4 GiB, but never more than a quarter of the
+/// free memory.
+fn find_workspace(stream: &CudaStream) -> usize {
+    const MAX: usize = 4 << 30;
+    match stream.context().mem_get_info() {
+        Ok((free, _)) => MAX.min(free / 4),
+        Err(_) => 512 << 20,
+    }
+}
+
+struct CudnnConv {
+    padding: usize,
+    stride: usize,
+}
+
+impl CudnnConv {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let key = ConvKey {
+            device: dev.id(),
+            dtype: x.dtype(),
+            x: xl.shape().dims4()?.into(),
+            w: wl.shape().dims4()?.into(),
+            padding: self.padding,
+            stride: self.stride,
+        };
+        let stream = dev.cuda_stream();
+        let xv = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let wv = w.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        DEVICES.with_borrow_mut(|devices| -> Result<(CudaStorage, Shape)> {
+            let state = match devices.entry(key.device) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let mut handle = std::ptr::null_mut();
+                    unsafe {
+                        check(sys::cudnnCreate(&mut handle), "create handle")?;
+                        check(sys::cudnnSetStream(handle, stream.cu_stream() as sys::cudaStream_t), "set stream")?;
+                    }
+                    e.insert(DeviceState {
+                        handle,
+                        workspace: None,
+                    })
+                }
+            };
+            PLANS.with_borrow_mut(|plans| -> Result<(CudaStorage, Shape)> {
+                let fresh = !plans.contains_key(&key);
+                if fresh {
+                    plans.insert(key, ConvPlan::new(state.handle, &key)?);
+                }
+                let plan = plans.get_mut(&key).expect("plan just inserted");
+                let out_len: usize = plan.out.iter().product();
+                let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(out_len)? };
+                if fresh {
+                    let mut ws = stream.alloc_zeros::<u8>(find_workspace(&stream)).map_err(candle_core::Error::wrap)?;
+                    find_algorithm(state.handle, plan, &stream, &xv, &wv, &mut y, &mut ws)?;
+                }
+                if plan.workspace > 0 && state.workspace.as_ref().is_none_or(|w| w.len() < plan.workspace) {
+                    state.workspace = Some(stream.alloc_zeros::<u8>(plan.workspace).map_err(candle_core::Error::wrap)?);
+                }
+                forward(state.handle, plan, &stream, &xv, &wv, &mut y, state.workspace.as_mut())?;
+                let shape = Shape::from(plan.out.to_vec());
+                Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+            })
+        })
+    }
+}
+
+/// Times every algorithm on these very buffers and keeps the fastest that succeeds.
+fn find_algorithm<T: DeviceRepr>(
+    handle: sys::cudnnHandle_t,
+    plan: &mut ConvPlan,
+    stream: &std::sync::Arc<CudaStream>,
+    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    w: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    y: &mut CudaSlice<T>,
+    ws: &mut CudaSlice<u8>,
+) -> Result<()> {
+    const N: usize = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+    let mut results: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+    let mut returned: c_int = 0;
+    {
+        let (xp, _gx) = x.device_ptr(stream);
+        let (wp, _gw) = w.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let ws_len = ws.len();
+        let (wsp, _gws) = ws.device_ptr_mut(stream);
+        unsafe {
+            check(
+                sys::cudnnFindConvolutionForwardAlgorithmEx(
+                    handle,
+                    plan.x,
+                    xp as *const c_void,
+                    plan.w,
+                    wp as *const c_void,
+                    plan.conv,
+                    plan.y,
+                    yp as *mut c_void,
+                    N as c_int,
+                    &mut returned,
+                    results.as_mut_ptr(),
+                    wsp as *mut c_void,
+                    ws_len,
+                ),
+                "find algorithm",
+            )?;
+        }
+    }
+    let best = results[..returned as usize]
+        .iter()
+        .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+        .ok_or_else(|| candle_core::Error::Msg("cuDNN found no algorithm for this convolution".into()))?;
+    plan.algo = best.algo;
+    plan.workspace = best.memory;
+    // the algorithm was timed with this math type; run it with the same
+    unsafe { check(sys::cudnnSetConvolutionMathType(plan.conv, best.mathType), "set math type")? };
+    tracing::debug!(algo = ?best.algo, ms = best.time, workspace = best.memory, "cuDNN convolution algorithm");
+    Ok(())
+}
+
+fn forward<T: DeviceRepr>(
+    handle: sys::cudnnHandle_t,
+    plan: &ConvPlan,
+    stream: &std::sync::Arc<CudaStream>,
+    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    w: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    y: &mut CudaSlice<T>,
+    workspace: Option<&mut CudaSlice<u8>>,
+) -> Result<()> {
+    // alpha/beta are f32 for every data type but f64
+    let (alpha, beta) = (1f32, 0f32);
+    let (xp, _gx) = x.device_ptr(stream);
+    let (wp, _gw) = w.device_ptr(stream);
+    let (yp, _gy) = y.device_ptr_mut(stream);
+    let (wsp, ws_len, _gws) = match workspace {
+        Some(ws) if plan.workspace > 0 => {
+            let len = ws.len();
+            let (p, g) = ws.device_ptr_mut(stream);
+            (p as *mut c_void, len, Some(g))
+        }
+        _ => (std::ptr::null_mut(), 0, None),
+    };
+    unsafe {
+        check(
+            sys::cudnnConvolutionForward(
+                handle,
+                &alpha as *const f32 as *const c_void,
+                plan.x,
+                xp as *const c_void,
+                plan.w,
+                wp as *const c_void,
+                plan.conv,
+                plan.algo,
+                wsp,
+                ws_len,
+                &beta as *const f32 as *const c_void,
+                plan.y,
+                yp as *mut c_void,
+            ),
+            "convolution forward",
+        )
+    }
+}
+
+impl CustomOp2 for CudnnConv {
+    fn name(&self) -> &'static str {
+        "cudnn-conv2d"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("the cuDNN convolution runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        if w.dtype() != x.dtype() {
+            bail!("convolution: weight {:?} and input {:?} differ", w.dtype(), x.dtype())
+        }
+        match x.dtype() {
+            DType::F16 => self.run::<f16>(&dev, x, xl, w, wl),
+            DType::BF16 => self.run::<bf16>(&dev, x, xl, w, wl),
+            DType::F32 => self.run::<f32>(&dev, x, xl, w, wl),
+            other => bail!("convolution: no cuDNN path for {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! candle custom ops over our own CUDA kernels (`worker/kernels/sdxl.cu`,
+//! compiled to PTX by build.rs): flash attention for head dim 64, group norm
+//! (+SiLU) and GEGLU. Each op checks the layout it needs and returns a fresh
+//! contiguous tensor.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sdxl.ptx"));
+const MODULE: &str = "sdxl_worker_kernels";
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        other => bail!("no CUDA kernel for {other:?}"),
+    })
+}
+
+fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+fn w<T>(r: std::result::Result<T, impl std::error::Error + Send + Sync + 'static>) -> Result<T> {
+    r.map_err(candle_core::Error::wrap)
+}
+
+/// `softmax(q kᵀ / √64) v` per head, for q `[b, n_q, heads·64]` and k, v
+/// `[b, n_kv, heads·64]` (rows may be strided, e.g. views of a fused projection);
+/// returns `[b, n_q, heads·64]`, contiguous.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    q.apply_op3_no_bwd(k, v, &FlashAttention { heads })
+}
+
+/// Whether [`flash_attention`] can take these inputs as they are laid out.
+pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
+    let ok_dtype = matches!(q.dtype(), DType::F16 | DType::BF16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    let inner_ok = |t: &Tensor| t.dims().len() == 3 && t.dims()[2] == heads * 64;
+    let aligned = |t: &Tensor| {
+        let l = t.layout();
+        let s = l.stride();
+        s.len() == 3 && s[2] == 1 && s[1] % 8 == 0 && s[0] % 8 == 0 && l.start_offset() % 8 == 0
+    };
+    q.device().is_cuda()
+        && ok_dtype
+        && [q, k, v].iter().all(|t| inner_ok(t) && aligned(t))
+        && k.dims()[..2] == v.dims()[..2]
+        && q.dims()[0] == k.dims()[0]
+}
+
+struct FlashAttention {
+    heads: usize,
+}
+
+impl FlashAttention {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        name: &str,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, n_q, inner) = ql.shape().dims3()?;
+        let n_kv = kl.shape().dims()[1];
+        let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
+        let (q, k, v) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * n_q * inner)? };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let (n_q_i, n_kv_i) = (n_q as i32, n_kv as i32);
+        let (q_bs, q_rs) = (qs[0] as i64, qs[1] as i32);
+        let (k_bs, k_rs) = (ks[0] as i64, ks[1] as i32);
+        let (v_bs, v_rs) = (vs[0] as i64, vs[1] as i32);
+        let (o_bs, o_rs) = ((n_q * inner) as i64, inner as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / 8.0; // 1/sqrt(64), in the exp2 domain
+        let cfg = LaunchConfig {
+            grid_dim: (n_q.div_ceil(64) as u32, self.heads as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = func.builder();
+        builder.arg(&q).arg(&k).arg(&v).arg(&out);
+        builder.arg(&n_q_i).arg(&n_kv_i);
+        builder.arg(&q_bs).arg(&q_rs).arg(&k_bs).arg(&k_rs).arg(&v_bs).arg(&v_rs).arg(&o_bs).arg(&o_rs);
+        builder.arg(&scale_log2);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((b, n_q, inner))))
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention-d64"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("flash attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device().clone();
+        match q.dtype() {
+            DType::F16 => self.launch::<f16>(&dev, "flash_attn_d64_f16", q, ql, k, kl, v, vl),
+            DType::BF16 => self.launch::<bf16>(&dev, "flash_attn_d64_bf16", q, ql, k, kl, v, vl),
+            other => bail!("flash attention: no kernel for {other:?}"),
+        }
+    }
+}
+
+/// diffusers' `GroupNorm` on `[b, c, …]` (made contiguous first), followed by
+/// SiLU when `silu`; statistics in f32 whatever the storage type.
+pub fn group_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    let xs = xs.contiguous()?;
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    xs.apply_op3_no_bwd(
+        &weight,
+        &bias,
+        &GroupNormOp {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+    )
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+/// Elements each block of the group-norm kernels covers (about 32 per thread).
+const GN_CHUNK: usize = 8192;
+
+impl GroupNormOp {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        if channels % self.groups != 0 {
+            bail!("group norm: {channels} channels do not split into {} groups", self.groups)
+        }
+        let cpg = channels / self.groups;
+        let group_size = cpg * hw;
+        let splits = group_size.div_ceil(GN_CHUNK).max(1);
+        let chunk = group_size.div_ceil(splits);
+        let n_groups = batch * self.groups;
+        let sfx = suffix(T::DTYPE)?;
+        let (x, g, b) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
+        let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n_groups * splits * 2)? };
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(batch * group_size * self.groups)? };
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, n_groups as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (gs, ch, sp) = (group_size as i64, chunk as i64, splits as i32);
+        let stats = dev.get_or_load_custom_func(&format!("group_norm_stats_{sfx}"), MODULE, PTX)?;
+        let mut builder = stats.builder();
+        builder.arg(&x).arg(&partial).arg(&gs).arg(&ch).arg(&sp);
+        w(unsafe { builder.launch(cfg) })?;
+        let apply = dev.get_or_load_custom_func(&format!("group_norm_apply_{sfx}"), MODULE, PTX)?;
+        let (groups, cpg, hw, silu) = (self.groups as i32, cpg as i32, hw as i64, i32::from(self.silu));
+        let mut builder = apply.builder();
+        builder.arg(&x).arg(&g).arg(&b).arg(&partial).arg(&out);
+        builder.arg(&gs).arg(&ch).arg(&sp).arg(&groups).arg(&cpg).arg(&hw).arg(&self.eps).arg(&silu);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused group norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        if g.dtype() != x.dtype() || b.dtype() != x.dtype() {
+            bail!("group norm: weight {:?} and input {:?} differ", g.dtype(), x.dtype())
+        }
+        match x.dtype() {
+            DType::F16 => self.launch::<f16>(&dev, x, xl, g, gl, b, bl),
+            DType::BF16 => self.launch::<bf16>(&dev, x, xl, g, gl, b, bl),
+            DType::F32 => self.launch::<f32>(&dev, x, xl, g, gl, b, bl),
+            other => bail!("group norm: no kernel for {other:?}"),
+        }
+    }
+}
+
+/// GEGLU over the last dimension: `x[.., :n] * gelu_erf(x[.., n:])`.
+pub fn geglu(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&Geglu)
+}
+
+struct Geglu;
+
+impl Geglu {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        h: &CudaStorage,
+        hl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let mut dims = hl.shape().dims().to_vec();
+        let last = dims.len() - 1;
+        let inner = dims[last] / 2;
+        dims[last] = inner;
+        let rows: usize = dims[..last].iter().product();
+        let h = view::<T>(h, hl)?;
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * inner)? };
+        let n = rows * inner;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(65535 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func(&format!("geglu_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let (rows_i, inner_i) = (rows as i64, inner as i32);
+        let mut builder = func.builder();
+        builder.arg(&h).arg(&out).arg(&rows_i).arg(&inner_i);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(dims)))
+    }
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused GEGLU runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = h.device().clone();
+        if hl.shape().dims().last().is_none_or(|d| d % 2 != 0) {
+            bail!("geglu: the last dimension of {:?} is not even", hl.shape())
+        }
+        match h.dtype() {
+            DType::F16 => self.launch::<f16>(&dev, h, hl),
+            DType::BF16 => self.launch::<bf16>(&dev, h, hl),
+            DType::F32 => self.launch::<f32>(&dev, h, hl),
+            other => bail!("geglu: no kernel for {other:?}"),
+        }
+    }
+}
+
+/// `xs += bias` in place, broadcast over every dimension but `channel_dim`
+/// (and, for a per-sample bias of `batch·c` elements, over the dimensions after
+/// it), plus `residual` (same shape) in the same pass when given. `xs` must be
+/// contiguous and own its storage: a fresh layer output.
+pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, channel_dim: usize) -> Result<()> {
+    let dims = xs.dims();
+    let c = dims[channel_dim];
+    let batch: usize = dims[..channel_dim].iter().product();
+    let inner: usize = dims[channel_dim + 1..].iter().product();
+    let per_sample = match bias.elem_count() {
+        n if n == c => false,
+        n if n == batch * c => true,
+        n => bail!("bias of {n} elements for {c} channels (batch {batch})"),
+    };
+    if !aligned(xs) {
+        bail!("in-place bias add needs a contiguous, aligned tensor")
+    }
+    let bias = bias.contiguous()?;
+    let op = BiasAdd {
+        inner,
+        c,
+        per_sample,
+    };
+    match residual {
+        None => xs.inplace_op2(&bias, &op),
+        Some(r) => {
+            if r.dims() != dims {
+                bail!("residual {:?} for an output of {:?}", r.dims(), dims)
+            }
+            if !aligned(r) {
+                bail!("in-place residual add needs a contiguous, aligned residual")
+            }
+            xs.inplace_op3(&bias, r, &op)
+        }
+    }
+}
+
+/// Contiguous and starting on a 16-byte boundary (8 elements of any dtype we use).
+pub fn aligned(t: &Tensor) -> bool {
+    t.is_contiguous() && t.layout().start_offset() % 8 == 0
+}
+
+struct BiasAdd {
+    inner: usize,
+    c: usize,
+    per_sample: bool,
+}
+
+impl BiasAdd {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        x: &mut CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        res: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<()> {
+        let dev = x.device().clone();
+        let n = xl.shape().elem_count();
+        let b = view::<T>(b, bl)?;
+        let res = res.map(|(r, rl)| view::<T>(r, rl)).transpose()?;
+        let mut xv = x.as_cuda_slice_mut::<T>()?.slice_mut(xl.start_offset()..);
+        let cfg = LaunchConfig {
+            grid_dim: ((n / 8).div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func(&format!("bias_add_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let (n, inner, c) = (n as i64, self.inner as i64, self.c as i32);
+        let bias_bs: i64 = if self.per_sample { self.c as i64 } else { 0 };
+        let null: u64 = 0;
+        let mut builder = func.builder();
+        builder.arg(&mut xv).arg(&b);
+        match &res {
+            Some(r) => builder.arg(r),
+            None => builder.arg(&null),
+        };
+        builder.arg(&n).arg(&inner).arg(&c).arg(&bias_bs);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok(())
+    }
+
+    fn dispatch(
+        &self,
+        x: &mut CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        res: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<()> {
+        if b.dtype() != x.dtype() || res.is_some_and(|(r, _)| r.dtype() != x.dtype()) {
+            bail!("bias add: operands of different dtypes")
+        }
+        match x.dtype() {
+            DType::F16 => self.launch::<f16>(x, xl, b, bl, res),
+            DType::BF16 => self.launch::<bf16>(x, xl, b, bl, res),
+            DType::F32 => self.launch::<f32>(x, xl, b, bl, res),
+            other => bail!("bias add: no kernel for {other:?}"),
+        }
+    }
+}
+
+impl candle_core::InplaceOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        bail!("the in-place bias add runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, x: &mut CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<()> {
+        self.dispatch(x, xl, b, bl, None)
+    }
+}
+
+impl candle_core::InplaceOp3 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-residual-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("the in-place bias add runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &mut CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<()> {
+        self.dispatch(x, xl, b, bl, Some((r, rl)))
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension (≤ 2048 and a multiple of 8,
+/// see [`layer_norm_supports`]), statistics in f32.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let xs = xs.contiguous()?;
+    xs.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LayerNormOp { eps: eps as f32 })
+}
+
+pub fn layer_norm_supports(xs: &Tensor) -> bool {
+    let n = xs.dims().last().copied().unwrap_or(0);
+    n > 0 && n <= 2048 && n % 8 == 0 && matches!(xs.dtype(), DType::F16 | DType::BF16 | DType::F32)
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl LayerNormOp {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let n = *xl.shape().dims().last().expect("rank >= 1");
+        let rows = xl.shape().elem_count() / n;
+        let (xv, gv, bv) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * n)? };
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func(&format!("layer_norm_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let (rows_i, n_i) = (rows as i64, n as i32);
+        let mut builder = func.builder();
+        builder.arg(&xv).arg(&gv).arg(&bv).arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the layer-norm kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if g.dtype() != x.dtype() || b.dtype() != x.dtype() {
+            bail!("layer norm: weight and input dtypes differ")
+        }
+        match x.dtype() {
+            DType::F16 => self.launch::<f16>(x, xl, g, gl, b, bl),
+            DType::BF16 => self.launch::<bf16>(x, xl, g, gl, b, bl),
+            DType::F32 => self.launch::<f32>(x, xl, g, gl, b, bl),
+            other => bail!("layer norm: no kernel for {other:?}"),
+        }
+    }
+}
