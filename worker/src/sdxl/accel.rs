@@ -93,6 +93,9 @@ mod tests {
         let a = Accel::parse("conv, norm").unwrap();
         assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias);
         let e = Accel::parse("conv,flash").unwrap_err();
-        assert!(e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias"), "{e}");
+        assert!(
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias"),
+            "{e}"
+        );
     }
 }

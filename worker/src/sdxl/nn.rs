@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 pub use candle_nn::Conv2dConfig;
 use candle_nn::VarBuilder;
 
+#[cfg(feature = "cuda")]
 use super::accel::{on_cuda, Accel};
 
 /// An activation function as configs name it (`silu`, `gelu`, `quick_gelu`, `relu`).

@@ -140,7 +140,10 @@ impl ConvPlan {
             check(sys::cudnnCreateTensorDescriptor(&mut plan.x), "create x")?;
             check(sys::cudnnSetTensor4dDescriptor(plan.x, nchw, data, n, c, h, w), "set x")?;
             check(sys::cudnnCreateFilterDescriptor(&mut plan.w), "create w")?;
-            check(sys::cudnnSetFilter4dDescriptor(plan.w, data, nchw, k, kc, kh, kw), "set w")?;
+            check(
+                sys::cudnnSetFilter4dDescriptor(plan.w, data, nchw, k, kc, kh, kw),
+                "set w",
+            )?;
             check(sys::cudnnCreateConvolutionDescriptor(&mut plan.conv), "create conv")?;
             check(
                 sys::cudnnSetConvolution2dDescriptor(
@@ -159,12 +162,17 @@ impl ConvPlan {
             check(sys::cudnnSetConvolutionMathType(plan.conv, math), "set math type")?;
             let (mut on, mut oc, mut oh, mut ow) = (0, 0, 0, 0);
             check(
-                sys::cudnnGetConvolution2dForwardOutputDim(plan.conv, plan.x, plan.w, &mut on, &mut oc, &mut oh, &mut ow),
+                sys::cudnnGetConvolution2dForwardOutputDim(
+                    plan.conv, plan.x, plan.w, &mut on, &mut oc, &mut oh, &mut ow,
+                ),
                 "output dims",
             )?;
             plan.out = [on as usize, oc as usize, oh as usize, ow as usize];
             check(sys::cudnnCreateTensorDescriptor(&mut plan.y), "create y")?;
-            check(sys::cudnnSetTensor4dDescriptor(plan.y, nchw, data, on, oc, oh, ow), "set y")?;
+            check(
+                sys::cudnnSetTensor4dDescriptor(plan.y, nchw, data, on, oc, oh, ow),
+                "set y",
+            )?;
         }
         let _ = handle;
         Ok(plan)
@@ -215,7 +223,10 @@ impl CudnnConv {
                     let mut handle = std::ptr::null_mut();
                     unsafe {
                         check(sys::cudnnCreate(&mut handle), "create handle")?;
-                        check(sys::cudnnSetStream(handle, stream.cu_stream() as sys::cudaStream_t), "set stream")?;
+                        check(
+                            sys::cudnnSetStream(handle, stream.cu_stream() as sys::cudaStream_t),
+                            "set stream",
+                        )?;
                     }
                     e.insert(DeviceState {
                         handle,
@@ -232,11 +243,17 @@ impl CudnnConv {
                 let out_len: usize = plan.out.iter().product();
                 let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(out_len)? };
                 if fresh {
-                    let mut ws = stream.alloc_zeros::<u8>(find_workspace(&stream)).map_err(candle_core::Error::wrap)?;
+                    let mut ws = stream
+                        .alloc_zeros::<u8>(find_workspace(&stream))
+                        .map_err(candle_core::Error::wrap)?;
                     find_algorithm(state.handle, plan, &stream, &xv, &wv, &mut y, &mut ws)?;
                 }
                 if plan.workspace > 0 && state.workspace.as_ref().is_none_or(|w| w.len() < plan.workspace) {
-                    state.workspace = Some(stream.alloc_zeros::<u8>(plan.workspace).map_err(candle_core::Error::wrap)?);
+                    state.workspace = Some(
+                        stream
+                            .alloc_zeros::<u8>(plan.workspace)
+                            .map_err(candle_core::Error::wrap)?,
+                    );
                 }
                 forward(state.handle, plan, &stream, &xv, &wv, &mut y, state.workspace.as_mut())?;
                 let shape = Shape::from(plan.out.to_vec());
@@ -293,7 +310,12 @@ fn find_algorithm<T: DeviceRepr>(
     plan.algo = best.algo;
     plan.workspace = best.memory;
     // the algorithm was timed with this math type; run it with the same
-    unsafe { check(sys::cudnnSetConvolutionMathType(plan.conv, best.mathType), "set math type")? };
+    unsafe {
+        check(
+            sys::cudnnSetConvolutionMathType(plan.conv, best.mathType),
+            "set math type",
+        )?
+    };
     tracing::debug!(algo = ?best.algo, ms = best.time, workspace = best.memory, "cuDNN convolution algorithm");
     Ok(())
 }

@@ -45,7 +45,11 @@ pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize
     let aligned = |t: &Tensor| {
         let l = t.layout();
         let s = l.stride();
-        s.len() == 3 && s[2] == 1 && s[1] % 8 == 0 && s[0] % 8 == 0 && l.start_offset() % 8 == 0
+        s.len() == 3
+            && s[2] == 1
+            && s[1].is_multiple_of(8)
+            && s[0].is_multiple_of(8)
+            && l.start_offset().is_multiple_of(8)
     };
     q.device().is_cuda()
         && ok_dtype
@@ -91,10 +95,21 @@ impl FlashAttention {
         let mut builder = func.builder();
         builder.arg(&q).arg(&k).arg(&v).arg(&out);
         builder.arg(&n_q_i).arg(&n_kv_i);
-        builder.arg(&q_bs).arg(&q_rs).arg(&k_bs).arg(&k_rs).arg(&v_bs).arg(&v_rs).arg(&o_bs).arg(&o_rs);
+        builder
+            .arg(&q_bs)
+            .arg(&q_rs)
+            .arg(&k_bs)
+            .arg(&k_rs)
+            .arg(&v_bs)
+            .arg(&v_rs)
+            .arg(&o_bs)
+            .arg(&o_rs);
         builder.arg(&scale_log2);
         w(unsafe { builder.launch(cfg) })?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((b, n_q, inner))))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((b, n_q, inner)),
+        ))
     }
 }
 
@@ -173,8 +188,11 @@ impl GroupNormOp {
         let dims = xl.shape().dims();
         let (batch, channels) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
-        if channels % self.groups != 0 {
-            bail!("group norm: {channels} channels do not split into {} groups", self.groups)
+        if !channels.is_multiple_of(self.groups) {
+            bail!(
+                "group norm: {channels} channels do not split into {} groups",
+                self.groups
+            )
         }
         let cpg = channels / self.groups;
         let group_size = cpg * hw;
@@ -199,7 +217,15 @@ impl GroupNormOp {
         let (groups, cpg, hw, silu) = (self.groups as i32, cpg as i32, hw as i64, i32::from(self.silu));
         let mut builder = apply.builder();
         builder.arg(&x).arg(&g).arg(&b).arg(&partial).arg(&out);
-        builder.arg(&gs).arg(&ch).arg(&sp).arg(&groups).arg(&cpg).arg(&hw).arg(&self.eps).arg(&silu);
+        builder
+            .arg(&gs)
+            .arg(&ch)
+            .arg(&sp)
+            .arg(&groups)
+            .arg(&cpg)
+            .arg(&hw)
+            .arg(&self.eps)
+            .arg(&silu);
         w(unsafe { builder.launch(cfg) })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), xl.shape().clone()))
     }
@@ -291,7 +317,7 @@ impl CustomOp1 for Geglu {
 
     fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = h.device().clone();
-        if hl.shape().dims().last().is_none_or(|d| d % 2 != 0) {
+        if hl.shape().dims().last().is_none_or(|d| !d.is_multiple_of(2)) {
             bail!("geglu: the last dimension of {:?} is not even", hl.shape())
         }
         match h.dtype() {
@@ -321,11 +347,7 @@ pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, c
         bail!("in-place bias add needs a contiguous, aligned tensor")
     }
     let bias = bias.contiguous()?;
-    let op = BiasAdd {
-        inner,
-        c,
-        per_sample,
-    };
+    let op = BiasAdd { inner, c, per_sample };
     match residual {
         None => xs.inplace_op2(&bias, &op),
         Some(r) => {
@@ -342,7 +364,7 @@ pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, c
 
 /// Contiguous and starting on a 16-byte boundary (8 elements of any dtype we use).
 pub fn aligned(t: &Tensor) -> bool {
-    t.is_contiguous() && t.layout().start_offset() % 8 == 0
+    t.is_contiguous() && t.layout().start_offset().is_multiple_of(8)
 }
 
 struct BiasAdd {
@@ -453,12 +475,16 @@ impl candle_core::InplaceOp3 for BiasAdd {
 /// see [`layer_norm_supports`]), statistics in f32.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let xs = xs.contiguous()?;
-    xs.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LayerNormOp { eps: eps as f32 })
+    xs.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &LayerNormOp { eps: eps as f32 },
+    )
 }
 
 pub fn layer_norm_supports(xs: &Tensor) -> bool {
     let n = xs.dims().last().copied().unwrap_or(0);
-    n > 0 && n <= 2048 && n % 8 == 0 && matches!(xs.dtype(), DType::F16 | DType::BF16 | DType::F32)
+    n > 0 && n <= 2048 && n.is_multiple_of(8) && matches!(xs.dtype(), DType::F16 | DType::BF16 | DType::F32)
 }
 
 struct LayerNormOp {
@@ -489,7 +515,14 @@ impl LayerNormOp {
         let func = dev.get_or_load_custom_func(&format!("layer_norm_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
         let (rows_i, n_i) = (rows as i64, n as i32);
         let mut builder = func.builder();
-        builder.arg(&xv).arg(&gv).arg(&bv).arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+        builder
+            .arg(&xv)
+            .arg(&gv)
+            .arg(&bv)
+            .arg(&out)
+            .arg(&rows_i)
+            .arg(&n_i)
+            .arg(&self.eps);
         w(unsafe { builder.launch(cfg) })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }

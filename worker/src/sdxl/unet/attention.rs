@@ -5,8 +5,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::sdxl::nn::{
-    attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, LayerNorm,
-    Linear,
+    attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear,
 };
 
 /// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.
@@ -68,11 +68,19 @@ impl Attention {
         let (q, k, v) = match &self.projections {
             Projections::SelfAttention(qkv) => {
                 let qkv = qkv.forward(xs)?;
-                (qkv.narrow(D::Minus1, 0, n)?, qkv.narrow(D::Minus1, n, n)?, qkv.narrow(D::Minus1, 2 * n, n)?)
+                (
+                    qkv.narrow(D::Minus1, 0, n)?,
+                    qkv.narrow(D::Minus1, n, n)?,
+                    qkv.narrow(D::Minus1, 2 * n, n)?,
+                )
             }
             Projections::Cross { to_q, to_kv } => {
                 let kv = to_kv.forward(context.unwrap_or(xs))?;
-                (to_q.forward(xs)?, kv.narrow(D::Minus1, 0, n)?, kv.narrow(D::Minus1, n, n)?)
+                (
+                    to_q.forward(xs)?,
+                    kv.narrow(D::Minus1, 0, n)?,
+                    kv.narrow(D::Minus1, n, n)?,
+                )
             }
         };
         attention(&q, &k, &v, self.heads)
