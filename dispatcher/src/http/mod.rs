@@ -1,4 +1,6 @@
 //! The HTTP API (`dispatcher serve`).
 
 pub mod error;
+pub mod images;
+pub mod limits;
 pub mod server;
