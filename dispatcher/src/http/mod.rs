@@ -3,4 +3,5 @@
 pub mod error;
 pub mod images;
 pub mod limits;
+pub mod page;
 pub mod server;

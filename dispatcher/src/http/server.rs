@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/result", get(result))
         .route("/v1/jobs/{id}/images", get(super::images::images))
         .route("/v1/limits", get(super::limits::limits))
+        .merge(super::page::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
