@@ -194,7 +194,7 @@ function requestBody() {
       seed = raw.trim(); // spliced in as digits: no rounding
     } else if (NUMBER_FIELDS.includes(name) || name === 'seed') {
       const number = Number(raw);
-      body[name] = raw.trim() !== '' && Number.isFinite(number) ? number : raw;
+      body[name] = Number.isFinite(number) ? number : raw;
     } else {
       body[name] = raw;
     }
