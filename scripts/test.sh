@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/services.sh)"
+# Chromium, Node.js and playwright-core for the web page test (installed when missing).
+eval "$(scripts/browser.sh)"
 cargo test --workspace "$@"

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod event;
+pub mod limits;
 pub mod names;
 pub mod queue;
 pub mod request;

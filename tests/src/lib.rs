@@ -3,6 +3,7 @@
 //! binaries as child processes, and a [`Stack`] per test with its own queue,
 //! Redis prefix and bucket, so that tests run in parallel.
 
+pub mod browser;
 pub mod process;
 pub mod stack;
 

@@ -1,4 +1,7 @@
 //! The HTTP API (`dispatcher serve`).
 
 pub mod error;
+pub mod images;
+pub mod limits;
+pub mod page;
 pub mod server;

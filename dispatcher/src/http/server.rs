@@ -51,6 +51,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(status).delete(cancel))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/result", get(result))
+        .route("/v1/jobs/{id}/images", get(super::images::images))
+        .route("/v1/limits", get(super::limits::limits))
+        .merge(super::page::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -91,7 +94,7 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
-fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     id.parse().map_err(|_| ApiError(JobsError::NotAJobId(id.to_string())))
 }
 

@@ -1,0 +1,230 @@
+//! The rules of a request, as data: every field's range and default, taken
+//! from the constants [`crate::validation`] checks against, so that a client
+//! (the web page's form, `GET /v1/limits`) shows the limits the dispatcher
+//! really enforces and cannot drift from them.
+
+use serde::Serialize;
+
+use crate::request::{self, OutputFormat};
+use crate::validation::{
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE,
+    STEPS_RANGE,
+};
+
+/// A text field: its length in characters (not bytes).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TextLimit {
+    pub min_chars: usize,
+    pub max_chars: usize,
+    /// `None`: required (no default).
+    pub default: Option<&'static str>,
+}
+
+/// An integer field, both bounds included.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IntegerLimit {
+    pub min: u64,
+    pub max: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiple_of: Option<u64>,
+    /// `None`: decided elsewhere (the seed is drawn, the image count is one per rank).
+    pub default: Option<u64>,
+}
+
+/// A number field, both bounds included.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NumberLimit {
+    pub min: f64,
+    pub max: f64,
+    pub default: f64,
+}
+
+/// A field that takes one of a few words.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChoiceLimit {
+    pub one_of: Vec<&'static str>,
+    pub default: &'static str,
+}
+
+/// Every field of a [`crate::JobRequest`], in the order validation checks them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestLimits {
+    pub prompt: TextLimit,
+    pub negative_prompt: TextLimit,
+    pub num_inference_steps: IntegerLimit,
+    pub width: IntegerLimit,
+    pub height: IntegerLimit,
+    pub guidance_scale: NumberLimit,
+    pub num_images: IntegerLimit,
+    pub preview_every: IntegerLimit,
+    pub output_format: ChoiceLimit,
+    pub priority: IntegerLimit,
+    /// Any `u64`; drawn by the dispatcher when absent.
+    pub seed: IntegerLimit,
+}
+
+fn integer((lo, hi): (i64, i64), default: Option<i64>) -> IntegerLimit {
+    // Every range starts at 0 or above, so the casts are exact.
+    IntegerLimit {
+        min: lo as u64,
+        max: hi as u64,
+        multiple_of: None,
+        default: default.map(|d| d as u64),
+    }
+}
+
+impl RequestLimits {
+    pub fn current() -> Self {
+        let size = IntegerLimit {
+            multiple_of: Some(SIZE_MULTIPLE as u64),
+            ..integer(SIZE_RANGE, Some(request::DEFAULT_SIZE))
+        };
+        RequestLimits {
+            prompt: TextLimit {
+                min_chars: 1,
+                max_chars: PROMPT_MAX_CHARS,
+                default: None,
+            },
+            negative_prompt: TextLimit {
+                min_chars: 0,
+                max_chars: PROMPT_MAX_CHARS,
+                default: Some(request::DEFAULT_NEGATIVE_PROMPT),
+            },
+            num_inference_steps: integer(STEPS_RANGE, Some(request::DEFAULT_STEPS)),
+            width: size.clone(),
+            height: size,
+            guidance_scale: NumberLimit {
+                min: GUIDANCE_RANGE.0,
+                max: GUIDANCE_RANGE.1,
+                default: request::DEFAULT_GUIDANCE_SCALE,
+            },
+            num_images: integer(NUM_IMAGES_RANGE, None),
+            preview_every: integer(PREVIEW_EVERY_RANGE, Some(request::DEFAULT_PREVIEW_EVERY)),
+            output_format: ChoiceLimit {
+                one_of: OutputFormat::ALL.iter().map(|f| f.extension()).collect(),
+                default: OutputFormat::default().extension(),
+            },
+            priority: integer(PRIORITY_RANGE, Some(request::DEFAULT_PRIORITY)),
+            seed: IntegerLimit {
+                min: 0,
+                max: u64::MAX,
+                multiple_of: None,
+                default: None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::JobRequest;
+    use crate::validation::validate;
+
+    fn base() -> JobRequest {
+        JobRequest {
+            prompt: Some("a lighthouse".into()),
+            ..Default::default()
+        }
+    }
+
+    fn passes(req: JobRequest) -> bool {
+        validate(&req, || 1).is_ok()
+    }
+
+    /// Each integer field at its bounds passes, one past them fails: the
+    /// published limits are the enforced ones.
+    #[test]
+    fn integer_bounds_are_the_validated_ones() {
+        let limits = RequestLimits::current();
+        type Set = fn(&mut JobRequest, i64);
+        let fields: [(&IntegerLimit, Set); 6] = [
+            (&limits.num_inference_steps, |r, v| r.num_inference_steps = Some(v)),
+            (&limits.width, |r, v| r.width = Some(v)),
+            (&limits.height, |r, v| r.height = Some(v)),
+            (&limits.num_images, |r, v| r.num_images = Some(v)),
+            (&limits.preview_every, |r, v| r.preview_every = Some(v)),
+            (&limits.priority, |r, v| r.priority = Some(v)),
+        ];
+        for (limit, set) in fields {
+            let step = limit.multiple_of.unwrap_or(1) as i64;
+            let with = |v: i64| {
+                let mut r = base();
+                set(&mut r, v);
+                passes(r)
+            };
+            assert!(with(limit.min as i64) && with(limit.max as i64), "{limit:?}");
+            assert!(
+                !with(limit.min as i64 - step) && !with(limit.max as i64 + step),
+                "{limit:?}"
+            );
+            if let Some(d) = limit.default {
+                assert!(with(d as i64), "{limit:?}");
+            }
+        }
+        assert!(!passes(JobRequest {
+            width: Some(limits.width.min as i64 + 1),
+            ..base()
+        }));
+    }
+
+    #[test]
+    fn text_number_and_choice_limits_are_the_validated_ones() {
+        let limits = RequestLimits::current();
+        let long = |n: usize| Some("x".repeat(n));
+        assert!(passes(JobRequest {
+            prompt: long(limits.prompt.max_chars),
+            ..base()
+        }));
+        assert!(!passes(JobRequest {
+            prompt: long(limits.prompt.max_chars + 1),
+            ..base()
+        }));
+        assert!(!passes(JobRequest {
+            prompt: long(limits.prompt.min_chars - 1),
+            ..base()
+        }));
+        assert!(passes(JobRequest {
+            negative_prompt: long(limits.negative_prompt.min_chars),
+            ..base()
+        }));
+        assert!(!passes(JobRequest {
+            negative_prompt: long(limits.negative_prompt.max_chars + 1),
+            ..base()
+        }));
+        let g = &limits.guidance_scale;
+        for (value, ok) in [
+            (g.min, true),
+            (g.max, true),
+            (g.min - 0.01, false),
+            (g.max + 0.01, false),
+        ] {
+            let req = JobRequest {
+                guidance_scale: Some(value),
+                ..base()
+            };
+            assert_eq!(passes(req), ok, "{value}");
+        }
+        for format in &limits.output_format.one_of {
+            assert!(passes(JobRequest {
+                output_format: Some(format.to_string()),
+                ..base()
+            }));
+        }
+        let job = validate(&base(), || 1).unwrap();
+        assert_eq!(job.output_format.extension(), limits.output_format.default);
+        assert_eq!(job.negative_prompt, limits.negative_prompt.default.unwrap());
+        assert_eq!(job.guidance_scale, g.default);
+    }
+
+    #[test]
+    fn wire_form() {
+        let v = serde_json::to_value(RequestLimits::current()).unwrap();
+        assert_eq!(v["width"]["min"], 256);
+        assert_eq!(v["width"]["multiple_of"], 8);
+        assert_eq!(v["num_images"]["default"], serde_json::Value::Null);
+        assert!(v["num_inference_steps"].get("multiple_of").is_none());
+        assert_eq!(v["output_format"]["one_of"], serde_json::json!(["png", "jpeg", "webp"]));
+        assert_eq!(v["seed"]["max"], u64::MAX);
+    }
+}

@@ -1,0 +1,625 @@
+// The dispatcher's web page: submit a job, watch its previews over the SSE
+// stream, show the final grid and images, keep this browser's recent jobs.
+// Plain JavaScript, no build step; it uses only the public API:
+//   GET  /v1/limits                the form's ranges and defaults
+//   POST /v1/jobs                  submit (errors: 422 {error, field})
+//   GET  /v1/jobs/{id}/events      SSE: status, progress/preview, a terminal event
+//   GET  /v1/jobs/{id}             the status record (timings, error)
+//   GET  /v1/jobs/{id}/images      the grid and images with fresh presigned URLs
+//   DELETE /v1/jobs/{id}           cancel
+// Every request carries `Authorization: Bearer <key>` when a key is saved,
+// which is why the events are read with fetch() and not EventSource (it
+// cannot send headers).
+'use strict';
+
+const KEY_STORE = 'sdxl-queue.api-key';
+const RECENT_STORE = 'sdxl-queue.recent-jobs';
+const RECENT_MAX = 25;
+const INTEGER_FIELDS = ['width', 'height', 'num_inference_steps', 'num_images', 'preview_every', 'priority'];
+const NUMBER_FIELDS = [...INTEGER_FIELDS, 'guidance_scale'];
+const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+const $ = (id) => document.getElementById(id);
+const form = $('job-form');
+
+let limits = null;
+// The job on screen: its id, the AbortController of its event stream, the
+// last status seen, and the previews received.
+let shown = null;
+
+// ---------------------------------------------------------------- the API --
+
+class ApiError extends Error {
+  constructor(status, body, text) {
+    const worded = body && typeof body.error === 'string' ? body.error : null;
+    super(worded ?? `HTTP ${status}${text ? `: ${text.trim().slice(0, 300)}` : ''}`);
+    this.status = status;
+    this.field = body && typeof body.field === 'string' ? body.field : null;
+  }
+}
+
+function apiKey() {
+  return localStorage.getItem(KEY_STORE) || '';
+}
+
+function headers(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, authorization: `Bearer ${key}` } : extra;
+}
+
+// Seeds are u64 and JavaScript numbers hold 53 bits: a drawn seed would be
+// rounded by JSON.parse. Seeds are read as strings instead (a `"seed":`
+// inside a string value is escaped as `\"seed\":`, so only keys match).
+function parseJson(text) {
+  return JSON.parse(text.replace(/"seed":\s*(\d+)/g, '"seed":"$1"'));
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers(body === undefined ? {} : { 'content-type': 'application/json' }) };
+  if (body !== undefined) init.body = body;
+  const response = await fetch(path, init);
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? parseJson(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!response.ok) throw new ApiError(response.status, data, text);
+  return data;
+}
+
+// Server-sent events from a fetch() body: yields {event, data} per event.
+async function* sseEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = '';
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, '\n');
+      let end;
+      while ((end = buffer.indexOf('\n\n')) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const event = parseSseBlock(block);
+        if (event) yield event;
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+function parseSseBlock(block) {
+  let event = 'message';
+  const data = [];
+  for (const line of block.split('\n')) {
+    if (line === '' || line.startsWith(':')) continue; // comments: keep-alives
+    const colon = line.indexOf(':');
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? '' : line.slice(colon + 1);
+    if (value.startsWith(' ')) value = value.slice(1);
+    if (name === 'event') event = value;
+    else if (name === 'data') data.push(value);
+  }
+  return data.length ? { event, data: data.join('\n') } : null;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// ------------------------------------------------------------ the form --
+
+function hintFor(name, limit) {
+  if (!limit) return '';
+  switch (name) {
+    case 'prompt':
+      return `${limit.min_chars}–${limit.max_chars} characters`;
+    case 'negative_prompt':
+      return `at most ${limit.max_chars} characters; empty: none`;
+    case 'seed':
+      return 'any integer from 0 to 2^64−1; empty: drawn by the server';
+    case 'num_images':
+      return `${limit.min}–${limit.max}; empty: one per GPU of the worker`;
+    case 'preview_every':
+      return `${limit.min}–${limit.max} steps; 0: no previews`;
+    case 'output_format':
+      return limit.one_of.join(', ');
+    default: {
+      let text = `${limit.min}–${limit.max}`;
+      if (limit.multiple_of) text += `, a multiple of ${limit.multiple_of}`;
+      return text;
+    }
+  }
+}
+
+function applyLimits() {
+  const select = form.elements.output_format;
+  select.replaceChildren(
+    ...limits.output_format.one_of.map((format) => new Option(format, format)),
+  );
+  for (const [name, limit] of Object.entries(limits)) {
+    const input = form.elements[name];
+    if (!input) continue;
+    if (NUMBER_FIELDS.includes(name)) {
+      input.min = limit.min;
+      input.max = limit.max;
+      input.step = limit.multiple_of ?? (INTEGER_FIELDS.includes(name) ? 1 : 'any');
+    }
+    if (limit.max_chars) input.maxLength = limit.max_chars;
+    const hint = form.querySelector(`[data-hint="${name}"]`);
+    if (hint) hint.textContent = hintFor(name, limit);
+  }
+}
+
+function fillDefaults() {
+  for (const [name, limit] of Object.entries(limits ?? {})) {
+    const input = form.elements[name];
+    if (!input || name === 'prompt') continue;
+    input.value = limit.default ?? '';
+  }
+}
+
+async function loadLimits() {
+  try {
+    limits = await api('GET', '/v1/limits');
+  } catch (error) {
+    showFormError(error);
+    return;
+  }
+  hideFormError();
+  applyLimits();
+  if (!form.dataset.filled) {
+    fillDefaults();
+    form.dataset.filled = 'yes';
+  }
+}
+
+// The body exactly as typed: empty fields are left to the server's defaults,
+// anything else is sent (a number when it reads as one) so that the server's
+// rule, not the browser, decides and words the error.
+function requestBody() {
+  const body = {};
+  let seed = null;
+  for (const element of form.elements) {
+    const { name } = element;
+    if (!name) continue;
+    const raw = element.value;
+    if (name === 'prompt' || name === 'negative_prompt') {
+      body[name] = raw;
+    } else if (raw.trim() === '') {
+      continue;
+    } else if (name === 'seed' && /^-?\d+$/.test(raw.trim())) {
+      seed = raw.trim(); // spliced in as digits: no rounding
+    } else if (NUMBER_FIELDS.includes(name) || name === 'seed') {
+      const number = Number(raw);
+      body[name] = Number.isFinite(number) ? number : raw;
+    } else {
+      body[name] = raw;
+    }
+  }
+  let json = JSON.stringify(body);
+  if (seed !== null) json = `${json.slice(0, -1)}${json.length > 2 ? ',' : ''}"seed":${seed}}`;
+  return json;
+}
+
+function clearFieldErrors() {
+  for (const element of form.querySelectorAll('[aria-invalid]')) element.removeAttribute('aria-invalid');
+  for (const element of form.querySelectorAll('.field-error')) element.textContent = '';
+}
+
+function showFormError(error) {
+  const box = $('form-error');
+  box.textContent = error.message;
+  box.hidden = false;
+  clearFieldErrors();
+  const input = error.field ? form.elements[error.field] : null;
+  if (input) {
+    input.setAttribute('aria-invalid', 'true');
+    form.querySelector(`[data-error="${error.field}"]`).textContent = error.message;
+    input.focus();
+  }
+}
+
+function hideFormError() {
+  $('form-error').hidden = true;
+  clearFieldErrors();
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const button = $('submit');
+  button.disabled = true;
+  hideFormError();
+  try {
+    const submitted = await api('POST', '/v1/jobs', requestBody());
+    remember(submitted.status);
+    openJob(submitted.id);
+  } catch (error) {
+    showFormError(error);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function fillForm(request) {
+  for (const [name, value] of Object.entries(request)) {
+    const input = form.elements[name];
+    if (input) input.value = value ?? '';
+  }
+  form.elements.num_images.value = request.num_images ?? '';
+  hideFormError();
+}
+
+function reuseSeed(seed) {
+  const input = form.elements.seed;
+  input.value = seed;
+  input.focus();
+  input.classList.remove('flash');
+  void input.offsetWidth; // restart the animation
+  input.classList.add('flash');
+}
+
+// ------------------------------------------------------ the recent jobs --
+
+function recentJobs() {
+  try {
+    const list = JSON.parse(localStorage.getItem(RECENT_STORE) || '[]');
+    return Array.isArray(list) ? list : [];
+  } catch {
+    return [];
+  }
+}
+
+function saveRecent(list) {
+  localStorage.setItem(RECENT_STORE, JSON.stringify(list.slice(0, RECENT_MAX)));
+  renderRecent();
+}
+
+function remember(status) {
+  const list = recentJobs().filter((job) => job.id !== status.id);
+  list.unshift({ id: status.id, prompt: status.request.prompt, state: status.state, created_at: status.created_at });
+  saveRecent(list);
+}
+
+function rememberState(id, state) {
+  const list = recentJobs();
+  const job = list.find((j) => j.id === id);
+  if (job && job.state !== state) {
+    job.state = state;
+    saveRecent(list);
+  }
+}
+
+function renderRecent() {
+  const list = recentJobs();
+  const ul = $('recent');
+  ul.replaceChildren(
+    ...list.map((job) => {
+      const li = document.createElement('li');
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'recent-job';
+      button.dataset.id = job.id;
+      if (shown && shown.id === job.id) button.setAttribute('aria-current', 'true');
+      const state = document.createElement('span');
+      state.className = 'state';
+      state.dataset.state = job.state;
+      state.textContent = job.state;
+      const prompt = document.createElement('span');
+      prompt.className = 'recent-prompt';
+      prompt.textContent = job.prompt;
+      const when = document.createElement('time');
+      when.dateTime = job.created_at;
+      when.textContent = new Date(job.created_at).toLocaleString();
+      button.append(state, prompt, when);
+      button.addEventListener('click', () => openJob(job.id));
+      li.append(button);
+      return li;
+    }),
+  );
+  $('recent-empty').hidden = list.length > 0;
+  $('clear-recent').hidden = list.length === 0;
+}
+
+// ---------------------------------------------------------- one job view --
+
+function resetJobView(id) {
+  $('job').hidden = false;
+  $('job-id').textContent = id;
+  $('job-prompt').textContent = '';
+  setState('');
+  $('progress').value = 0;
+  $('step').textContent = '';
+  for (const box of ['job-error', 'job-notice', 'preview-box', 'grid-box', 'timings', 'job-actions', 'cancel']) {
+    $(box).hidden = true;
+  }
+  $('preview').removeAttribute('src');
+  $('grid').removeAttribute('src');
+  $('grid-link').removeAttribute('href');
+  $('images').replaceChildren();
+  $('job').dataset.previews = '0';
+}
+
+function setState(state) {
+  const badge = $('job-state');
+  badge.textContent = state;
+  badge.dataset.state = state;
+  $('job').dataset.state = state;
+  $('cancel').hidden = !(state === 'queued' || state === 'running');
+}
+
+function setProgress(step, total) {
+  if (!total) return;
+  $('progress').max = total;
+  $('progress').value = step;
+  $('step').textContent = `step ${step} / ${total}`;
+}
+
+function showJobError(message) {
+  const box = $('job-error');
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function notice(message) {
+  const box = $('job-notice');
+  box.textContent = message ?? '';
+  box.hidden = !message;
+}
+
+function renderStatus(job, status) {
+  job.status = status;
+  setState(status.state);
+  $('job-prompt').textContent = status.request.prompt;
+  setProgress(status.progress.step, status.progress.total_steps);
+  $('job-actions').hidden = false;
+  rememberState(status.id, status.state);
+}
+
+function showPreview(event) {
+  const box = $('preview-box');
+  $('preview').src = event.image;
+  $('preview-caption').textContent = `preview at step ${event.step} / ${event.total_steps}`;
+  box.hidden = false;
+  $('job').dataset.previews = String(Number($('job').dataset.previews) + 1);
+}
+
+function formatMs(ms) {
+  return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms} ms`;
+}
+
+function renderTimings(status) {
+  const t = status.result?.timings;
+  if (!t) return;
+  const rows = [
+    ['queue wait', t.queue_wait_ms],
+    ['model (all stages)', t.model_ms],
+    ['text encode', t.text_encode_ms],
+    ['denoise', t.denoise_ms],
+    ['of which previews', t.preview_ms],
+    ['decode', t.decode_ms],
+    ['upload', t.upload_ms],
+  ];
+  if (status.started_at && status.finished_at) {
+    rows.push(['start to finish', Date.parse(status.finished_at) - Date.parse(status.started_at)]);
+  }
+  $('timings').tBodies[0].replaceChildren(
+    ...rows.map(([name, ms]) => {
+      const tr = document.createElement('tr');
+      const th = document.createElement('th');
+      th.textContent = name;
+      const td = document.createElement('td');
+      td.textContent = formatMs(ms);
+      tr.append(th, td);
+      return tr;
+    }),
+  );
+  $('timings').hidden = false;
+}
+
+function renderImages(images) {
+  $('images').replaceChildren(
+    ...images.images.map((image, index) => {
+      const li = document.createElement('li');
+      const link = document.createElement('a');
+      link.href = image.url;
+      link.target = '_blank';
+      link.rel = 'noopener';
+      const img = document.createElement('img');
+      img.src = image.url;
+      img.alt = `image ${index}, seed ${image.seed}`;
+      img.loading = 'lazy';
+      link.append(img);
+      const seed = document.createElement('span');
+      seed.className = 'seed';
+      seed.append('seed ');
+      const code = document.createElement('code');
+      code.textContent = image.seed;
+      seed.append(code);
+      const reuse = document.createElement('button');
+      reuse.type = 'button';
+      reuse.className = 'reuse-seed';
+      reuse.textContent = 'Reuse seed';
+      reuse.addEventListener('click', () => reuseSeed(image.seed));
+      li.append(link, seed, reuse);
+      return li;
+    }),
+  );
+  const grid = images.grid;
+  $('grid').src = grid.url;
+  $('grid').alt = `final grid of ${images.images.length} image(s)`;
+  $('grid-link').href = grid.url;
+  $('grid-caption').textContent = `${grid.width}×${grid.height} · click to open full size`;
+  $('grid-box').hidden = false;
+  $('preview-box').hidden = true;
+}
+
+// The end of a job: the record holds the error or the timings; a succeeded
+// job's images come with fresh URLs.
+async function finish(job) {
+  try {
+    const status = await api('GET', `/v1/jobs/${job.id}`);
+    if (shown !== job) return;
+    renderStatus(job, status);
+    renderTimings(status);
+    if (status.state === 'failed') showJobError(status.error ?? 'failed');
+    if (status.state === 'succeeded') {
+      const images = await api('GET', `/v1/jobs/${job.id}/images`);
+      if (shown !== job) return;
+      renderImages(images);
+    }
+  } catch (error) {
+    if (shown === job) showJobError(error.message);
+  }
+}
+
+function handleEvent(job, { event, data }) {
+  const payload = parseJson(data);
+  switch (event) {
+    case 'status':
+      renderStatus(job, payload);
+      return TERMINAL.has(payload.state);
+    case 'progress':
+      markRunning(job);
+      setProgress(payload.step, payload.total_steps);
+      return false;
+    case 'preview':
+      markRunning(job);
+      showPreview(payload);
+      return false;
+    case 'succeeded':
+    case 'failed':
+    case 'cancelled':
+      setState(event);
+      rememberState(job.id, event);
+      setProgress(payload.step, payload.total_steps);
+      if (payload.error) showJobError(payload.error);
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Events flow once a worker runs the job: the status said `queued` then.
+function markRunning(job) {
+  if ($('job').dataset.state !== 'queued') return;
+  setState('running');
+  rememberState(job.id, 'running');
+}
+
+// Follows the job's events until a terminal one, reconnecting when the
+// stream drops (the first event of a new stream is the current status).
+async function follow(job) {
+  const { signal } = job.abort;
+  for (let attempt = 0; !signal.aborted; attempt++) {
+    let ended = false;
+    try {
+      const response = await fetch(`/v1/jobs/${job.id}/events`, {
+        headers: headers({ accept: 'text/event-stream' }),
+        signal,
+      });
+      if (!response.ok) {
+        const text = await response.text();
+        let body = null;
+        try {
+          body = parseJson(text);
+        } catch {
+          body = null;
+        }
+        throw new ApiError(response.status, body, text);
+      }
+      notice(null);
+      for await (const event of sseEvents(response.body)) {
+        if (shown !== job) return;
+        attempt = 0;
+        if (handleEvent(job, event)) {
+          ended = true;
+          break;
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+      if (error instanceof ApiError && error.status < 500 && error.status !== 429) {
+        showJobError(error.message); // unknown job, bad key: retrying will not help
+        return;
+      }
+      notice(`connection lost (${error.message}); reconnecting…`);
+    }
+    if (ended) {
+      await finish(job);
+      return;
+    }
+    await sleep(Math.min(500 * 2 ** attempt, 5000));
+  }
+}
+
+function openJob(id) {
+  if (shown) shown.abort.abort();
+  const job = { id, abort: new AbortController(), status: null };
+  shown = job;
+  resetJobView(id);
+  history.replaceState(null, '', `#${id}`);
+  renderRecent();
+  follow(job);
+}
+
+async function cancelShown() {
+  const job = shown;
+  if (!job) return;
+  $('cancel').disabled = true;
+  try {
+    const status = await api('DELETE', `/v1/jobs/${job.id}`);
+    if (shown !== job) return;
+    // A queued job is cancelled now; a running one stops between two steps
+    // and its `cancelled` event comes through the stream.
+    renderStatus(job, status);
+    if (status.state === 'running') notice('cancel requested: the worker stops between two steps');
+  } catch (error) {
+    if (shown === job) showJobError(error.message);
+  } finally {
+    $('cancel').disabled = false;
+  }
+}
+
+// ------------------------------------------------------------- start up --
+
+function setUpKey() {
+  const input = $('api-key');
+  input.value = apiKey();
+  const describe = () => {
+    $('key-state').textContent = apiKey() ? 'key saved in this browser' : '';
+  };
+  describe();
+  $('key-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const key = input.value.trim();
+    if (key) localStorage.setItem(KEY_STORE, key);
+    else localStorage.removeItem(KEY_STORE);
+    describe();
+    loadLimits();
+    if (shown) openJob(shown.id);
+  });
+}
+
+function start() {
+  setUpKey();
+  form.addEventListener('submit', submitJob);
+  $('reset-form').addEventListener('click', () => {
+    fillDefaults();
+    form.elements.prompt.value = '';
+    hideFormError();
+  });
+  $('cancel').addEventListener('click', cancelShown);
+  $('reuse-settings').addEventListener('click', () => {
+    if (shown?.status) fillForm(shown.status.request);
+  });
+  $('clear-recent').addEventListener('click', () => saveRecent([]));
+  renderRecent();
+  loadLimits();
+  const id = location.hash.slice(1);
+  if (UUID.test(id)) openJob(id);
+}
+
+start();
