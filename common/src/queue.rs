@@ -87,6 +87,23 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> Result<(), Qu
     Ok(())
 }
 
+/// How many messages wait in the job queue and in its dead-letter queue
+/// (ready ones, not those delivered and not yet settled), read with passive
+/// declares, which fail if a queue does not exist.
+pub async fn queue_depths(channel: &Channel, names: &Names) -> Result<(u32, u32), QueueError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let jobs = channel
+        .queue_declare(names.queue.as_str().into(), passive, FieldTable::default())
+        .await?;
+    let dead = channel
+        .queue_declare(names.dead_letter_queue().as_str().into(), passive, FieldTable::default())
+        .await?;
+    Ok((jobs.message_count(), dead.message_count()))
+}
+
 /// Publishes jobs to the queue and waits for the broker's confirm of each.
 #[derive(Clone)]
 pub struct JobPublisher {

@@ -4,8 +4,10 @@
 //! Redis prefix and bucket, so that tests run in parallel.
 
 pub mod browser;
+pub mod ledger;
 pub mod process;
 pub mod stack;
 
+pub use ledger::{reconcile, Ledger};
 pub use process::Proc;
 pub use stack::{EventRecorder, JobParams, Stack};

@@ -200,9 +200,14 @@ impl Stack {
 
     /// `dispatcher serve` on a free port; returns it with its base URL once healthy.
     pub async fn spawn_dispatcher(&self) -> anyhow::Result<(Proc, String)> {
+        self.spawn_dispatcher_with(&[]).await
+    }
+
+    /// As [`Stack::spawn_dispatcher`], with more `serve` flags.
+    pub async fn spawn_dispatcher_with(&self, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = self.command(&binaries().dispatcher);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(extra);
         let mut proc = Proc::spawn("dispatcher", cmd, self.dir.path().join("dispatcher.log"))?;
         let base = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
@@ -237,6 +242,16 @@ impl Stack {
             .get(id)
             .await?
             .with_context(|| format!("no status record for {id}"))
+    }
+
+    /// Messages ready in this stack's job queue and in its dead-letter queue.
+    pub async fn queue_depths(&self) -> anyhow::Result<(u32, u32)> {
+        let url = self.env("AMQP_URL").context("AMQP_URL")?;
+        let conn = common::queue::connect(url, "e2e-test").await?;
+        let channel = conn.create_channel().await?;
+        let depths = common::queue::queue_depths(&channel, &self.status.names().clone()).await?;
+        let _ = conn.close(200, "done".into()).await;
+        Ok(depths)
     }
 
     /// Polls the status until `done` holds; returns it and every state seen.
@@ -365,11 +380,28 @@ pub struct EventRecorder {
 }
 
 impl EventRecorder {
+    /// The events of job `id` seen so far, in arrival order.
     pub fn of(&self, id: Uuid) -> Vec<(String, JobEvent)> {
         self.events
             .lock()
             .map(|e| e.iter().filter(|(_, ev)| ev.job_id == id).cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The events of job `id` once its terminal event has arrived. The worker
+    /// writes the terminal status before it publishes the terminal event, so
+    /// a test that saw the status may read the recorder a moment before the
+    /// event reaches it; this waits for it (at most `timeout`, then returns
+    /// what has arrived, for the caller's assertion to show).
+    pub async fn of_finished(&self, id: Uuid, timeout: Duration) -> Vec<(String, JobEvent)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let events = self.of(id);
+            if events.iter().any(|(_, e)| e.kind.is_terminal()) || tokio::time::Instant::now() >= deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -266,7 +266,11 @@ async fn cancelling_a_queued_and_a_running_job_and_the_worker_goes_on() -> anyho
     );
     assert!(stack.objects_of(running).await?.is_empty(), "nothing stored");
     assert_eq!(
-        events.of(running).last().map(|(_, e)| e.kind),
+        events
+            .of_finished(running, Duration::from_secs(10))
+            .await
+            .last()
+            .map(|(_, e)| e.kind),
         Some(EventKind::Cancelled)
     );
     let again = http.delete(format!("{base}/v1/jobs/{running}")).send().await?;

@@ -96,7 +96,7 @@ async fn cli_job_goes_queued_running_succeeded_and_matches_worker_generate() -> 
     assert_eq!(lines.last().map(|e| e.kind), Some(EventKind::Succeeded));
     assert!(std::fs::read_dir(&previews)?.count() >= 1, "previews saved");
 
-    let recorded = events.of(id);
+    let recorded = events.of_finished(id, Duration::from_secs(10)).await;
     assert_events(&recorded, &status, &stack.prefix);
 
     let stored = stack.stored_grid(&status).await?;
@@ -180,7 +180,7 @@ async fn http_job_goes_queued_running_succeeded_with_sse_events() -> anyhow::Res
     );
     assert!(names.contains(&"progress"), "{names:?}");
 
-    assert_events(&events.of(id), &status, &stack.prefix);
+    assert_events(&events.of_finished(id, Duration::from_secs(10)).await, &status, &stack.prefix);
 
     // GET status, and the result redirect to a fresh presigned URL.
     let got: JobStatus = http.get(format!("{base}/v1/jobs/{id}")).send().await?.json().await?;
