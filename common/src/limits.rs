@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::request::{self, OutputFormat};
 use crate::validation::{
-    GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE,
+    Caps, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE,
     STEPS_RANGE,
 };
 
@@ -61,6 +61,8 @@ pub struct RequestLimits {
     pub priority: IntegerLimit,
     /// Any `u64`; drawn by the dispatcher when absent.
     pub seed: IntegerLimit,
+    /// Width × height of one image may not exceed this (the deployment's cap).
+    pub max_pixels: u64,
 }
 
 fn integer((lo, hi): (i64, i64), default: Option<i64>) -> IntegerLimit {
@@ -74,10 +76,21 @@ fn integer((lo, hi): (i64, i64), default: Option<i64>) -> IntegerLimit {
 }
 
 impl RequestLimits {
+    /// The rules with no deployment caps (the ranges themselves).
     pub fn current() -> Self {
+        Self::within(&Caps::default())
+    }
+
+    /// The rules a dispatcher with `caps` enforces.
+    pub fn within(caps: &Caps) -> Self {
+        // A side is at most what fits beside the smallest other side.
+        let widest = (caps.max_pixels / SIZE_RANGE.0 as u64) as i64 / SIZE_MULTIPLE * SIZE_MULTIPLE;
         let size = IntegerLimit {
             multiple_of: Some(SIZE_MULTIPLE as u64),
-            ..integer(SIZE_RANGE, Some(request::DEFAULT_SIZE))
+            ..integer(
+                (SIZE_RANGE.0, SIZE_RANGE.1.min(widest)),
+                Some(request::DEFAULT_SIZE),
+            )
         };
         RequestLimits {
             prompt: TextLimit {
@@ -90,7 +103,10 @@ impl RequestLimits {
                 max_chars: PROMPT_MAX_CHARS,
                 default: Some(request::DEFAULT_NEGATIVE_PROMPT),
             },
-            num_inference_steps: integer(STEPS_RANGE, Some(request::DEFAULT_STEPS)),
+            num_inference_steps: integer(
+                (STEPS_RANGE.0, STEPS_RANGE.1.min(caps.max_steps.into())),
+                Some(request::DEFAULT_STEPS),
+            ),
             width: size.clone(),
             height: size,
             guidance_scale: NumberLimit {
@@ -98,7 +114,7 @@ impl RequestLimits {
                 max: GUIDANCE_RANGE.1,
                 default: request::DEFAULT_GUIDANCE_SCALE,
             },
-            num_images: integer(NUM_IMAGES_RANGE, None),
+            num_images: integer((NUM_IMAGES_RANGE.0, NUM_IMAGES_RANGE.1.min(caps.max_images.into())), None),
             preview_every: integer(PREVIEW_EVERY_RANGE, Some(request::DEFAULT_PREVIEW_EVERY)),
             output_format: ChoiceLimit {
                 one_of: OutputFormat::ALL.iter().map(|f| f.extension()).collect(),
@@ -111,6 +127,7 @@ impl RequestLimits {
                 multiple_of: None,
                 default: None,
             },
+            max_pixels: caps.max_pixels,
         }
     }
 }
@@ -215,6 +232,38 @@ mod tests {
         assert_eq!(job.output_format.extension(), limits.output_format.default);
         assert_eq!(job.negative_prompt, limits.negative_prompt.default.unwrap());
         assert_eq!(job.guidance_scale, g.default);
+    }
+
+    /// Under caps, the published bounds still pass and one past them fails.
+    #[test]
+    fn capped_limits_are_the_enforced_ones() {
+        let caps = Caps {
+            max_steps: 25,
+            max_pixels: 768 * 768,
+            max_images: 3,
+        };
+        let limits = RequestLimits::within(&caps);
+        let with = |req: JobRequest| crate::validation::validate_within(&req, &caps, || 1).is_ok();
+        assert_eq!(limits.num_inference_steps.max, 25);
+        assert_eq!(limits.num_images.max, 3);
+        assert_eq!(limits.max_pixels, 768 * 768);
+        let widest = limits.width.max as i64;
+        assert!(with(JobRequest {
+            width: Some(widest),
+            height: Some(256),
+            ..base()
+        }));
+        assert!(!with(JobRequest {
+            width: Some(widest + 8),
+            height: Some(256),
+            ..base()
+        }));
+        assert!(!with(JobRequest {
+            num_inference_steps: Some(26),
+            ..base()
+        }));
+        // The default size (1024²) is over this cap: a client must ask for less.
+        assert!(!with(base()));
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl Names {
         format!("{}:job:{id}:cancel", self.redis_prefix)
     }
 
+    /// Held by the worker running the job: `sdxl:job:{id}:lease`.
+    pub fn lease_key(&self, id: Uuid) -> String {
+        format!("{}:job:{id}:lease", self.redis_prefix)
+    }
+
     /// The event channel: `sdxl:job:{id}:events`.
     pub fn events_channel(&self, id: Uuid) -> String {
         format!("{}:job:{id}:events", self.redis_prefix)

@@ -23,6 +23,10 @@ pub struct JobMessage<R> {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
     pub request: R,
+    /// The API key name that submitted it, so that a worker that has to
+    /// rebuild a lost status record gives it back to its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

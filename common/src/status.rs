@@ -129,6 +129,10 @@ pub struct JobStatus {
     pub error: Option<String>,
     #[serde(default)]
     pub result: Option<JobResult>,
+    /// The name of the API key that submitted it (absent on an open server
+    /// and from the CLI): only that key, or an admin key, can see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl JobStatus {
@@ -147,6 +151,7 @@ impl JobStatus {
             progress: Progress { step: 0, total_steps },
             error: None,
             result: None,
+            owner: None,
         }
     }
 }

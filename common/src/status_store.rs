@@ -60,6 +60,25 @@ end
 return 0
 ";
 
+/// `ARGV[3]` = `renew`: sets the lease `KEYS[1]` to `ARGV[1]` for `ARGV[2]`
+/// ms if it is free or already `ARGV[1]`'s; `release`: deletes it if it is
+/// `ARGV[1]`'s. Returns 1 when it did.
+const LEASE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if ARGV[3] == 'renew' then
+  if cur == false or cur == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+  end
+  return 0
+end
+if cur == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+";
+
 /// No command may take longer than this, reconnection included: a Redis that
 /// went away must surface as a (transient) error, never as a hang.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(6);
@@ -91,6 +110,7 @@ pub struct StatusStore {
     names: Names,
     ttl: Duration,
     script: redis::Script,
+    lease_script: redis::Script,
 }
 
 impl StatusStore {
@@ -103,6 +123,7 @@ impl StatusStore {
             names,
             ttl,
             script: redis::Script::new(COMPARE_AND_SET),
+            lease_script: redis::Script::new(LEASE),
         };
         store.connection().await?;
         Ok(store)
@@ -257,6 +278,63 @@ impl StatusStore {
         }
         let existing: Option<String> = self.run(|mut c| async move { c.get(redis_key).await }).await?;
         Ok(existing.and_then(|s| s.parse().ok()))
+    }
+
+    /// Takes the job's lease for `holder` for `ttl`, unless another holder
+    /// has it: then returns that holder. A worker runs a job only while it
+    /// holds its lease, so that two deliveries of one message (a duplicate,
+    /// or a redelivery while the first worker still runs it) never run at
+    /// once; the lease of a worker that died expires after `ttl`.
+    pub async fn acquire_lease(&self, id: Uuid, holder: &str, ttl: Duration) -> Result<Option<String>, StatusStoreError> {
+        let key = self.names.lease_key(id);
+        let (k, h, ms) = (key.clone(), holder.to_string(), ttl.as_millis().max(1) as u64);
+        let set: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(k)
+                    .arg(h)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if set.is_some() {
+            return Ok(None);
+        }
+        let current: Option<String> = self.run(|mut c| async move { c.get(key).await }).await?;
+        match current {
+            // Ours already (a retry after a lost reply) or expired meanwhile: try again once.
+            Some(other) if other != holder => Ok(Some(other)),
+            _ => {
+                let renewed = self.renew_lease(id, holder, ttl).await?;
+                Ok((!renewed).then(|| "another worker".to_string()))
+            }
+        }
+    }
+
+    /// Extends the lease if `holder` still has it (or takes it if it is
+    /// free); false when another holder has it.
+    pub async fn renew_lease(&self, id: Uuid, holder: &str, ttl: Duration) -> Result<bool, StatusStoreError> {
+        let key = self.names.lease_key(id);
+        let (h, ms) = (holder.to_string(), ttl.as_millis().max(1) as u64);
+        let script = self.lease_script.clone();
+        let renewed: i64 = self
+            .run(|mut c| async move { script.key(key).arg(h).arg(ms).arg("renew").invoke_async(&mut c).await })
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives the lease up if `holder` has it.
+    pub async fn release_lease(&self, id: Uuid, holder: &str) -> Result<(), StatusStoreError> {
+        let key = self.names.lease_key(id);
+        let h = holder.to_string();
+        let script = self.lease_script.clone();
+        let _: i64 = self
+            .run(|mut c| async move { script.key(key).arg(h).arg(0).arg("release").invoke_async(&mut c).await })
+            .await?;
+        Ok(())
     }
 
     /// Releases a key claimed by a submit that then failed.

@@ -20,6 +20,56 @@ pub const NUM_IMAGES_RANGE: (i64, i64) = (1, 16);
 pub const PREVIEW_EVERY_RANGE: (i64, i64) = (0, STEPS_RANGE.1);
 pub const PRIORITY_RANGE: (i64, i64) = (0, 9);
 
+/// What one job may ask of the GPUs on this deployment: the operator's caps
+/// (`SDXL_MAX_STEPS`, `SDXL_MAX_PIXELS`, `SDXL_MAX_IMAGES`), at most the
+/// ranges above, which are what the model and the engine accept at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub max_steps: u32,
+    /// Width × height of one image.
+    pub max_pixels: u64,
+    pub max_images: u32,
+}
+
+impl Default for Caps {
+    /// No tighter than the ranges themselves.
+    fn default() -> Self {
+        Caps {
+            max_steps: STEPS_RANGE.1 as u32,
+            max_pixels: (SIZE_RANGE.1 * SIZE_RANGE.1) as u64,
+            max_images: NUM_IMAGES_RANGE.1 as u32,
+        }
+    }
+}
+
+impl Caps {
+    /// Checks that each cap lies within what the ranges allow, naming the
+    /// setting that does not.
+    pub fn checked(self) -> Result<Self, String> {
+        let hard = Caps::default();
+        let min_pixels = (SIZE_RANGE.0 * SIZE_RANGE.0) as u64;
+        if !(STEPS_RANGE.0 as u32..=hard.max_steps).contains(&self.max_steps) {
+            return Err(format!(
+                "max steps must be between {} and {}, got {}",
+                STEPS_RANGE.0, hard.max_steps, self.max_steps
+            ));
+        }
+        if !(min_pixels..=hard.max_pixels).contains(&self.max_pixels) {
+            return Err(format!(
+                "max pixels must be between {min_pixels} and {}, got {}",
+                hard.max_pixels, self.max_pixels
+            ));
+        }
+        if !(NUM_IMAGES_RANGE.0 as u32..=hard.max_images).contains(&self.max_images) {
+            return Err(format!(
+                "max images must be between {} and {}, got {}",
+                NUM_IMAGES_RANGE.0, hard.max_images, self.max_images
+            ));
+        }
+        Ok(self)
+    }
+}
+
 /// A request that passed every rule, with every default filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidJob {
@@ -95,6 +145,12 @@ pub enum ValidationError {
     OutputFormat(String),
     #[error("`priority` must be between {lo} and {hi}, got {0}", lo = PRIORITY_RANGE.0, hi = PRIORITY_RANGE.1)]
     Priority(i64),
+    #[error("`num_inference_steps` must be at most {cap} on this server, got {value}")]
+    StepsOverCap { value: i64, cap: u32 },
+    #[error("`width` × `height` must be at most {cap} pixels on this server, got {width}×{height} = {}", width * height)]
+    PixelsOverCap { width: u64, height: u64, cap: u64 },
+    #[error("`num_images` must be at most {cap} on this server, got {value}")]
+    NumImagesOverCap { value: i64, cap: u32 },
 }
 
 impl ValidationError {
@@ -106,7 +162,9 @@ impl ValidationError {
             ValidationError::WrongType { field, .. } => field,
             ValidationError::PromptMissing | ValidationError::PromptLength(_) => "prompt",
             ValidationError::NegativePromptLength(_) => "negative_prompt",
-            ValidationError::Steps(_) => "num_inference_steps",
+            ValidationError::Steps(_) | ValidationError::StepsOverCap { .. } => "num_inference_steps",
+            ValidationError::PixelsOverCap { .. } => "width",
+            ValidationError::NumImagesOverCap { .. } => "num_images",
             ValidationError::SizeRange { field, .. } | ValidationError::SizeMultiple { field, .. } => field,
             ValidationError::GuidanceScale(_) => "guidance_scale",
             ValidationError::NumImages(_) => "num_images",
@@ -135,6 +193,15 @@ fn size(field: &'static str, value: Option<i64>) -> Result<u32, ValidationError>
 /// Checks every rule in field order and fills the defaults. `draw_seed` is
 /// called only when the request has no seed.
 pub fn validate(req: &JobRequest, draw_seed: impl FnOnce() -> u64) -> Result<ValidJob, ValidationError> {
+    validate_within(req, &Caps::default(), draw_seed)
+}
+
+/// As [`validate`], and within this deployment's `caps` too.
+pub fn validate_within(
+    req: &JobRequest,
+    caps: &Caps,
+    draw_seed: impl FnOnce() -> u64,
+) -> Result<ValidJob, ValidationError> {
     let prompt = req.prompt.as_deref().ok_or(ValidationError::PromptMissing)?;
     let chars = prompt.chars().count();
     if chars == 0 || chars > PROMPT_MAX_CHARS {
@@ -152,8 +219,21 @@ pub fn validate(req: &JobRequest, draw_seed: impl FnOnce() -> u64) -> Result<Val
     if !in_range(steps, STEPS_RANGE) {
         return Err(ValidationError::Steps(steps));
     }
+    if steps > i64::from(caps.max_steps) {
+        return Err(ValidationError::StepsOverCap {
+            value: steps,
+            cap: caps.max_steps,
+        });
+    }
     let width = size("width", req.width)?;
     let height = size("height", req.height)?;
+    if u64::from(width) * u64::from(height) > caps.max_pixels {
+        return Err(ValidationError::PixelsOverCap {
+            width: width.into(),
+            height: height.into(),
+            cap: caps.max_pixels,
+        });
+    }
     let guidance_scale = req.guidance_scale.unwrap_or(request::DEFAULT_GUIDANCE_SCALE);
     // `contains` is false for NaN, so NaN is refused too.
     if !(GUIDANCE_RANGE.0..=GUIDANCE_RANGE.1).contains(&guidance_scale) {
@@ -161,8 +241,14 @@ pub fn validate(req: &JobRequest, draw_seed: impl FnOnce() -> u64) -> Result<Val
     }
     let num_images = match req.num_images {
         None => None,
-        Some(n) if in_range(n, NUM_IMAGES_RANGE) => Some(n as u32),
-        Some(n) => return Err(ValidationError::NumImages(n)),
+        Some(n) if !in_range(n, NUM_IMAGES_RANGE) => return Err(ValidationError::NumImages(n)),
+        Some(n) if n > i64::from(caps.max_images) => {
+            return Err(ValidationError::NumImagesOverCap {
+                value: n,
+                cap: caps.max_images,
+            })
+        }
+        Some(n) => Some(n as u32),
     };
     let preview_every = req.preview_every.unwrap_or(request::DEFAULT_PREVIEW_EVERY);
     if !in_range(preview_every, PREVIEW_EVERY_RANGE) {
@@ -259,6 +345,69 @@ mod tests {
         })
         .unwrap();
         assert_eq!(validate(&job.to_request(), || unreachable!()).unwrap(), job);
+    }
+
+    #[test]
+    fn caps_tighten_the_ranges_and_name_the_field() {
+        let caps = Caps {
+            max_steps: 30,
+            max_pixels: 512 * 512,
+            max_images: 4,
+        }
+        .checked()
+        .unwrap();
+        let within = |req: JobRequest| validate_within(&req, &caps, || 1);
+        let base = JobRequest {
+            width: Some(512),
+            height: Some(512),
+            ..ok()
+        };
+        assert!(within(JobRequest {
+            num_inference_steps: Some(30),
+            num_images: Some(4),
+            ..base.clone()
+        })
+        .is_ok());
+        let e = within(JobRequest {
+            num_inference_steps: Some(31),
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert_eq!(e.field(), "num_inference_steps");
+        assert!(e.to_string().contains("at most 30"), "{e}");
+        let e = within(JobRequest {
+            width: Some(1024),
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert_eq!(e.field(), "width");
+        assert!(e.to_string().contains("262144 pixels"), "{e}");
+        let e = within(JobRequest {
+            num_images: Some(5),
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert_eq!(e.field(), "num_images");
+        // The ranges still come first: 101 steps is out of range, not over the cap.
+        let e = within(JobRequest {
+            num_inference_steps: Some(101),
+            ..base
+        })
+        .unwrap_err();
+        assert_eq!(e, ValidationError::Steps(101));
+        assert!(Caps {
+            max_steps: 101,
+            ..caps
+        }
+        .checked()
+        .is_err());
+        assert!(Caps { max_images: 0, ..caps }.checked().is_err());
+        assert!(Caps {
+            max_pixels: 1000,
+            ..caps
+        }
+        .checked()
+        .is_err());
     }
 
     fn err(req: JobRequest) -> ValidationError {

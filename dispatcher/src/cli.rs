@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use common::config::ServiceArgs;
 use common::request::JobRequest;
+use common::validation::Caps;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -32,6 +33,9 @@ pub enum Command {
     Watch(WatchArgs),
     /// Cancel a queued or running job; prints the status record as JSON.
     Cancel(JobArgs),
+    /// Print `sha256:<hex>` of the API key read from stdin, for an
+    /// `SDXL_API_KEYS_FILE` that holds no key in clear.
+    HashKey,
 }
 
 #[derive(Debug, Args)]
@@ -42,8 +46,56 @@ pub struct ServeArgs {
     /// Submits handled at once; more are answered 429.
     #[arg(long, env = "SDXL_MAX_PENDING_SUBMITS", default_value_t = 256)]
     pub max_pending_submits: usize,
+    /// API keys, `name:key[:admin]` (or `name:sha256:<hex>[:admin]`), comma-separated.
+    /// With no key at all (here or in the file) the API is open to anyone.
+    #[arg(long, env = "SDXL_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// A file of API keys, one `name:key[:admin]` per line (`#` comments).
+    #[arg(long, env = "SDXL_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve `/metrics` on this address only (and not on `--listen`).
+    #[arg(long, env = "SDXL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Submits per minute per API key (a token bucket); 0: no limit.
+    #[arg(long, env = "SDXL_RATE_LIMIT", default_value_t = 120)]
+    pub rate_limit: u32,
+    /// Submits a key may make at once before the rate applies.
+    #[arg(long, env = "SDXL_RATE_BURST", default_value_t = 20)]
+    pub rate_burst: u32,
+    /// Submits are refused (503) while this many jobs wait in the queue; 0: no cap.
+    #[arg(long, env = "SDXL_MAX_QUEUE_DEPTH", default_value_t = 10_000)]
+    pub max_queue_depth: u64,
+    #[command(flatten)]
+    pub caps: CapsArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+/// The caps on what one job may ask (at most the ranges of the request's
+/// fields, which are their defaults).
+#[derive(Debug, Clone, Args)]
+pub struct CapsArgs {
+    /// Most denoising steps a job may ask for (1–100).
+    #[arg(long, env = "SDXL_MAX_STEPS", default_value_t = Caps::default().max_steps)]
+    pub max_steps: u32,
+    /// Most pixels (width × height) of one image (65536–4194304).
+    #[arg(long, env = "SDXL_MAX_PIXELS", default_value_t = Caps::default().max_pixels)]
+    pub max_pixels: u64,
+    /// Most images a job may ask for (1–16).
+    #[arg(long, env = "SDXL_MAX_IMAGES", default_value_t = Caps::default().max_images)]
+    pub max_images: u32,
+}
+
+impl CapsArgs {
+    pub fn caps(&self) -> anyhow::Result<Caps> {
+        Caps {
+            max_steps: self.max_steps,
+            max_pixels: self.max_pixels,
+            max_images: self.max_images,
+        }
+        .checked()
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 /// Every request field, as a flag of the same name.
@@ -115,6 +167,8 @@ pub struct SubmitArgs {
     /// Makes a retried submit return the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub caps: CapsArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
 }

@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::admission::{QueueCap, RateLimit};
+use crate::auth::{ApiKeys, Caller};
 use crate::cli::{JobArgs, ServeArgs, SubmitArgs, WatchArgs};
 use crate::http::server::{self, AppState};
 use crate::jobs::{Followed, Jobs};
@@ -40,27 +42,63 @@ pub async fn serve(
     args: ServeArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let keys = ApiKeys::load(args.api_keys.as_deref(), args.api_keys_file.as_deref())?;
+    if keys.is_open() {
+        tracing::warn!("no API keys configured (SDXL_API_KEYS, SDXL_API_KEYS_FILE): the API is open to anyone who can reach it");
+    } else {
+        tracing::info!(keys = keys.len(), "API keys loaded");
+    }
+    let caps = args.caps.caps()?;
     let status = store(&args.service).await?;
-    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0)
+    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, caps)
         .await
         .context("connecting to RabbitMQ")?;
+    let queue_cap = QueueCap::new(args.max_queue_depth);
+    queue_cap.spawn_poller(args.service.amqp_url.0.clone(), args.service.names());
     let results = ResultStore::new(&args.service.s3)?;
     // Best effort: the worker creates the bucket too; the API only presigns.
     if let Err(e) = results.ensure_bucket().await {
         tracing::warn!(error = %e, "could not check the bucket");
     }
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let rate_limit = Arc::new(RateLimit::new(args.rate_limit, args.rate_burst));
+    let forget = rate_limit.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            forget.forget_idle();
+        }
+    });
     let state = AppState {
         jobs: Arc::new(jobs),
         results: Arc::new(results),
         metrics: Metrics::new()?,
         submit_permits: Arc::new(Semaphore::new(args.max_pending_submits.max(1))),
         stopping,
+        keys: Arc::new(keys),
+        rate_limit,
+        queue_cap,
+        metrics_here: args.metrics_listen.is_none(),
     };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, queue = %args.service.queue, "serving");
+    if let Some(addr) = args.metrics_listen {
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr} (metrics)"))?;
+        tracing::info!(addr = %metrics_listener.local_addr()?, "serving /metrics");
+        let (metrics_state, mut metrics_stop) = (state.clone(), stop.subscribe());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = metrics_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = server::serve_metrics(metrics_listener, metrics_state, shutdown).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
     let shutdown = async move {
         shutdown.await;
         let _ = stop.send(true);
@@ -72,11 +110,13 @@ pub async fn serve(
 /// `submit`: returns the final state with `--wait`.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<JobState>> {
     let status = store(&args.service).await?;
-    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0)
+    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, args.caps.caps()?)
         .await
         .context("connecting to RabbitMQ")?;
+    // The CLI talks to RabbitMQ and Redis with the service's own credentials:
+    // an operator's tool, whose jobs belong to no API key.
     let submitted = jobs
-        .submit(&args.request.to_request(), args.idempotency_key.as_deref())
+        .submit(&args.request.to_request(), args.idempotency_key.as_deref(), None)
         .await?;
     let id = submitted.status.id;
     if !args.wait {
@@ -94,7 +134,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<JobState>> {
 }
 
 async fn follow_with_bar(jobs: &Jobs, id: Uuid) -> anyhow::Result<JobStatus> {
-    let mut stream = jobs.follow(id).await?;
+    let mut stream = jobs.follow(id, &Caller::anonymous()).await?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps {msg}")
@@ -143,7 +183,7 @@ pub async fn status(args: JobArgs) -> anyhow::Result<()> {
 
 pub async fn cancel(args: JobArgs) -> anyhow::Result<()> {
     let jobs = Jobs::new(store(&args.service).await?);
-    print_json(&jobs.cancel(args.id).await?)
+    print_json(&jobs.cancel(args.id, &Caller::anonymous()).await?)
 }
 
 /// `watch`: returns the terminal event's kind.
@@ -152,7 +192,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<EventKind> {
     if let Some(dir) = &args.save_previews {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut stream = jobs.follow(args.id).await?;
+    let mut stream = jobs.follow(args.id, &Caller::anonymous()).await?;
     while let Some(followed) = stream.next().await {
         let Followed::Event(event) = followed else {
             continue;
@@ -181,4 +221,16 @@ fn save_preview(dir: &Path, event: &JobEvent) -> anyhow::Result<()> {
         .context("decoding a preview")?;
     let path = dir.join(format!("{}-{:03}.jpg", event.job_id, event.step));
     std::fs::write(&path, jpeg).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `hash-key`: the digest of the key on stdin, for a key file.
+pub fn hash_key() -> anyhow::Result<()> {
+    let mut key = String::new();
+    std::io::stdin().read_line(&mut key).context("reading the key from stdin")?;
+    let key = key.trim_end_matches(['\r', '\n']);
+    if key.len() < 16 {
+        bail!("a key must be at least 16 characters");
+    }
+    println!("{}", crate::auth::hashed(key));
+    Ok(())
 }

@@ -11,11 +11,13 @@ use common::queue::{self, JobMessage, JobPublisher, QueueError};
 use common::request::JobRequest;
 use common::status::{JobState, JobStatus};
 use common::status_store::{StatusStore, StatusStoreError, Update};
-use common::validation::{random_seed, validate, ValidJob, ValidationError};
+use common::validation::{random_seed, validate_within, Caps, ValidJob, ValidationError};
 use common::Names;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, Mutex};
 use uuid::Uuid;
+
+use crate::auth::Caller;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -68,6 +70,7 @@ struct Publishing {
 pub struct Jobs {
     status: StatusStore,
     publishing: Option<Mutex<Publishing>>,
+    caps: Caps,
 }
 
 impl Jobs {
@@ -76,11 +79,13 @@ impl Jobs {
         Jobs {
             status,
             publishing: None,
+            caps: Caps::default(),
         }
     }
 
     /// For submitting too: connects to RabbitMQ and declares the topology.
-    pub async fn with_publisher(status: StatusStore, amqp_url: &str) -> Result<Self, QueueError> {
+    /// Requests are validated within `caps`.
+    pub async fn with_publisher(status: StatusStore, amqp_url: &str, caps: Caps) -> Result<Self, QueueError> {
         let publisher = open_publisher(amqp_url, status.names().clone()).await?;
         Ok(Jobs {
             status,
@@ -88,7 +93,13 @@ impl Jobs {
                 url: amqp_url.to_string(),
                 publisher: Some(publisher),
             })),
+            caps,
         })
+    }
+
+    /// The caps requests are validated within.
+    pub fn caps(&self) -> &Caps {
+        &self.caps
     }
 
     /// Whether RabbitMQ and Redis are reachable now.
@@ -109,20 +120,32 @@ impl Jobs {
 
     /// Validates, writes `queued`, publishes with confirms. If RabbitMQ does
     /// not confirm, the record says `failed` and the caller gets the error.
-    pub async fn submit(&self, request: &JobRequest, idempotency_key: Option<&str>) -> Result<Submitted, JobsError> {
-        let job = validate(request, random_seed)?;
+    /// `owner` is the API key name the job belongs to (`None`: anyone's);
+    /// an `Idempotency-Key` is the owner's own, never matched across owners.
+    pub async fn submit(
+        &self,
+        request: &JobRequest,
+        idempotency_key: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<Submitted, JobsError> {
+        let job = validate_within(request, &self.caps, random_seed)?;
         let publishing = self.publishing.as_ref().ok_or(JobsError::NoPublisher)?;
         let id = Uuid::new_v4();
-        if let Some(key) = idempotency_key {
+        let idempotency_key = idempotency_key.map(|key| match owner {
+            Some(owner) => format!("{owner}:{key}"),
+            None => key.to_string(),
+        });
+        if let Some(key) = idempotency_key.as_deref() {
             if let Some(existing) = self.status.claim_idempotency_key(key, id).await? {
                 let status = self.status.get(existing).await?.ok_or(JobsError::NotFound(existing))?;
                 return Ok(Submitted { status, replayed: true });
             }
         }
-        let status = JobStatus::queued(id, job.clone(), Utc::now());
+        let mut status = JobStatus::queued(id, job.clone(), Utc::now());
+        status.owner = owner.map(str::to_string);
         let created = self.status.create(&status).await;
         if !matches!(created, Ok(true)) {
-            if let Some(key) = idempotency_key {
+            if let Some(key) = idempotency_key.as_deref() {
                 let _ = self.status.release_idempotency_key(key).await;
             }
             created?;
@@ -131,6 +154,7 @@ impl Jobs {
             id,
             created_at: status.created_at,
             request: job,
+            owner: status.owner.clone(),
         };
         let published = {
             let mut p = publishing.lock().await;
@@ -162,11 +186,22 @@ impl Jobs {
         self.status.get(id).await?.ok_or(JobsError::NotFound(id))
     }
 
+    /// The status, if `caller` may see the job; another key's job is "not
+    /// found", exactly as a job that does not exist, so ids cannot be probed.
+    pub async fn visible_status(&self, id: Uuid, caller: &Caller) -> Result<JobStatus, JobsError> {
+        let status = self.status(id).await?;
+        if caller.may_see(status.owner.as_deref()) {
+            Ok(status)
+        } else {
+            Err(JobsError::NotFound(id))
+        }
+    }
+
     /// Cancels a job: a queued one is `cancelled` at once (the worker that
     /// takes it will skip it); a running one is flagged and the worker stops
     /// it between two steps. Returns the record after the request.
-    pub async fn cancel(&self, id: Uuid) -> Result<JobStatus, JobsError> {
-        let current = self.status(id).await?;
+    pub async fn cancel(&self, id: Uuid, caller: &Caller) -> Result<JobStatus, JobsError> {
+        let current = self.visible_status(id, caller).await?;
         if current.state.is_terminal() {
             return Err(JobsError::AlreadyFinished(Box::new(current)));
         }
@@ -200,10 +235,10 @@ impl Jobs {
     /// The status, then every event until the terminal one (which ends the
     /// stream). A terminal state seen in the record ends it too, so a missed
     /// event cannot make a follower wait forever.
-    pub async fn follow(&self, id: Uuid) -> Result<FollowStream, JobsError> {
+    pub async fn follow(&self, id: Uuid, caller: &Caller) -> Result<FollowStream, JobsError> {
         // Subscribe before reading, so that nothing falls in between.
         let mut events = Box::pin(self.status.subscribe(id).await?);
-        let status = self.status(id).await?;
+        let status = self.visible_status(id, caller).await?;
         let store = self.status.clone();
         let (tx, mut rx) = mpsc::channel::<Followed>(64);
         tokio::spawn(async move {

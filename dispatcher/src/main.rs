@@ -3,6 +3,8 @@
 //! Exit codes: 0 success; 1 failure (or, with `submit --wait` and `watch`, a
 //! job that did not succeed); 2 an invalid request (the message names the field).
 
+mod admission;
+mod auth;
 mod cli;
 mod commands;
 mod http;
@@ -62,6 +64,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => ok(commands::watch(args).await? == EventKind::Succeeded),
         Command::Cancel(args) => {
             commands::cancel(args).await?;
+            ExitCode::SUCCESS
+        }
+        Command::HashKey => {
+            commands::hash_key()?;
             ExitCode::SUCCESS
         }
     })

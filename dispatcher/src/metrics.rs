@@ -20,6 +20,9 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// HTTP request durations (SSE streams: until the headers).
     pub http_duration: HistogramVec,
+    /// Requests refused before validation, by reason (`unauthorized`,
+    /// `rate_limited`, `queue_full`, `body_too_large`).
+    pub refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -49,7 +52,13 @@ impl Metrics {
         registry.register(Box::new(jobs_cancelled.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
+        let refused = IntCounterVec::new(
+            Opts::new("requests_refused_total", "Requests refused before validation"),
+            &["reason"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
         Ok(Metrics {
+            refused,
             registry,
             jobs_submitted,
             jobs_replayed,

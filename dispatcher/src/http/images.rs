@@ -4,7 +4,7 @@
 //! while the record lives for days; a client that shows an older job (the web
 //! page's recent jobs) asks here for URLs that work.
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use common::result_store::ResultStore;
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::server::{parse_id, AppState};
+use crate::auth::Caller;
 use crate::jobs::JobsError;
 
 #[derive(Debug, Serialize)]
@@ -26,12 +27,16 @@ fn presigned(results: &ResultStore, mut image: ImageRef) -> ImageRef {
     image
 }
 
-pub async fn images(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn images(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let status = match state.jobs.status(id).await {
+    let status = match state.jobs.visible_status(id, &caller).await {
         Ok(s) => s,
         Err(e) => return ApiError(e).into_response(),
     };

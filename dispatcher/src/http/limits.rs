@@ -1,12 +1,16 @@
 //! `GET /v1/limits`: every request field's range and default, as validation
 //! enforces them (the web page builds its form from it).
 
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use common::limits::RequestLimits;
 
-pub async fn limits() -> Response {
-    Json(RequestLimits::current()).into_response()
+use super::server::AppState;
+
+/// The rules within this dispatcher's caps.
+pub async fn limits(State(state): State<AppState>) -> Response {
+    Json(RequestLimits::within(state.jobs.caps())).into_response()
 }
 
 #[cfg(test)]

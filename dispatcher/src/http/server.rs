@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -25,8 +26,13 @@ use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use crate::admission::{QueueCap, RateLimit};
+use crate::auth::{ApiKeys, Caller};
 use crate::jobs::{Followed, Jobs, JobsError};
 use crate::metrics::Metrics;
+
+/// The largest request body accepted (a request is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 const OPENAPI: &str = include_str!("../openapi.json");
 
@@ -43,22 +49,86 @@ pub struct AppState {
     /// Becomes true on shutdown: event streams end then, so that the
     /// graceful shutdown does not wait for running jobs.
     pub stopping: watch::Receiver<bool>,
+    pub keys: Arc<ApiKeys>,
+    pub rate_limit: Arc<RateLimit>,
+    pub queue_cap: QueueCap,
+    /// `/metrics` on the API's listener (false: it has its own).
+    pub metrics_here: bool,
 }
 
+/// The API: `/v1/jobs*` need an API key (when keys are configured); the
+/// page, `/v1/limits`, `/healthz`, `/openapi.json` and `/metrics` (unless
+/// it has its own listener) are open.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let jobs = Router::new()
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{id}", get(status).delete(cancel))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/result", get(result))
         .route("/v1/jobs/{id}/images", get(super::images::images))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut open = Router::new()
         .route("/v1/limits", get(super::limits::limits))
         .merge(super::page::routes())
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi));
+    if state.metrics_here {
+        open = open.route("/metrics", get(metrics));
+    }
+    jobs.merge(open)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Serves `/metrics` alone on `listener` (`--metrics-listen`).
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new().route("/metrics", get(metrics)).with_state(state);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Puts the [`Caller`] of the request's key in its extensions, or answers 401.
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.keys.caller(header) {
+        Some(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        None => {
+            state.metrics.refused.with_label_values(&["unauthorized"]).inc();
+            let mut response = (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({
+                    "error": "a valid API key is required: send `Authorization: Bearer <key>`"
+                })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+/// A refusal with a JSON body and, when given, `Retry-After` in whole seconds.
+fn refuse(state: &AppState, code: StatusCode, reason: &str, message: String, retry_after: Option<u64>) -> Response {
+    state.metrics.refused.with_label_values(&[reason]).inc();
+    let mut response = (code, Json(json!({ "error": message }))).into_response();
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    response
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -107,7 +177,35 @@ fn invalid(state: &AppState, e: ValidationError) -> ApiError {
     ApiError(JobsError::Invalid(e))
 }
 
-async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn submit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let message = format!("the request body must be at most {MAX_BODY_BYTES} bytes");
+            return refuse(&state, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message, None);
+        }
+        Err(rejection) => return rejection.into_response(),
+    };
+    if let Err(wait) = state.rate_limit.check(&caller.name) {
+        let secs = wait.as_secs_f64().ceil() as u64;
+        let message = format!(
+            "too many submits for key `{}`: retry in {secs} s",
+            caller.name
+        );
+        return refuse(&state, StatusCode::TOO_MANY_REQUESTS, "rate_limited", message, Some(secs));
+    }
+    if let Some(depth) = state.queue_cap.full() {
+        let message = format!(
+            "the queue is full ({depth} jobs waiting, the cap is {}): retry later",
+            state.queue_cap.cap()
+        );
+        return refuse(&state, StatusCode::SERVICE_UNAVAILABLE, "queue_full", message, Some(5));
+    }
     let Ok(_permit) = state.submit_permits.try_acquire() else {
         return (
             StatusCode::TOO_MANY_REQUESTS,
@@ -120,7 +218,8 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Err(e) => return invalid(&state, e).into_response(),
     };
     let key = headers.get(IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok());
-    let submitted = match state.jobs.submit(&request, key).await {
+    let owner = (!state.keys.is_open()).then_some(caller.name.as_str());
+    let submitted = match state.jobs.submit(&request, key, owner).await {
         Ok(s) => s,
         Err(JobsError::Invalid(e)) => return invalid(&state, e).into_response(),
         Err(e @ JobsError::Publish { .. }) => {
@@ -154,23 +253,31 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     response
 }
 
-async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn status(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    match state.jobs.status(id).await {
+    match state.jobs.visible_status(id, &caller).await {
         Ok(status) => Json(status).into_response(),
         Err(e) => ApiError(e).into_response(),
     }
 }
 
-async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    match state.jobs.cancel(id).await {
+    match state.jobs.cancel(id, &caller).await {
         Ok(status) => {
             state.metrics.jobs_cancelled.inc();
             (StatusCode::ACCEPTED, Json(status)).into_response()
@@ -179,12 +286,16 @@ async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Respon
     }
 }
 
-async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let stream = match state.jobs.follow(id).await {
+    let stream = match state.jobs.follow(id, &caller).await {
         Ok(s) => s,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -202,12 +313,16 @@ async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Respon
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
-async fn result(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn result(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let status = match state.jobs.status(id).await {
+    let status = match state.jobs.visible_status(id, &caller).await {
         Ok(s) => s,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -227,7 +342,12 @@ async fn healthz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    (code, Json(json!({ "rabbitmq": word(rabbitmq), "redis": word(redis) }))).into_response()
+    let body = json!({
+        "rabbitmq": word(rabbitmq),
+        "redis": word(redis),
+        "queue_depth": state.queue_cap.depth(),
+    });
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -26,6 +26,15 @@ pub struct WorkerConfig {
     /// Width and height of the warm-up generation.
     #[arg(long, env = "SDXL_WARMUP_SIZE", default_value_t = 512)]
     pub warmup_size: usize,
+    /// A job still generating after this long is stopped and marked failed
+    /// (its message is dead-lettered), so that no job holds the GPUs for ever.
+    #[arg(long, env = "SDXL_JOB_DEADLINE", default_value = "30m", value_parser = parse_duration)]
+    pub job_deadline: Duration,
+    /// How long the lease of a running job lasts without renewal (it is
+    /// renewed every third of it): a duplicate delivery of the job waits
+    /// for the lease, and a crashed worker's lease frees after this long.
+    #[arg(long, env = "SDXL_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
     /// This worker's name in status records (default: host name and process id).
     #[arg(long, env = "SDXL_WORKER_NAME")]
     pub worker_name: Option<String>,

@@ -1,8 +1,10 @@
 //! The consume loop: prefetch one job, handle it, settle it, repeat; on the
 //! shutdown signal stop consuming, finish the current job, settle it, return.
+//! A lost RabbitMQ connection is made again with backoff.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use common::queue::{self, declare_topology};
 use common::result_store::ResultStore;
@@ -46,23 +48,6 @@ pub async fn run(
 
     warm_up(engine.clone(), &config).await?;
 
-    let conn = queue::connect(&config.service.amqp_url.0, &format!("sdxl-worker {worker_name}")).await?;
-    let channel = conn.create_channel().await?;
-    declare_topology(&channel, &names).await?;
-    // One job at a time: the engine runs one, so the broker holds the rest
-    // where any other worker can take them.
-    channel.basic_qos(1, BasicQosOptions::default()).await?;
-    let tag = format!("sdxl-worker-{worker_name}");
-    let mut consumer = channel
-        .basic_consume(
-            names.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!("consuming");
-
     let ctx = JobContext {
         engine,
         status,
@@ -70,6 +55,73 @@ pub async fn run(
         config,
         worker_name,
     };
+    // RabbitMQ restarts and network cuts end a session; the worker connects
+    // again with backoff. It gives up (exits non-zero, for its supervisor to
+    // restart it) only when no connection could be made for `retry_for`.
+    let backoff = Backoff::new(ctx.config.retry_for);
+    let mut failing_since: Option<Instant> = None;
+    let mut attempt = 0;
+    loop {
+        match session(&ctx, &mut stop).await {
+            Ok(()) => break,
+            Err(SessionError::Lost(e, consumed)) => {
+                if consumed {
+                    failing_since = None;
+                    attempt = 0;
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= backoff.max_elapsed {
+                    return Err(e);
+                }
+                let delay = backoff.delay(attempt);
+                attempt += 1;
+                tracing::warn!(error = %e, ?delay, "RabbitMQ connection lost or refused: reconnecting");
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Why a session ended early: the error, and whether it had consumed (so
+/// the connection had worked, and the backoff starts over).
+enum SessionError {
+    Lost(ServiceError, bool),
+}
+
+/// One connection: declare, consume and handle jobs until shutdown (`Ok`)
+/// or until the connection or channel fails.
+async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
+    let names = ctx.config.service.names();
+    let lost = |e: ServiceError| SessionError::Lost(e, false);
+    let conn = queue::connect(&ctx.config.service.amqp_url.0, &format!("sdxl-worker {}", ctx.worker_name))
+        .await
+        .map_err(|e| lost(e.into()))?;
+    let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
+    declare_topology(&channel, &names).await.map_err(|e| lost(e.into()))?;
+    // One job at a time: the engine runs one, so the broker holds the rest
+    // where any other worker can take them.
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .map_err(|e| lost(e.into()))?;
+    let tag = format!("sdxl-worker-{}", ctx.worker_name);
+    let mut consumer = channel
+        .basic_consume(
+            names.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lost(e.into()))?;
+    tracing::info!("consuming");
+    let lost = |e: ServiceError| SessionError::Lost(e, true);
+
     let mut consuming = true;
     loop {
         let next = tokio::select! {
@@ -78,11 +130,11 @@ pub async fn run(
             next = consumer.next() => next,
         };
         let delivery = match next {
-            None => return Err(ServiceError::ConsumerClosed),
-            Some(Err(e)) => return Err(e.into()),
+            None => return Err(lost(ServiceError::ConsumerClosed)),
+            Some(Err(e)) => return Err(lost(e.into())),
             Some(Ok(d)) => d,
         };
-        let handling = job::handle(&ctx, &delivery.data);
+        let handling = job::handle(ctx, &delivery.data);
         tokio::pin!(handling);
         let disposition = tokio::select! {
             d = &mut handling => d,
@@ -95,7 +147,12 @@ pub async fn run(
                 handling.await
             }
         };
-        settle(&delivery, disposition).await?;
+        if let Err(e) = settle(&delivery, disposition).await {
+            // The job's outcome is already stored and recorded: the broker
+            // redelivers the message, and its next handler acks it at once.
+            tracing::warn!(error = %e, ?disposition, "could not settle the delivery; it will be redelivered");
+            return Err(lost(e));
+        }
         if *stop.borrow() {
             break;
         }
@@ -109,7 +166,6 @@ pub async fn run(
     // to the queue.
     let _ = channel.close(200, "worker shutting down".into()).await;
     let _ = conn.close(200, "worker shutting down".into()).await;
-    tracing::info!("stopped");
     Ok(())
 }
 

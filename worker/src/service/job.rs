@@ -107,12 +107,17 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
         serde_json::from_value(message.request.clone()).map_err(|e| JobError::Poison(format!("request: {e}")))?;
     let job = validate(&request, random_seed).map_err(|e| JobError::Poison(e.to_string()))?;
 
+    let Some(_lease) = take_lease(ctx, id).await? else {
+        tracing::info!("another worker finished this job meanwhile: acking it");
+        return Ok(());
+    };
     let current = retry(backoff, "reading the status", || ctx.status.get(id)).await?;
     if let Some(s) = current.as_ref().filter(|s| s.state.is_terminal()) {
         tracing::info!(state = %s.state, "job already finished: acking it");
         return Ok(());
     }
-    let queued = JobStatus::queued(id, job.clone(), message.created_at);
+    let mut queued = JobStatus::queued(id, job.clone(), message.created_at);
+    queued.owner.clone_from(&message.owner);
     if retry(backoff, "reading the cancel flag", || ctx.status.cancel_requested(id)).await? {
         return finish_cancelled(ctx, id, current.as_ref().unwrap_or(&queued)).await;
     }
@@ -124,7 +129,11 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     let started_at = Utc::now();
     let running = retry(backoff, "writing `running`", || {
         ctx.status.update(id, |current| {
-            start(current, id, &job, message.created_at, started_at, &ctx.worker_name)
+            let mut next = start(current, id, &job, message.created_at, started_at, &ctx.worker_name)?;
+            if current.is_none() {
+                next.owner.clone_from(&message.owner);
+            }
+            Some(next)
         })
     })
     .await?;
@@ -145,6 +154,18 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
         cancel.clone(),
         ctx.config.cancel_poll,
     ));
+    // The deadline stops the engine as a cancel does, between two steps.
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let deadline = ctx.config.job_deadline;
+    let timer = tokio::spawn({
+        let (cancel, timed_out) = (cancel.clone(), timed_out.clone());
+        async move {
+            tokio::time::sleep(deadline).await;
+            tracing::warn!(?deadline, "the job ran past its deadline: stopping it");
+            timed_out.store(true, Ordering::SeqCst);
+            cancel.store(true, Ordering::SeqCst);
+        }
+    });
     let sink = PreviewSink::start(ctx.status.clone(), id);
     let mut callback = sink.callback();
     let engine = ctx.engine.clone();
@@ -158,9 +179,17 @@ async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Resul
     .await;
     let model_time = model_start.elapsed();
     poller.abort();
+    timer.abort();
     sink.finish().await;
     let output = match generated {
         Err(join) => return Err(JobError::Poison(format!("the engine panicked: {join}"))),
+        Ok(Err(EngineError::Cancelled)) if timed_out.load(Ordering::SeqCst) => {
+            return Err(JobError::Poison(format!(
+                "the job ran past its deadline of {} s and was stopped at step {} (SDXL_JOB_DEADLINE)",
+                deadline.as_secs_f64(),
+                ctx.status.get(id).await.ok().flatten().map_or(0, |s| s.progress.step)
+            )))
+        }
         Ok(Err(EngineError::Cancelled)) => return finish_cancelled(ctx, id, &status).await,
         Ok(Err(e @ (EngineError::Invalid(_) | EngineError::Failed(_)))) => return Err(JobError::Poison(e.to_string())),
         Ok(Ok(output)) => output,
@@ -213,6 +242,77 @@ fn start(
     };
     next.error = None;
     Some(next)
+}
+
+/// The job's lease, renewed in the background while held; given back when
+/// dropped.
+struct Lease {
+    store: StatusStore,
+    id: Uuid,
+    holder: String,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        let (store, id, holder) = (self.store.clone(), self.id, std::mem::take(&mut self.holder));
+        tokio::spawn(async move {
+            if let Err(e) = store.release_lease(id, &holder).await {
+                tracing::debug!(error = %e, "could not release the lease (it expires by itself)");
+            }
+        });
+    }
+}
+
+/// Takes the job's lease, waiting while another worker holds it. `None`:
+/// the job became terminal while waiting (the other worker finished it).
+async fn take_lease(ctx: &JobContext, id: Uuid) -> Result<Option<Lease>, JobError> {
+    let (ttl, backoff) = (ctx.config.lease_ttl, ctx.backoff());
+    let holder = ctx.worker_name.clone();
+    let waited = Instant::now();
+    let mut told = false;
+    loop {
+        let other = retry(backoff, "taking the job's lease", || {
+            ctx.status.acquire_lease(id, &holder, ttl)
+        })
+        .await?;
+        let Some(other) = other else {
+            break;
+        };
+        if !told {
+            tracing::info!(holder = %other, "another worker holds this job: waiting for it to finish or its lease to expire");
+            told = true;
+        }
+        if let Ok(Some(s)) = ctx.status.get(id).await {
+            if s.state.is_terminal() {
+                return Ok(None);
+            }
+        }
+        if waited.elapsed() > ctx.config.job_deadline + ttl {
+            return Err(JobError::Transient(format!("{other} has held the job's lease for {:?}", waited.elapsed())));
+        }
+        tokio::time::sleep((ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))).await;
+    }
+    let renewer = tokio::spawn({
+        let (store, holder) = (ctx.status.clone(), holder.clone());
+        async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match store.renew_lease(id, &holder, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!("lost the job's lease to another worker"),
+                    Err(e) => tracing::warn!(error = %e, "could not renew the job's lease"),
+                }
+            }
+        }
+    });
+    Ok(Some(Lease {
+        store: ctx.status.clone(),
+        id,
+        holder,
+        renewer,
+    }))
 }
 
 async fn poll_cancel(store: StatusStore, id: Uuid, flag: Arc<AtomicBool>, every: Duration) {
