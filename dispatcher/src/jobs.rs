@@ -163,7 +163,7 @@ impl Jobs {
         if let Err(e) = published {
             tracing::error!(%id, error = %e, "publish not confirmed: marking the job failed");
             let reason = format!("the job could not be queued: {e}");
-            let _ = self
+            let marked = self
                 .status
                 .update(id, |cur| {
                     let mut next = cur.filter(|s| s.state == JobState::Queued)?.clone();
@@ -173,6 +173,10 @@ impl Jobs {
                     Some(next)
                 })
                 .await;
+            // Every terminal state has its terminal event, this one too.
+            if let Ok(Update::Written(failed)) = marked {
+                let _ = self.status.publish_event(&terminal_of(&failed, EventKind::Failed)).await;
+            }
             return Err(JobsError::Publish { id, source: e });
         }
         tracing::info!(%id, priority = status.request.priority, "job queued");

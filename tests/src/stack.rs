@@ -122,7 +122,11 @@ impl Stack {
     /// As [`Stack::new`], with some service addresses replaced.
     pub async fn with_env(name: &str, overrides: &[(&str, String)]) -> anyhow::Result<Stack> {
         let tag = Uuid::new_v4().simple().to_string()[..10].to_string();
-        let queue = format!("e2e.{name}.{tag}");
+        // A second stack may share a first one's queue (another dispatcher on it).
+        let queue = overrides
+            .iter()
+            .find(|(k, _)| *k == "SDXL_QUEUE")
+            .map_or_else(|| format!("e2e.{name}.{tag}"), |(_, q)| q.clone());
         let prefix = format!("e2e:{tag}");
         let bucket = format!("e2e-{}-{tag}", name.replace('_', "-"));
         let mut env: Vec<(String, String)> = services_env()
@@ -134,7 +138,7 @@ impl Stack {
             env.retain(|(k, _)| k != key);
             env.push((key.to_string(), value.clone()));
         }
-        env.retain(|(k, _)| k != "S3_BUCKET");
+        env.retain(|(k, _)| k != "S3_BUCKET" && k != "SDXL_QUEUE");
         env.extend([
             ("S3_BUCKET".to_string(), bucket.clone()),
             ("SDXL_QUEUE".to_string(), queue.clone()),
@@ -465,6 +469,9 @@ pub struct Server {
     command: Box<dyn Fn(u16) -> Command + Send + Sync>,
     log: PathBuf,
     proc: Option<Proc>,
+    /// The server runs in its own process group, all of which is killed
+    /// (rabbitmq-server is a shell script whose child is the broker).
+    group: bool,
 }
 
 impl Server {
@@ -480,9 +487,74 @@ impl Server {
             command,
             log: dir.join(format!("{name}.log")),
             proc: None,
+            group: false,
         };
         server.restart().await?;
         Ok(server)
+    }
+
+    /// A RabbitMQ node of its own (node name, port and data folder under
+    /// `dir`): stopping it is a broker crash, starting it again recovers
+    /// its durable queues and persistent messages from disk.
+    pub async fn rabbitmq(dir: &Path) -> anyhow::Result<Server> {
+        let base = dir.join("rabbitmq");
+        std::fs::create_dir_all(&base)?;
+        std::fs::write(base.join("enabled_plugins"), "[].")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dist = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let server_bin = ["/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/sbin/rabbitmq-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("rabbitmq-server is not installed")?;
+        let mut server = Server {
+            port,
+            name: "rabbitmq".into(),
+            command: Box::new(move |port| {
+                use std::os::unix::process::CommandExt;
+                let mut cmd = Command::new(server_bin);
+                cmd.env("RABBITMQ_NODENAME", format!("e2e{port}@localhost"))
+                    .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                    .env("RABBITMQ_NODE_PORT", port.to_string())
+                    .env("RABBITMQ_DIST_PORT", dist.to_string())
+                    .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
+                    .env("RABBITMQ_LOG_BASE", base.join("log"))
+                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", base.join("enabled_plugins"))
+                    .env("RABBITMQ_PLUGINS_EXPAND_DIR", base.join("plugins-expand"))
+                    .env("RABBITMQ_PID_FILE", base.join("pid"))
+                    .env("RABBITMQ_CONFIG_FILE", base.join("none"))
+                    .env("RABBITMQ_ADVANCED_CONFIG_FILE", base.join("none-advanced.config"))
+                    .process_group(0);
+                cmd
+            }),
+            log: dir.join("rabbitmq.log"),
+            proc: None,
+            group: true,
+        };
+        server.restart_within(Duration::from_secs(120)).await?;
+        Ok(server)
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// redis-server with an append-only file synced on every write: a
+    /// restart keeps every key, as a production Redis for this service should.
+    pub async fn redis_persistent(dir: &Path) -> anyhow::Result<Server> {
+        let dir_arg = dir.to_path_buf();
+        Self::start(
+            "redis-server",
+            dir,
+            Box::new(move |port| {
+                let mut cmd = Command::new("redis-server");
+                cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", ""])
+                    .args(["--appendonly", "yes", "--appendfsync", "always"])
+                    .arg("--dir")
+                    .arg(&dir_arg);
+                cmd
+            }),
+        )
+        .await
     }
 
     /// s3s-fs with the credentials of `services.sh`, data under `dir`.
@@ -544,22 +616,42 @@ impl Server {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// SIGKILL: a crash, not a shutdown.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
+            if self.group {
+                let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", p.pid())]).status();
+            }
             p.kill_9();
+        }
+        // Wait until the port is free again (the broker's children exit a
+        // moment after the group is killed).
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.restart_within(Duration::from_secs(30)).await
+    }
+
+    async fn restart_within(&mut self, limit: Duration) -> anyhow::Result<()> {
         let mut proc = Proc::spawn(&self.name, (self.command)(self.port), self.log.clone())?;
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if !proc.is_running() || start.elapsed() > Duration::from_secs(30) {
+            if !proc.is_running() || start.elapsed() > limit {
                 bail!("{} did not start:\n{}", self.name, proc.log_text());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.proc = Some(proc);
         Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
