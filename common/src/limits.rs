@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::request::{self, OutputFormat};
 use crate::validation::{
-    Caps, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE,
-    STEPS_RANGE,
+    Caps, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE,
+    SIZE_RANGE, STEPS_RANGE,
 };
 
 /// A text field: its length in characters (not bytes).
@@ -87,10 +87,7 @@ impl RequestLimits {
         let widest = (caps.max_pixels / SIZE_RANGE.0 as u64) as i64 / SIZE_MULTIPLE * SIZE_MULTIPLE;
         let size = IntegerLimit {
             multiple_of: Some(SIZE_MULTIPLE as u64),
-            ..integer(
-                (SIZE_RANGE.0, SIZE_RANGE.1.min(widest)),
-                Some(request::DEFAULT_SIZE),
-            )
+            ..integer((SIZE_RANGE.0, SIZE_RANGE.1.min(widest)), Some(request::DEFAULT_SIZE))
         };
         RequestLimits {
             prompt: TextLimit {
@@ -114,7 +111,10 @@ impl RequestLimits {
                 max: GUIDANCE_RANGE.1,
                 default: request::DEFAULT_GUIDANCE_SCALE,
             },
-            num_images: integer((NUM_IMAGES_RANGE.0, NUM_IMAGES_RANGE.1.min(caps.max_images.into())), None),
+            num_images: integer(
+                (NUM_IMAGES_RANGE.0, NUM_IMAGES_RANGE.1.min(caps.max_images.into())),
+                None,
+            ),
             preview_every: integer(PREVIEW_EVERY_RANGE, Some(request::DEFAULT_PREVIEW_EVERY)),
             output_format: ChoiceLimit {
                 one_of: OutputFormat::ALL.iter().map(|f| f.extension()).collect(),

@@ -103,7 +103,11 @@ pub async fn queue_depths(channel: &Channel, names: &Names) -> Result<(u32, u32)
         .queue_declare(names.queue.as_str().into(), passive, FieldTable::default())
         .await?;
     let dead = channel
-        .queue_declare(names.dead_letter_queue().as_str().into(), passive, FieldTable::default())
+        .queue_declare(
+            names.dead_letter_queue().as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
         .await?;
     Ok((jobs.message_count(), dead.message_count()))
 }

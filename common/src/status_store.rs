@@ -47,6 +47,19 @@ impl StatusStoreError {
             StatusStoreError::Corrupt { .. } => false,
         }
     }
+
+    /// The connection was closed before the command could be written.
+    fn was_not_sent(&self) -> bool {
+        match self {
+            StatusStoreError::Redis(e) => {
+                e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.kind() == redis::ErrorKind::IoError
+                        && e.to_string().to_ascii_lowercase().contains("broken pipe")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Writes `ARGV[2]` with a TTL of `ARGV[3]` seconds if the key still holds
@@ -142,17 +155,28 @@ impl StatusStore {
         Ok(conn)
     }
 
-    /// Runs one command with a deadline; a transient failure drops the connection.
-    async fn run<T, Fut>(&self, op: impl FnOnce(MultiplexedConnection) -> Fut) -> Result<T, StatusStoreError>
+    /// Runs one command with a deadline; a transient failure drops the
+    /// connection. A command that failed because the connection was already
+    /// gone (Redis restarted since the last command: it was never sent) is
+    /// tried once more on a new connection, so the first request after a
+    /// restart does not fail.
+    async fn run<T, Fut>(&self, op: impl Fn(MultiplexedConnection) -> Fut) -> Result<T, StatusStoreError>
     where
         Fut: Future<Output = RedisResult<T>>,
     {
-        let conn = self.connection().await?;
-        let result = deadline(op(conn)).await;
-        if result.as_ref().is_err_and(StatusStoreError::is_transient) {
-            *self.conn.lock().await = None;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let conn = self.connection().await?;
+            let result = deadline(op(conn)).await;
+            if result.as_ref().is_err_and(StatusStoreError::is_transient) {
+                *self.conn.lock().await = None;
+                if tries == 1 && result.as_ref().is_err_and(StatusStoreError::was_not_sent) {
+                    continue;
+                }
+            }
+            return result;
         }
-        result
     }
 
     pub fn names(&self) -> &Names {
@@ -172,7 +196,11 @@ impl StatusStore {
 
     async fn get_raw(&self, id: Uuid) -> Result<Option<String>, StatusStoreError> {
         let key = self.names.status_key(id);
-        self.run(|mut c| async move { c.get(key).await }).await
+        self.run(|mut c| {
+            let key = key.clone();
+            async move { c.get(key).await }
+        })
+        .await
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<JobStatus>, StatusStoreError> {
@@ -194,14 +222,17 @@ impl StatusStore {
     /// Writes `new` if the record is still `expected` ("" = missing).
     async fn compare_and_set(&self, id: Uuid, expected: String, new: String) -> Result<bool, StatusStoreError> {
         let (script, key, ttl) = (self.script.clone(), self.names.status_key(id), self.ttl_secs());
-        self.run(|mut c| async move {
-            script
-                .key(key)
-                .arg(expected)
-                .arg(new)
-                .arg(ttl)
-                .invoke_async(&mut c)
-                .await
+        self.run(|mut c| {
+            let (script, key, expected, new) = (script.clone(), key.clone(), expected.clone(), new.clone());
+            async move {
+                script
+                    .key(key)
+                    .arg(expected)
+                    .arg(new)
+                    .arg(ttl)
+                    .invoke_async(&mut c)
+                    .await
+            }
         })
         .await
     }
@@ -239,44 +270,63 @@ impl StatusStore {
             source,
         })?;
         let channel = self.names.events_channel(event.job_id);
-        let _: i64 = self.run(|mut c| async move { c.publish(channel, json).await }).await?;
+        let _: i64 = self
+            .run(|mut c| {
+                let (channel, json) = (channel.clone(), json.clone());
+                async move { c.publish(channel, json).await }
+            })
+            .await?;
         Ok(())
     }
 
     /// Raises the cancel flag that the worker running the job polls.
     pub async fn request_cancel(&self, id: Uuid) -> Result<(), StatusStoreError> {
         let (key, ttl) = (self.names.cancel_key(id), self.ttl_secs());
-        let _: () = self.run(|mut c| async move { c.set_ex(key, 1, ttl).await }).await?;
+        let _: () = self
+            .run(|mut c| {
+                let key = key.clone();
+                async move { c.set_ex(key, 1, ttl).await }
+            })
+            .await?;
         Ok(())
     }
 
     pub async fn cancel_requested(&self, id: Uuid) -> Result<bool, StatusStoreError> {
         let key = self.names.cancel_key(id);
-        self.run(|mut c| async move { c.exists(key).await }).await
+        self.run(|mut c| {
+            let key = key.clone();
+            async move { c.exists(key).await }
+        })
+        .await
     }
 
     /// Binds an `Idempotency-Key` to `id` unless it is already bound; returns
     /// the job it was bound to before, if any.
     pub async fn claim_idempotency_key(&self, key: &str, id: Uuid) -> Result<Option<Uuid>, StatusStoreError> {
         let redis_key = self.names.idempotency_key(key);
-        let (k, ttl) = (redis_key.clone(), self.ttl_secs());
+        let mut set_nx = redis::cmd("SET");
+        set_nx
+            .arg(&redis_key)
+            .arg(id.to_string())
+            .arg("NX")
+            .arg("EX")
+            .arg(self.ttl_secs());
         let set: bool = self
-            .run(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(k)
-                    .arg(id.to_string())
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(ttl)
-                    .query_async::<Option<String>>(&mut c)
-                    .await
+            .run(|mut c| {
+                let cmd = set_nx.clone();
+                async move { cmd.query_async::<Option<String>>(&mut c).await }
             })
             .await?
             .is_some();
         if set {
             return Ok(None);
         }
-        let existing: Option<String> = self.run(|mut c| async move { c.get(redis_key).await }).await?;
+        let existing: Option<String> = self
+            .run(|mut c| {
+                let key = redis_key.clone();
+                async move { c.get(key).await }
+            })
+            .await?;
         Ok(existing.and_then(|s| s.parse().ok()))
     }
 
@@ -285,25 +335,35 @@ impl StatusStore {
     /// holds its lease, so that two deliveries of one message (a duplicate,
     /// or a redelivery while the first worker still runs it) never run at
     /// once; the lease of a worker that died expires after `ttl`.
-    pub async fn acquire_lease(&self, id: Uuid, holder: &str, ttl: Duration) -> Result<Option<String>, StatusStoreError> {
+    pub async fn acquire_lease(
+        &self,
+        id: Uuid,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StatusStoreError> {
         let key = self.names.lease_key(id);
-        let (k, h, ms) = (key.clone(), holder.to_string(), ttl.as_millis().max(1) as u64);
+        let mut set_nx = redis::cmd("SET");
+        set_nx
+            .arg(&key)
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
         let set: Option<String> = self
-            .run(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(k)
-                    .arg(h)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ms)
-                    .query_async(&mut c)
-                    .await
+            .run(|mut c| {
+                let cmd = set_nx.clone();
+                async move { cmd.query_async(&mut c).await }
             })
             .await?;
         if set.is_some() {
             return Ok(None);
         }
-        let current: Option<String> = self.run(|mut c| async move { c.get(key).await }).await?;
+        let current: Option<String> = self
+            .run(|mut c| {
+                let key = key.clone();
+                async move { c.get(key).await }
+            })
+            .await?;
         match current {
             // Ours already (a retry after a lost reply) or expired meanwhile: try again once.
             Some(other) if other != holder => Ok(Some(other)),
@@ -321,7 +381,10 @@ impl StatusStore {
         let (h, ms) = (holder.to_string(), ttl.as_millis().max(1) as u64);
         let script = self.lease_script.clone();
         let renewed: i64 = self
-            .run(|mut c| async move { script.key(key).arg(h).arg(ms).arg("renew").invoke_async(&mut c).await })
+            .run(|mut c| {
+                let (script, key, h) = (script.clone(), key.clone(), h.clone());
+                async move { script.key(key).arg(h).arg(ms).arg("renew").invoke_async(&mut c).await }
+            })
             .await?;
         Ok(renewed == 1)
     }
@@ -332,7 +395,10 @@ impl StatusStore {
         let h = holder.to_string();
         let script = self.lease_script.clone();
         let _: i64 = self
-            .run(|mut c| async move { script.key(key).arg(h).arg(0).arg("release").invoke_async(&mut c).await })
+            .run(|mut c| {
+                let (script, key, h) = (script.clone(), key.clone(), h.clone());
+                async move { script.key(key).arg(h).arg(0).arg("release").invoke_async(&mut c).await }
+            })
             .await?;
         Ok(())
     }
@@ -340,7 +406,12 @@ impl StatusStore {
     /// Releases a key claimed by a submit that then failed.
     pub async fn release_idempotency_key(&self, key: &str) -> Result<(), StatusStoreError> {
         let key = self.names.idempotency_key(key);
-        let _: i64 = self.run(|mut c| async move { c.del(key).await }).await?;
+        let _: i64 = self
+            .run(|mut c| {
+                let key = key.clone();
+                async move { c.del(key).await }
+            })
+            .await?;
         Ok(())
     }
 

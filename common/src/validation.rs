@@ -395,12 +395,7 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e, ValidationError::Steps(101));
-        assert!(Caps {
-            max_steps: 101,
-            ..caps
-        }
-        .checked()
-        .is_err());
+        assert!(Caps { max_steps: 101, ..caps }.checked().is_err());
         assert!(Caps { max_images: 0, ..caps }.checked().is_err());
         assert!(Caps {
             max_pixels: 1000,

@@ -98,9 +98,8 @@ fn parse_entry(entry: &str, origin: &str) -> anyhow::Result<Entry> {
     };
     let secret = secret.trim();
     let digest = match secret.strip_prefix("sha256:") {
-        Some(hex) => parse_hex(hex).with_context(|| {
-            format!("{origin} (key `{name}`): `sha256:` must be followed by 64 hex digits")
-        })?,
+        Some(hex) => parse_hex(hex)
+            .with_context(|| format!("{origin} (key `{name}`): `sha256:` must be followed by 64 hex digits"))?,
         None if secret.len() < 16 => {
             bail!("{origin} (key `{name}`): a key must be at least 16 characters")
         }
@@ -127,8 +126,8 @@ impl ApiKeys {
             }
         }
         if let Some(path) = file {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API key file {}", path.display()))?;
             for (i, line) in text.lines().enumerate() {
                 let line = line.trim();
                 if !line.is_empty() && !line.starts_with('#') {
@@ -233,7 +232,11 @@ mod tests {
         let path = dir.path().join("keys");
         std::fs::write(
             &path,
-            format!("# team keys\n\nbob:{}\ncarol:{}:admin\n", hashed(BOB), "carol-key-000000000"),
+            format!(
+                "# team keys\n\nbob:{}\ncarol:{}:admin\n",
+                hashed(BOB),
+                "carol-key-000000000"
+            ),
         )
         .unwrap();
         let keys = ApiKeys::load(Some(&format!("alice:{ALICE}")), Some(&path)).unwrap();

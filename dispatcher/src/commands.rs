@@ -44,7 +44,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let keys = ApiKeys::load(args.api_keys.as_deref(), args.api_keys_file.as_deref())?;
     if keys.is_open() {
-        tracing::warn!("no API keys configured (SDXL_API_KEYS, SDXL_API_KEYS_FILE): the API is open to anyone who can reach it");
+        tracing::warn!(
+            "no API keys configured (SDXL_API_KEYS, SDXL_API_KEYS_FILE): the API is open to anyone who can reach it"
+        );
     } else {
         tracing::info!(keys = keys.len(), "API keys loaded");
     }
@@ -226,7 +228,9 @@ fn save_preview(dir: &Path, event: &JobEvent) -> anyhow::Result<()> {
 /// `hash-key`: the digest of the key on stdin, for a key file.
 pub fn hash_key() -> anyhow::Result<()> {
     let mut key = String::new();
-    std::io::stdin().read_line(&mut key).context("reading the key from stdin")?;
+    std::io::stdin()
+        .read_line(&mut key)
+        .context("reading the key from stdin")?;
     let key = key.trim_end_matches(['\r', '\n']);
     if key.len() < 16 {
         bail!("a key must be at least 16 characters");

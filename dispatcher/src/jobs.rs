@@ -175,7 +175,10 @@ impl Jobs {
                 .await;
             // Every terminal state has its terminal event, this one too.
             if let Ok(Update::Written(failed)) = marked {
-                let _ = self.status.publish_event(&terminal_of(&failed, EventKind::Failed)).await;
+                let _ = self
+                    .status
+                    .publish_event(&terminal_of(&failed, EventKind::Failed))
+                    .await;
             }
             return Err(JobsError::Publish { id, source: e });
         }

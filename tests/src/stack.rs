@@ -211,7 +211,8 @@ impl Stack {
     pub async fn spawn_dispatcher_with(&self, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = self.command(&binaries().dispatcher);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(extra);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra);
         let mut proc = Proc::spawn("dispatcher", cmd, self.dir.path().join("dispatcher.log"))?;
         let base = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
@@ -620,14 +621,18 @@ impl Server {
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             if self.group {
-                let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", p.pid())]).status();
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", p.pid())])
+                    .status();
             }
             p.kill_9();
         }
         // Wait until the port is free again (the broker's children exit a
         // moment after the group is killed).
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && start.elapsed() < Duration::from_secs(10) {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && start.elapsed() < Duration::from_secs(10)
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -21,7 +21,12 @@ fn keys() -> String {
     format!("alice:{ALICE},bob:{BOB},ops:{OPS}:admin")
 }
 
-async fn submit(http: &reqwest::Client, base: &str, key: Option<&str>, body: &Value) -> anyhow::Result<reqwest::Response> {
+async fn submit(
+    http: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> anyhow::Result<reqwest::Response> {
     let mut request = http.post(format!("{base}/v1/jobs")).json(body);
     if let Some(key) = key {
         request = request.bearer_auth(key);
@@ -46,11 +51,7 @@ async fn id_of(response: reqwest::Response) -> anyhow::Result<Uuid> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_keys_own_their_jobs_and_results_stay_private() -> anyhow::Result<()> {
-    let stack = Stack::with_env(
-        "access",
-        &[("SDXL_API_KEYS", keys()), ("S3_PRESIGN_TTL", "4s".into())],
-    )
-    .await?;
+    let stack = Stack::with_env("access", &[("SDXL_API_KEYS", keys()), ("S3_PRESIGN_TTL", "4s".into())]).await?;
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let (dispatcher, base) = stack
@@ -70,7 +71,11 @@ async fn api_keys_own_their_jobs_and_results_stay_private() -> anyhow::Result<()
     }
     // Open: health, the limits, the page, the OpenAPI document.
     for path in ["/healthz", "/v1/limits", "/", "/openapi.json"] {
-        assert_eq!(get(&http, &format!("{base}{path}"), None).await?.status(), 200, "{path}");
+        assert_eq!(
+            get(&http, &format!("{base}{path}"), None).await?.status(),
+            200,
+            "{path}"
+        );
     }
 
     let alices = id_of(submit(&http, &base, Some(ALICE), &job).await?).await?;
@@ -95,7 +100,11 @@ async fn api_keys_own_their_jobs_and_results_stay_private() -> anyhow::Result<()
     let r = http.delete(url("")).bearer_auth(BOB).send().await?;
     assert_eq!(r.status(), 404, "DELETE with another key");
     for path in ["", "/events", "/result", "/images"] {
-        assert_eq!(get(&http, &url(path), None).await?.status(), 401, "GET {path} without a key");
+        assert_eq!(
+            get(&http, &url(path), None).await?.status(),
+            401,
+            "GET {path} without a key"
+        );
     }
 
     // An Idempotency-Key belongs to its key: the same one from Bob is a new job.
@@ -122,10 +131,18 @@ async fn api_keys_own_their_jobs_and_results_stay_private() -> anyhow::Result<()
     assert_eq!(http.get(&signed).send().await?.status(), 200);
     let unsigned = signed.split('?').next().unwrap_or_default();
     let r = http.get(unsigned).send().await?;
-    assert!(r.status() == 403 || r.status() == 401, "unsigned GET answered {}", r.status());
+    assert!(
+        r.status() == 403 || r.status() == 401,
+        "unsigned GET answered {}",
+        r.status()
+    );
     tokio::time::sleep(Duration::from_secs(6)).await;
     let r = http.get(&signed).send().await?;
-    assert!(r.status() == 403 || r.status() == 401, "expired URL answered {}", r.status());
+    assert!(
+        r.status() == 403 || r.status() == 401,
+        "expired URL answered {}",
+        r.status()
+    );
 
     // /metrics is on its own address only.
     assert_eq!(get(&http, &format!("{base}/metrics"), None).await?.status(), 404);
@@ -179,7 +196,10 @@ async fn body_caps_rate_and_queue_limits_refuse_with_clear_errors() -> anyhow::R
     let r = submit(&http, &base, Some(OPS), &huge).await?;
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = r.json().await?;
-    assert!(body["error"].as_str().unwrap_or_default().contains("65536 bytes"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("65536 bytes"),
+        "{body}"
+    );
 
     // The caps: 422 naming the field and the cap.
     for (extra, field, words) in [
@@ -241,7 +261,10 @@ async fn body_caps_rate_and_queue_limits_refuse_with_clear_errors() -> anyhow::R
     };
     assert_eq!(refused.headers()["retry-after"], "5");
     let body: Value = refused.json().await?;
-    assert!(body["error"].as_str().unwrap_or_default().contains("queue is full"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("queue is full"),
+        "{body}"
+    );
     println!("limits: 413 ×1, 422 ×3 over caps, 429 after a burst of 3, 503 at a queue depth of 5");
     Ok(())
 }
@@ -268,9 +291,12 @@ async fn a_job_past_its_deadline_fails_and_the_worker_goes_on() -> anyhow::Resul
     let short = id_of(submit(&http, &base, None, &JobParams::new("quick", 1, 2).json()).await?).await?;
     let (status, _) = stack.wait_terminal(short, TIMEOUT).await?;
     assert_eq!(status.state, JobState::Succeeded, "{}", worker.log_text());
-    println!("deadline: a 100-step job stopped at step {} after 2 s; the next job succeeded", {
-        let s = stack.status(long).await?;
-        s.progress.step
-    });
+    println!(
+        "deadline: a 100-step job stopped at step {} after 2 s; the next job succeeded",
+        {
+            let s = stack.status(long).await?;
+            s.progress.step
+        }
+    );
     Ok(())
 }

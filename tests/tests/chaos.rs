@@ -35,9 +35,11 @@ async fn submit(http: &reqwest::Client, base: &str, body: &Value) -> anyhow::Res
     let r = http.post(format!("{base}/v1/jobs")).json(body).send().await?;
     let status = r.status();
     let body: Value = r.json().await?;
-    let id: Uuid = body["id"].as_str().unwrap_or_default().parse().map_err(|_| {
-        anyhow::anyhow!("submit answered {status} without a job id: {body}")
-    })?;
+    let id: Uuid = body["id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("submit answered {status} without a job id: {body}"))?;
     match status.as_u16() {
         202 => Ok(Ok(id)),
         503 => Ok(Err(id)),
@@ -109,7 +111,10 @@ async fn rabbitmq_crash_and_restart_mid_run() -> anyhow::Result<()> {
             Ok(id) => accepted.push(id),
             Err(id) => {
                 refused.push(id);
-                anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "the dispatcher never reconnected");
+                anyhow::ensure!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "the dispatcher never reconnected"
+                );
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -126,7 +131,10 @@ async fn rabbitmq_crash_and_restart_mid_run() -> anyhow::Result<()> {
     assert!(dispatcher.log_text().contains("job queued"));
     report(
         "rabbitmq",
-        &format!("1 broker crash (SIGKILL) and restart; {} submits refused with 503 during it", refused.len()),
+        &format!(
+            "1 broker crash (SIGKILL) and restart; {} submits refused with 503 during it",
+            refused.len()
+        ),
         &ledger,
     );
     Ok(())
@@ -150,8 +158,17 @@ async fn redis_restarted_mid_run() -> anyhow::Result<()> {
     // Events published while Redis was down are lost (pub/sub keeps nothing),
     // so the ledger counts states and results only.
     let ledger = reconcile(&stack, &ids, TIMEOUT, None).await?;
-    assert_eq!(ledger.count(JobState::Succeeded), ids.len(), "{ledger}\n{}", worker.log_text());
-    report("redis", "1 Redis crash (SIGKILL) for 3 s, then restart from its append-only file", &ledger);
+    assert_eq!(
+        ledger.count(JobState::Succeeded),
+        ids.len(),
+        "{ledger}\n{}",
+        worker.log_text()
+    );
+    report(
+        "redis",
+        "1 Redis crash (SIGKILL) for 3 s, then restart from its append-only file",
+        &ledger,
+    );
     Ok(())
 }
 
@@ -173,7 +190,10 @@ async fn s3_down_during_uploads() -> anyhow::Result<()> {
     }
     let ledger = reconcile(&stack, &ids, TIMEOUT, Some(&events)).await?;
     assert_eq!(ledger.count(JobState::Succeeded), ids.len(), "{ledger}");
-    assert!(worker.log_text().contains("failed; retrying"), "the worker met the outage");
+    assert!(
+        worker.log_text().contains("failed; retrying"),
+        "the worker met the outage"
+    );
     report("s3", "2 S3 outages of 4 s during uploads", &ledger);
     Ok(())
 }
@@ -200,7 +220,10 @@ async fn a_worker_killed_with_sigkill_repeatedly() -> anyhow::Result<()> {
     assert_eq!(ledger.count(JobState::Succeeded), ids.len(), "{ledger}");
     assert!(ledger.reruns >= 1, "a killed job ran again: {ledger}");
     for id in &killed_running {
-        assert!(stack.status(*id).await?.attempt >= 2, "job {id} was running when killed");
+        assert!(
+            stack.status(*id).await?.attempt >= 2,
+            "job {id} was running when killed"
+        );
     }
     drop(worker);
     report("sigkill", "3 SIGKILLs of the worker, each while a job ran", &ledger);

@@ -193,11 +193,14 @@ async fn submit(
     };
     if let Err(wait) = state.rate_limit.check(&caller.name) {
         let secs = wait.as_secs_f64().ceil() as u64;
-        let message = format!(
-            "too many submits for key `{}`: retry in {secs} s",
-            caller.name
+        let message = format!("too many submits for key `{}`: retry in {secs} s", caller.name);
+        return refuse(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            message,
+            Some(secs),
         );
-        return refuse(&state, StatusCode::TOO_MANY_REQUESTS, "rate_limited", message, Some(secs));
     }
     if let Some(depth) = state.queue_cap.full() {
         let message = format!(

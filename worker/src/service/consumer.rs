@@ -98,9 +98,12 @@ enum SessionError {
 async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
     let names = ctx.config.service.names();
     let lost = |e: ServiceError| SessionError::Lost(e, false);
-    let conn = queue::connect(&ctx.config.service.amqp_url.0, &format!("sdxl-worker {}", ctx.worker_name))
-        .await
-        .map_err(|e| lost(e.into()))?;
+    let conn = queue::connect(
+        &ctx.config.service.amqp_url.0,
+        &format!("sdxl-worker {}", ctx.worker_name),
+    )
+    .await
+    .map_err(|e| lost(e.into()))?;
     let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
     declare_topology(&channel, &names).await.map_err(|e| lost(e.into()))?;
     // One job at a time: the engine runs one, so the broker holds the rest

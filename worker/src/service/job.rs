@@ -290,7 +290,10 @@ async fn take_lease(ctx: &JobContext, id: Uuid) -> Result<Option<Lease>, JobErro
             }
         }
         if waited.elapsed() > ctx.config.job_deadline + ttl {
-            return Err(JobError::Transient(format!("{other} has held the job's lease for {:?}", waited.elapsed())));
+            return Err(JobError::Transient(format!(
+                "{other} has held the job's lease for {:?}",
+                waited.elapsed()
+            )));
         }
         tokio::time::sleep((ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))).await;
     }
