@@ -102,7 +102,11 @@ pub async fn reconcile(
         let objects = stack.objects_of(id).await?;
         ledger.objects += objects.len();
         if status.state != JobState::Succeeded {
-            ensure!(objects.is_empty(), "job {id} is {} but stored {objects:?}", status.state);
+            ensure!(
+                objects.is_empty(),
+                "job {id} is {} but stored {objects:?}",
+                status.state
+            );
             continue;
         }
         let result = status

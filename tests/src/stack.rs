@@ -207,7 +207,8 @@ impl Stack {
     pub async fn spawn_dispatcher_with(&self, extra: &[&str]) -> anyhow::Result<(Proc, String)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = self.command(&binaries().dispatcher);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(extra);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra);
         let mut proc = Proc::spawn("dispatcher", cmd, self.dir.path().join("dispatcher.log"))?;
         let base = format!("http://127.0.0.1:{port}");
         let start = Instant::now();

@@ -180,7 +180,11 @@ async fn http_job_goes_queued_running_succeeded_with_sse_events() -> anyhow::Res
     );
     assert!(names.contains(&"progress"), "{names:?}");
 
-    assert_events(&events.of_finished(id, Duration::from_secs(10)).await, &status, &stack.prefix);
+    assert_events(
+        &events.of_finished(id, Duration::from_secs(10)).await,
+        &status,
+        &stack.prefix,
+    );
 
     // GET status, and the result redirect to a fresh presigned URL.
     let got: JobStatus = http.get(format!("{base}/v1/jobs/{id}")).send().await?.json().await?;
