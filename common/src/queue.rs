@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::names::{Names, MAX_PRIORITY};
+use crate::request::JobRequest;
+use crate::validation::{random_seed, validate, ValidJob};
 
 /// What travels on the queue. `R` is [`crate::ValidJob`] when published and
 /// [`serde_json::Value`] when consumed: the worker validates it again.
@@ -27,6 +29,58 @@ pub struct JobMessage<R> {
     /// rebuild a lost status record gives it back to its owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+}
+
+/// Why a message taken off the queue cannot be run. `id` is the job id when
+/// the message had a readable one, so that the worker can mark that job
+/// failed (its client is waiting on it) before dead-lettering the message;
+/// without one there is no record to update and the message is only
+/// dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    pub id: Option<Uuid>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            Some(id) => write!(f, "job {id}: {}", self.reason),
+            None => write!(f, "undecodable message: {}", self.reason),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Decodes and validates a message's payload, as the worker must: anything
+/// can be published to a queue, so the request is checked again with the
+/// dispatcher's own rules ([`JobRequest::from_value`], then [`validate`]).
+/// A request without a seed (the dispatcher always sets one) gets one drawn.
+pub fn decode_message(payload: &[u8]) -> Result<JobMessage<ValidJob>, DecodeError> {
+    let message: JobMessage<serde_json::Value> = serde_json::from_slice(payload).map_err(|e| {
+        /// The id alone, for a message whose other fields are broken.
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: Uuid,
+        }
+        DecodeError {
+            id: serde_json::from_slice::<IdOnly>(payload).ok().map(|m| m.id),
+            reason: format!("not a job message: {e}"),
+        }
+    })?;
+    let invalid = |e: crate::ValidationError| DecodeError {
+        id: Some(message.id),
+        reason: e.to_string(),
+    };
+    let request = JobRequest::from_value(message.request).map_err(invalid)?;
+    let job = validate(&request, random_seed).map_err(invalid)?;
+    Ok(JobMessage {
+        id: message.id,
+        created_at: message.created_at,
+        request: job,
+        owner: message.owner,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,5 +219,87 @@ impl JobPublisher {
     /// Whether the channel is still usable (for `/healthz`).
     pub fn is_connected(&self) -> bool {
         self.channel.status().connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid_message() -> JobMessage<ValidJob> {
+        let request = JobRequest {
+            prompt: Some("a lighthouse at dusk".into()),
+            guidance_scale: Some(7.25),
+            num_images: Some(2),
+            ..Default::default()
+        };
+        JobMessage {
+            id: Uuid::new_v4(),
+            created_at: Utc::now(),
+            request: validate(&request, || 99).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_published_message_decodes_to_itself() {
+        let message = valid_message();
+        let decoded = decode_message(&serde_json::to_vec(&message).unwrap()).unwrap();
+        assert_eq!(decoded.id, message.id);
+        assert_eq!(decoded.created_at, message.created_at);
+        assert_eq!(decoded.request, message.request);
+    }
+
+    #[test]
+    fn garbage_has_no_id() {
+        for payload in [
+            &b"this is not a job"[..],
+            b"",
+            b"{",
+            b"[]",
+            b"null",
+            br#"{"id":"nope"}"#,
+        ] {
+            let e = decode_message(payload).unwrap_err();
+            assert_eq!(e.id, None, "{e}");
+            assert!(
+                e.to_string().starts_with("undecodable message: not a job message: "),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_envelope_with_a_readable_id_names_the_job() {
+        let id = Uuid::new_v4();
+        let payload = serde_json::json!({ "id": id, "created_at": "yesterday", "request": {} });
+        let e = decode_message(&serde_json::to_vec(&payload).unwrap()).unwrap_err();
+        assert_eq!(e.id, Some(id));
+        assert!(e.reason.contains("not a job message"), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_request_names_the_job_and_the_field() {
+        let id = Uuid::new_v4();
+        for (request, field) in [
+            (serde_json::json!({ "prompt": "x", "width": 100 }), "`width`"),
+            (serde_json::json!({ "prompt": "x", "width": "wide" }), "`width`"),
+            (serde_json::json!({ "prompt": "x", "steps": 3 }), "`steps`"),
+            (serde_json::json!({}), "`prompt`"),
+            (serde_json::json!([1, 2]), "JSON object"),
+        ] {
+            let payload = serde_json::json!({ "id": id, "created_at": Utc::now(), "request": request });
+            let e = decode_message(&serde_json::to_vec(&payload).unwrap()).unwrap_err();
+            assert_eq!(e.id, Some(id), "{e}");
+            assert!(e.to_string().starts_with(&format!("job {id}: ")), "{e}");
+            assert!(e.reason.contains(field), "{e} should name {field}");
+        }
+    }
+
+    #[test]
+    fn a_missing_seed_is_drawn() {
+        let payload =
+            serde_json::json!({ "id": Uuid::new_v4(), "created_at": Utc::now(), "request": { "prompt": "x" } });
+        let job = decode_message(&serde_json::to_vec(&payload).unwrap()).unwrap().request;
+        assert_eq!(job.prompt, "x");
     }
 }

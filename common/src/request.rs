@@ -120,6 +120,13 @@ impl JobRequest {
     /// name a line and a column).
     pub fn from_json(body: &[u8]) -> Result<Self, ValidationError> {
         let value: Value = serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// As [`JobRequest::from_json`], from a JSON value already parsed (the
+    /// `request` of a queue message), so that the dispatcher and the worker
+    /// accept and refuse exactly the same requests with the same messages.
+    pub fn from_value(value: Value) -> Result<Self, ValidationError> {
         let Value::Object(map) = value else {
             return Err(ValidationError::Malformed(format!("got {}", kind(&value))));
         };

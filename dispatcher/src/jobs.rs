@@ -156,10 +156,7 @@ impl Jobs {
             request: job,
             owner: status.owner.clone(),
         };
-        let published = {
-            let mut p = publishing.lock().await;
-            publish(&mut p, self.status.names(), &message).await
-        };
+        let published = publish(publishing, self.status.names(), &message).await;
         if let Err(e) = published {
             tracing::error!(%id, error = %e, "publish not confirmed: marking the job failed");
             let reason = format!("the job could not be queued: {e}");
@@ -308,11 +305,22 @@ async fn open_publisher(url: &str, names: Names) -> Result<JobPublisher, QueueEr
     JobPublisher::new(&conn, names).await
 }
 
-/// Publishes, re-opening the connection once if RabbitMQ dropped it.
-async fn publish(p: &mut Publishing, names: &Names, message: &JobMessage<ValidJob>) -> Result<(), QueueError> {
-    if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
-        p.publisher = Some(open_publisher(&p.url, names.clone()).await?);
-    }
-    let publisher = p.publisher.as_ref().ok_or(QueueError::Nacked(message.id))?;
+/// Publishes, re-opening the connection once if RabbitMQ dropped it. The
+/// lock is held only to take (or re-open) the publisher, not across the
+/// publish and its confirm: submits publish concurrently on the one channel
+/// and each awaits its own confirm, instead of queueing behind each other's
+/// round trip to RabbitMQ.
+async fn publish(
+    publishing: &Mutex<Publishing>,
+    names: &Names,
+    message: &JobMessage<ValidJob>,
+) -> Result<(), QueueError> {
+    let publisher = {
+        let mut p = publishing.lock().await;
+        if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
+            p.publisher = Some(open_publisher(&p.url, names.clone()).await?);
+        }
+        p.publisher.clone().ok_or(QueueError::Nacked(message.id))?
+    };
     publisher.publish(message, message.request.priority).await
 }

@@ -266,8 +266,15 @@ async fn idempotency_key_returns_the_same_job_and_api_extras_answer() -> anyhow:
     assert_eq!(body["status"]["request"]["num_inference_steps"], 20);
 
     let health: serde_json::Value = http.get(format!("{base}/healthz")).send().await?.json().await?;
-    assert_eq!((&health["rabbitmq"], &health["redis"]), (&"ok".into(), &"ok".into()), "{health}");
-    assert!(health["queue_depth"].is_u64(), "the depth the queue cap reads: {health}");
+    assert_eq!(
+        (&health["rabbitmq"], &health["redis"]),
+        (&"ok".into(), &"ok".into()),
+        "{health}"
+    );
+    assert!(
+        health["queue_depth"].is_u64(),
+        "the depth the queue cap reads: {health}"
+    );
     let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
     assert!(metrics.contains("sdxl_dispatcher_jobs_submitted_total 3"), "{metrics}");
     assert!(metrics.contains("sdxl_dispatcher_jobs_replayed_total 1"), "{metrics}");

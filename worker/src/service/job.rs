@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::event::{EventKind, JobEvent};
-use common::queue::JobMessage;
-use common::request::JobRequest;
+use common::queue::{decode_message, JobMessage};
 use common::result_store::ResultStore;
 use common::status::{JobResult, JobState, JobStatus, Progress, Timings};
 use common::status_store::{StatusStore, Update};
-use common::validation::{random_seed, validate, ValidJob};
+use common::validation::ValidJob;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -56,10 +55,18 @@ impl JobContext {
 
 /// Handles one delivery's payload and says what to do with it.
 pub async fn handle(ctx: &JobContext, payload: &[u8]) -> Disposition {
-    let message: JobMessage<serde_json::Value> = match serde_json::from_slice(payload) {
+    // Anything can be published to a queue: decode and validate again, with
+    // the dispatcher's own rules.
+    let message = match decode_message(payload) {
         Ok(m) => m,
         Err(e) => {
-            tracing::error!(error = %e, bytes = payload.len(), "undecodable message: dead-lettering it");
+            tracing::error!(error = %e, bytes = payload.len(), "poison message: dead-lettering it");
+            if let Some(id) = e.id {
+                let span = tracing::info_span!("job", %id);
+                if let Err(e) = mark_failed(ctx, id, &e.reason).instrument(span.clone()).await {
+                    tracing::error!(parent: &span, error = %e, "could not mark the poison job failed");
+                }
+            }
             return Disposition::Reject;
         }
     };
@@ -99,13 +106,10 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
-async fn run(ctx: &JobContext, message: &JobMessage<serde_json::Value>) -> Result<(), JobError> {
+async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), JobError> {
     let id = message.id;
     let backoff = ctx.backoff();
-    // Anything can be published to a queue: validate again.
-    let request: JobRequest =
-        serde_json::from_value(message.request.clone()).map_err(|e| JobError::Poison(format!("request: {e}")))?;
-    let job = validate(&request, random_seed).map_err(|e| JobError::Poison(e.to_string()))?;
+    let job = message.request.clone();
 
     let Some(_lease) = take_lease(ctx, id).await? else {
         tracing::info!("another worker finished this job meanwhile: acking it");
