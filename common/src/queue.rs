@@ -237,6 +237,7 @@ mod tests {
             id: Uuid::new_v4(),
             created_at: Utc::now(),
             request: validate(&request, || 99).unwrap(),
+            owner: Some("alice".into()),
         }
     }
 

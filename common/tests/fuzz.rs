@@ -586,11 +586,18 @@ fn any_created_at() -> impl Strategy<Value = DateTime<Utc>> {
 }
 
 fn any_message() -> impl Strategy<Value = JobMessage<ValidJob>> {
-    (any::<u128>(), any_created_at(), any_valid_job()).prop_map(|(id, created_at, request)| JobMessage {
-        id: Uuid::from_u128(id),
-        created_at,
-        request,
-    })
+    (
+        any::<u128>(),
+        any_created_at(),
+        any_valid_job(),
+        prop::option::of("[a-z0-9._@-]{1,12}"),
+    )
+        .prop_map(|(id, created_at, request, owner)| JobMessage {
+            id: Uuid::from_u128(id),
+            created_at,
+            request,
+            owner,
+        })
 }
 
 /// One edit of a payload's bytes.
@@ -765,6 +772,7 @@ fn message_decoder_round_trips_published_messages() {
         prop_assert_eq!(decoded.id, message.id);
         prop_assert_eq!(decoded.created_at, message.created_at);
         prop_assert_eq!(decoded.request, message.request);
+        prop_assert_eq!(decoded.owner, message.owner);
         Ok(())
     });
 }

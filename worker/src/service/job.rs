@@ -412,6 +412,7 @@ async fn mark_failed(ctx: &JobContext, id: Uuid, reason: &str) -> Result<(), Job
 mod tests {
     use super::*;
     use common::request::JobRequest;
+    use common::validation::validate;
 
     fn job() -> ValidJob {
         let req = JobRequest {
