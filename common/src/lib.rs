@@ -5,17 +5,14 @@
 
 pub mod config;
 pub mod event;
-pub mod limits;
 pub mod names;
 pub mod queue;
-pub mod request;
 pub mod result_store;
+pub mod rules;
 pub mod status;
 pub mod status_store;
-pub mod validation;
 
 pub use event::{EventKind, JobEvent};
 pub use names::Names;
-pub use request::{JobRequest, OutputFormat};
+pub use rules::{JobRequest, OutputFormat, ValidJob, ValidationError};
 pub use status::{ImageRef, JobResult, JobState, JobStatus, Progress, Timings};
-pub use validation::{ValidJob, ValidationError};

@@ -7,7 +7,7 @@
 
 use uuid::Uuid;
 
-use crate::request::OutputFormat;
+use crate::rules::OutputFormat;
 
 pub const DEFAULT_QUEUE: &str = "sdxl.jobs";
 pub const DEFAULT_REDIS_PREFIX: &str = "sdxl";

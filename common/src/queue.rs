@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::names::{Names, MAX_PRIORITY};
-use crate::request::JobRequest;
-use crate::validation::{random_seed, validate, ValidJob};
+use crate::rules::JobRequest;
+use crate::rules::{random_seed, validate, ValidJob};
 
 /// What travels on the queue. `R` is [`crate::ValidJob`] when published and
 /// [`serde_json::Value`] when consumed: the worker validates it again.

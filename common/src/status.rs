@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::validation::ValidJob;
+use crate::rules::ValidJob;
 
 /// Where a job is in its life. `queued → running → succeeded | failed |
 /// cancelled`; `queued → cancelled | failed` too; `running → running` on a

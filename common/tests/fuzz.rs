@@ -20,10 +20,10 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
-use common::limits::{IntegerLimit, RequestLimits};
 use common::queue::{decode_message, DecodeError, JobMessage};
-use common::request::{JobRequest, OutputFormat};
-use common::validation::{validate, ValidJob, ValidationError};
+use common::rules::{validate, ValidJob, ValidationError};
+use common::rules::{IntegerLimit, RequestLimits};
+use common::rules::{JobRequest, OutputFormat};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::Value;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use common::config::ServiceArgs;
-use common::request::JobRequest;
-use common::validation::Caps;
+use common::rules::Caps;
+use common::rules::JobRequest;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]

@@ -261,7 +261,7 @@ async fn poison_messages_among_good_ones() -> anyhow::Result<()> {
 
     // A submitted job (it has its record) whose message was tampered with.
     let tampered = Uuid::new_v4();
-    let valid = common::validation::validate(
+    let valid = common::rules::validate(
         &common::JobRequest {
             prompt: Some("tampered".into()),
             ..Default::default()
@@ -323,7 +323,7 @@ async fn one_message_delivered_twice_to_two_workers_runs_once() -> anyhow::Resul
     let mut ids = Vec::new();
     for seed in 0..3u64 {
         let request = JobParams::new("delivered twice", 8, 500 + seed);
-        let valid = common::validation::validate(&serde_json::from_value(request.json())?, || 1)?;
+        let valid = common::rules::validate(&serde_json::from_value(request.json())?, || 1)?;
         let id = Uuid::new_v4();
         let created = chrono::Utc::now();
         stack

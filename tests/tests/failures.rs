@@ -84,7 +84,7 @@ async fn malformed_and_invalid_messages_are_dead_lettered_and_the_worker_keeps_s
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
 
     // An invalid request under a job id that has a `queued` record.
-    let valid = common::validation::validate(
+    let valid = common::rules::validate(
         &common::JobRequest {
             prompt: Some("x".into()),
             ..Default::default()

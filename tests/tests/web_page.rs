@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
+use common::rules::ValidationError;
 use common::status::JobState;
-use common::validation::ValidationError;
 use e2e_tests::browser::{best_window_diff, kept_screenshots_dir, luma_spread, run_page};
 use e2e_tests::Stack;
 use uuid::Uuid;

@@ -7,22 +7,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
+use common::rules;
 use serde::Serialize;
 
-use worker::sdxl::noise::initial_noise;
-use worker::sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+use sdxl::noise::initial_noise;
+use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    model: crate::cli::ModelArgs,
-    #[arg(long, default_value_t = 1024)]
+    model: crate::args::ModelArgs,
+    #[arg(long, default_value_t = rules::DEFAULT_SIZE as usize)]
     width: usize,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = rules::DEFAULT_SIZE as usize)]
     height: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = rules::DEFAULT_STEPS as usize)]
     steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = rules::DEFAULT_GUIDANCE_SCALE)]
     guidance_scale: f64,
     /// Timed repetitions of each stage (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 10)]
@@ -100,7 +101,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         guidance_scale: args.guidance_scale,
     };
     let prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
-    let negative = Some("blurry, low quality");
+    let negative = Some(rules::DEFAULT_NEGATIVE_PROMPT);
     let text = time(&device, args.iters, || {
         Ok(pipeline.encode_prompt(prompt, negative, params.do_cfg())?)
     })?;

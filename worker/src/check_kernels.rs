@@ -87,8 +87,8 @@ pub fn run(args: CheckKernelsArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     use candle_core::{Module, D};
-    use worker::sdxl::cuda::{conv, kernels};
-    use worker::sdxl::nn;
+    use sdxl::cuda::{conv, kernels};
+    use sdxl::nn;
     let dev = dev.clone();
     let randn = |shape: &[usize], dtype: DType| -> candle_core::Result<Tensor> {
         Tensor::randn(0f32, 1f32, shape, &dev)?.to_dtype(dtype)

@@ -1,8 +1,10 @@
 //! The worker binary: `worker generate` makes images with no services.
 
+mod args;
 mod bench;
 mod check_kernels;
 mod cli;
+mod generate;
 mod init_random;
 mod run;
 
@@ -24,7 +26,7 @@ fn main() -> std::process::ExitCode {
             // one line: the error and its causes
             let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
             eprintln!("error: {}", chain.join(": "));
-            if err.downcast_ref::<cli::UsageError>().is_some() {
+            if err.downcast_ref::<args::UsageError>().is_some() {
                 std::process::ExitCode::from(2)
             } else {
                 std::process::ExitCode::FAILURE

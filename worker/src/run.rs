@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
-use worker::ranks::{default_ranks, DeviceKind, RankGroup, RankGroupConfig};
+use worker::ranks::{default_ranks, RankGroup, RankGroupConfig};
 use worker::service::{self, WorkerConfig};
 
-use crate::cli::{DeviceArg, ModelArgs, UsageError};
+use crate::args::{ModelArgs, UsageError};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -28,17 +28,14 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let device = match args.model.device {
-        DeviceArg::Cpu => DeviceKind::Cpu,
-        DeviceArg::Cuda => DeviceKind::Cuda,
-    };
+    let device = args.model.device.kind();
     let ranks = args.ranks.unwrap_or_else(|| default_ranks(device));
     if ranks == 0 {
         return Err(UsageError("--ranks 0 must be at least 1".into()).into());
     }
     tracing::info!(model = %args.model.model, ranks, "loading the pipeline");
     let engine = RankGroup::start(RankGroupConfig {
-        load: args.model.load_options_on(Device::Cpu)?,
+        load: args.model.load_options_on(Device::Cpu),
         device,
         ranks,
         collective_timeout: args.collective_timeout,

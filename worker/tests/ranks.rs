@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use image::RgbImage;
+use sdxl::pipeline::LoadOptions;
 use worker::engine::{Engine, EngineError, EngineEvent, EngineJob};
 use worker::ranks::{DeviceKind, Fault, FaultKind, RankGroup, RankGroupConfig};
-use worker::sdxl::pipeline::LoadOptions;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference")
@@ -86,12 +86,12 @@ fn five_images_on_two_ranks() {
 fn group(ranks: usize, timeout: Duration) -> RankGroup {
     RankGroup::start(RankGroupConfig {
         load: LoadOptions {
-            model: fixture().join("tiny-sdxl").display().to_string(),
-            vae: None,
             taesd: Some(fixture().join("tiny-taesdxl").display().to_string()),
-            variant: None,
-            device: Device::Cpu,
-            dtype: DType::F32,
+            ..LoadOptions::new(
+                fixture().join("tiny-sdxl").display().to_string(),
+                Device::Cpu,
+                DType::F32,
+            )
         },
         device: DeviceKind::Cpu,
         ranks,

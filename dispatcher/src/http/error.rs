@@ -54,7 +54,7 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::validation::ValidationError;
+    use common::rules::ValidationError;
     use uuid::Uuid;
 
     #[test]

@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use common::limits::RequestLimits;
+use common::rules::RequestLimits;
 
 use super::server::AppState;
 

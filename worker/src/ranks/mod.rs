@@ -5,6 +5,8 @@
 //! answers the service. [`RankGroup`] is the [`Engine`] the job service drives.
 
 pub mod collective;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fault;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod rank;
@@ -17,10 +19,12 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use self::collective::{HostSync, InProcessCollective};
-pub use self::rank::{share_images, Fault, FaultKind};
+#[cfg(any(test, feature = "fault-injection"))]
+pub use self::fault::{Fault, FaultKind};
+pub use self::rank::share_images;
 use self::rank::{Rank, RankJob, RankReply};
 use crate::engine::{Engine, EngineError, EngineEvent, EngineJob, EngineOutput};
-use crate::sdxl::pipeline::{LoadOptions, SdxlPipeline};
+use sdxl::pipeline::{LoadOptions, SdxlPipeline};
 
 /// Which devices the ranks run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,7 @@ struct Dispatch {
     busy: Vec<bool>,
     /// Replies of the last job that arrived after it returned.
     late: Option<Receiver<RankReply>>,
+    #[cfg(any(test, feature = "fault-injection"))]
     fault: Option<Fault>,
 }
 
@@ -178,6 +183,7 @@ impl RankGroup {
                 seq: 0,
                 busy: vec![false; n],
                 late: None,
+                #[cfg(any(test, feature = "fault-injection"))]
                 fault: None,
             }),
             timeout: config.collective_timeout,
@@ -209,6 +215,7 @@ impl RankGroup {
     }
 
     /// Makes one rank of the next job fail or stall (tests of failure handling).
+    #[cfg(any(test, feature = "fault-injection"))]
     pub fn inject_fault(&self, fault: Fault) {
         self.dispatch.lock().unwrap_or_else(|e| e.into_inner()).fault = Some(fault);
     }
@@ -264,6 +271,7 @@ impl Engine for RankGroup {
             job: Arc::new(job.clone()),
             counts: Arc::new(share_images(images, n)),
             cancel: cancel.clone(),
+            #[cfg(any(test, feature = "fault-injection"))]
             fault: d.fault.take(),
             reply: reply_tx,
         };

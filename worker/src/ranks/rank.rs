@@ -12,26 +12,12 @@ use candle_core::{Device, Tensor};
 
 use super::collective::{Abandon, Collective, CollectiveError};
 use crate::engine::{EngineError, EngineEvent, EngineJob, EngineOutput, GeneratedImage, StageTimings};
-use crate::imaging;
-use crate::sdxl::noise::initial_noise;
-use crate::sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+use sdxl::image_processor;
+use sdxl::noise::initial_noise;
+use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
 
-/// A fault to inject into one rank of the next job (tests of failure handling).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Fault {
-    pub rank: usize,
-    /// The denoising step after which it strikes.
-    pub step: usize,
-    pub kind: FaultKind,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum FaultKind {
-    /// The rank fails with this error, as after an out-of-memory.
-    Error(String),
-    /// The rank stops answering for this long, as a hung device would.
-    Stall(Duration),
-}
+#[cfg(any(test, feature = "fault-injection"))]
+use super::fault::Fault;
 
 /// One job as every rank receives it.
 #[derive(Debug, Clone)]
@@ -41,6 +27,7 @@ pub struct RankJob {
     /// Images of each rank; rank r makes images `sum(counts[..r])..` of the job.
     pub counts: Arc<Vec<usize>>,
     pub cancel: Arc<AtomicBool>,
+    #[cfg(any(test, feature = "fault-injection"))]
     pub fault: Option<Fault>,
     pub reply: Sender<RankReply>,
 }
@@ -211,8 +198,8 @@ impl<C: Collective> Rank<C> {
         };
         let mut images = Vec::new();
         for (r, t) in all.iter().enumerate() {
-            let rgb =
-                imaging::from_signed_unit(&t.narrow(0, 0, counts[r]).map_err(tensor_error)?).map_err(tensor_error)?;
+            let rgb = image_processor::from_signed_unit(&t.narrow(0, 0, counts[r]).map_err(tensor_error)?)
+                .map_err(tensor_error)?;
             let first = first_image(counts, r);
             images.extend(rgb.into_iter().enumerate().map(|(j, image)| GeneratedImage {
                 seed: job.seed.wrapping_add((first + j) as u64),
@@ -221,7 +208,7 @@ impl<C: Collective> Rank<C> {
         }
         let plain: Vec<_> = images.iter().map(|g| g.image.clone()).collect();
         Ok(Some(EngineOutput {
-            grid: imaging::make_grid(&plain, 2),
+            grid: crate::imaging::make_grid(&plain, 2),
             images,
             timings,
         }))
@@ -235,7 +222,7 @@ fn on_step<C: Collective>(
     pipeline: &SdxlPipeline,
     previews: &[usize],
     (slots, ph, pw): (usize, usize, usize),
-    state: &crate::sdxl::pipeline::StepState,
+    state: &sdxl::pipeline::StepState,
 ) -> Result<(), EngineError> {
     let rank = collective.rank();
     if rank == 0 && state.step > 0 {
@@ -244,11 +231,9 @@ fn on_step<C: Collective>(
             total_steps: state.total_steps,
         }));
     }
+    #[cfg(any(test, feature = "fault-injection"))]
     if let Some(fault) = rj.fault.as_ref().filter(|f| f.rank == rank && f.step == state.step) {
-        match &fault.kind {
-            FaultKind::Error(msg) => return Err(EngineError::Failed(msg.clone())),
-            FaultKind::Stall(d) => std::thread::sleep(*d),
-        }
+        fault.strike()?;
     }
     check_cancel(rj)?;
     if !previews.contains(&state.step) {
@@ -266,7 +251,9 @@ fn on_step<C: Collective>(
         let mut tiles = Vec::new();
         for (r, t) in all.iter().enumerate() {
             let n = rj.counts[r];
-            tiles.extend(imaging::from_signed_unit(&t.narrow(0, 0, n).map_err(tensor_error)?).map_err(tensor_error)?);
+            tiles.extend(
+                image_processor::from_signed_unit(&t.narrow(0, 0, n).map_err(tensor_error)?).map_err(tensor_error)?,
+            );
         }
         let _ = rj.reply.send(RankReply::PreviewTiles {
             step: state.step,
@@ -307,15 +294,15 @@ fn pad_to(t: &Tensor, slots: usize, h: usize, w: usize) -> Result<Tensor, Engine
     Tensor::cat(&[&t, &fill], 0).map_err(tensor_error)
 }
 
-fn model_error(e: crate::sdxl::ModelError) -> EngineError {
+fn model_error(e: sdxl::ModelError) -> EngineError {
     match e {
-        crate::sdxl::ModelError::Input(msg) => EngineError::Invalid(msg),
+        sdxl::ModelError::Input(msg) => EngineError::Invalid(msg),
         other => EngineError::Failed(other.to_string()),
     }
 }
 
 fn tensor_error(e: candle_core::Error) -> EngineError {
-    EngineError::Failed(crate::sdxl::without_backtrace(e).to_string())
+    EngineError::Failed(sdxl::without_backtrace(e).to_string())
 }
 
 fn collective_error(e: CollectiveError, step: usize) -> EngineError {

@@ -14,9 +14,9 @@ use chrono::{DateTime, Utc};
 use common::event::{EventKind, JobEvent};
 use common::queue::{decode_message, JobMessage};
 use common::result_store::ResultStore;
+use common::rules::ValidJob;
 use common::status::{JobResult, JobState, JobStatus, Progress, Timings};
 use common::status_store::{StatusStore, Update};
-use common::validation::ValidJob;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -411,8 +411,8 @@ async fn mark_failed(ctx: &JobContext, id: Uuid, reason: &str) -> Result<(), Job
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::request::JobRequest;
-    use common::validation::validate;
+    use common::rules::validate;
+    use common::rules::JobRequest;
 
     fn job() -> ValidJob {
         let req = JobRequest {

@@ -7,8 +7,8 @@
 use std::io::Cursor;
 
 use common::names::Names;
-use common::request::OutputFormat;
 use common::result_store::ResultStore;
+use common::rules::OutputFormat;
 use common::status::{ImageRef, JobResult};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use worker::sdxl::noise::initial_noise;
-use worker::sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
+use sdxl::noise::initial_noise;
+use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
 
 fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference/tiny-sdxl")
@@ -28,12 +28,8 @@ fn copy_dir(src: &Path, dst: &Path) {
 
 fn image(model: &Path, variant: Option<&str>) -> Vec<f32> {
     let p = SdxlPipeline::load(&LoadOptions {
-        model: model.display().to_string(),
-        vae: None,
-        taesd: None,
         variant: variant.map(str::to_string),
-        device: Device::Cpu,
-        dtype: DType::F32,
+        ..LoadOptions::new(model.display().to_string(), Device::Cpu, DType::F32)
     })
     .unwrap();
     let params = DenoiseParams {
@@ -66,16 +62,9 @@ fn fp16_variant_files_are_loaded_when_asked() {
         let from = model.join(dir).join(format!("{base}.safetensors"));
         std::fs::rename(&from, model.join(dir).join(format!("{base}.fp16.safetensors"))).unwrap();
     }
-    let err = SdxlPipeline::load(&LoadOptions {
-        model: model.display().to_string(),
-        vae: None,
-        taesd: None,
-        variant: None,
-        device: Device::Cpu,
-        dtype: DType::F32,
-    })
-    .unwrap_err()
-    .to_string();
+    let err = SdxlPipeline::load(&LoadOptions::new(model.display().to_string(), Device::Cpu, DType::F32))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("model.safetensors"),
         "without --variant the plain files are wanted: {err}"

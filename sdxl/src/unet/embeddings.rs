@@ -5,7 +5,7 @@
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::sdxl::nn::{linear, Activation, Linear};
+use crate::nn::{linear, Activation, Linear};
 
 /// `get_timestep_embedding`: `[n]` values → `[n, dim]` sinusoids, in f32.
 #[derive(Debug, Clone, Copy)]

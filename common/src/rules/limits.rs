@@ -1,14 +1,14 @@
 //! The rules of a request, as data: every field's range and default, taken
-//! from the constants [`crate::validation`] checks against, so that a client
+//! from the constants [`super::valid`] checks against, so that a client
 //! (the web page's form, `GET /v1/limits`) shows the limits the dispatcher
 //! really enforces and cannot drift from them.
 
 use serde::Serialize;
 
-use crate::request::{self, OutputFormat};
-use crate::validation::{
-    Caps, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE,
-    SIZE_RANGE, STEPS_RANGE,
+use super::{
+    Caps, OutputFormat, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY,
+    DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE,
+    PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
 };
 
 /// A text field: its length in characters (not bytes).
@@ -46,7 +46,7 @@ pub struct ChoiceLimit {
     pub default: &'static str,
 }
 
-/// Every field of a [`crate::JobRequest`], in the order validation checks them.
+/// Every field of a [`super::JobRequest`], in the order validation checks them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestLimits {
     pub prompt: TextLimit,
@@ -87,7 +87,7 @@ impl RequestLimits {
         let widest = (caps.max_pixels / SIZE_RANGE.0 as u64) as i64 / SIZE_MULTIPLE * SIZE_MULTIPLE;
         let size = IntegerLimit {
             multiple_of: Some(SIZE_MULTIPLE as u64),
-            ..integer((SIZE_RANGE.0, SIZE_RANGE.1.min(widest)), Some(request::DEFAULT_SIZE))
+            ..integer((SIZE_RANGE.0, SIZE_RANGE.1.min(widest)), Some(DEFAULT_SIZE))
         };
         RequestLimits {
             prompt: TextLimit {
@@ -98,29 +98,29 @@ impl RequestLimits {
             negative_prompt: TextLimit {
                 min_chars: 0,
                 max_chars: PROMPT_MAX_CHARS,
-                default: Some(request::DEFAULT_NEGATIVE_PROMPT),
+                default: Some(DEFAULT_NEGATIVE_PROMPT),
             },
             num_inference_steps: integer(
                 (STEPS_RANGE.0, STEPS_RANGE.1.min(caps.max_steps.into())),
-                Some(request::DEFAULT_STEPS),
+                Some(DEFAULT_STEPS),
             ),
             width: size.clone(),
             height: size,
             guidance_scale: NumberLimit {
                 min: GUIDANCE_RANGE.0,
                 max: GUIDANCE_RANGE.1,
-                default: request::DEFAULT_GUIDANCE_SCALE,
+                default: DEFAULT_GUIDANCE_SCALE,
             },
             num_images: integer(
                 (NUM_IMAGES_RANGE.0, NUM_IMAGES_RANGE.1.min(caps.max_images.into())),
                 None,
             ),
-            preview_every: integer(PREVIEW_EVERY_RANGE, Some(request::DEFAULT_PREVIEW_EVERY)),
+            preview_every: integer(PREVIEW_EVERY_RANGE, Some(DEFAULT_PREVIEW_EVERY)),
             output_format: ChoiceLimit {
                 one_of: OutputFormat::ALL.iter().map(|f| f.extension()).collect(),
                 default: OutputFormat::default().extension(),
             },
-            priority: integer(PRIORITY_RANGE, Some(request::DEFAULT_PRIORITY)),
+            priority: integer(PRIORITY_RANGE, Some(DEFAULT_PRIORITY)),
             seed: IntegerLimit {
                 min: 0,
                 max: u64::MAX,
@@ -135,8 +135,7 @@ impl RequestLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::JobRequest;
-    use crate::validation::validate;
+    use crate::rules::{validate, JobRequest};
 
     fn base() -> JobRequest {
         JobRequest {
@@ -243,7 +242,7 @@ mod tests {
             max_images: 3,
         };
         let limits = RequestLimits::within(&caps);
-        let with = |req: JobRequest| crate::validation::validate_within(&req, &caps, || 1).is_ok();
+        let with = |req: JobRequest| crate::rules::validate_within(&req, &caps, || 1).is_ok();
         assert_eq!(limits.num_inference_steps.max, 25);
         assert_eq!(limits.num_images.max, 3);
         assert_eq!(limits.max_pixels, 768 * 768);

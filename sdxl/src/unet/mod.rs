@@ -290,7 +290,7 @@ impl UNet2DConditionModel {
         };
         build().map_err(|error| ModelError::Weights {
             component: "unet".into(),
-            error: crate::sdxl::without_backtrace(error),
+            error: crate::without_backtrace(error),
         })
     }
 

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::sdxl::nn::{
+use crate::nn::{
     attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
     LayerNorm, Linear,
 };

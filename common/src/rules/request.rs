@@ -8,15 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::validation::ValidationError;
-
-/// Default negative prompt; an empty string means none.
-pub const DEFAULT_NEGATIVE_PROMPT: &str = "blurry, low quality";
-pub const DEFAULT_STEPS: i64 = 20;
-pub const DEFAULT_SIZE: i64 = 1024;
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
-pub const DEFAULT_PREVIEW_EVERY: i64 = 5;
-pub const DEFAULT_PRIORITY: i64 = 5;
+use super::ValidationError;
 
 /// A generation request as received (HTTP body, CLI flags, queue message).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,9 +1,9 @@
 //! Where a model's files come from: a local diffusers folder, or a Hugging Face
 //! repo id resolved through the hf-hub crate's cache.
 //!
-//! The hub path honours `HF_HOME` (cache location, read by hf-hub), `HF_TOKEN`
-//! (gated repos; falls back to the token file in the cache) and
-//! `HF_HUB_OFFLINE=1` (only files already in the cache are used).
+//! How to reach the hub is the caller's [`HubOptions`] (the worker fills them
+//! from `HF_HOME`, `HF_TOKEN` and `HF_HUB_OFFLINE`): this crate reads no
+//! environment variable.
 
 use std::path::{Path, PathBuf};
 
@@ -34,8 +34,21 @@ pub struct HubRepo {
     listing: Option<Vec<String>>,
 }
 
-/// Whether `HF_HUB_OFFLINE` asks for no network (the values huggingface_hub accepts).
-pub fn offline_from_env(value: Option<&str>) -> bool {
+/// How to reach the Hugging Face hub.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubOptions {
+    /// Use only what the cache already holds (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+    /// A token for gated repos (`HF_TOKEN`); `None`: the cache's token file.
+    pub token: Option<String>,
+    /// The hub cache (`$HF_HOME/hub`); `None`: hf-hub's default,
+    /// `~/.cache/huggingface/hub`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Whether an `HF_HUB_OFFLINE` value asks for no network (the values
+/// huggingface_hub accepts).
+pub fn offline_value(value: Option<&str>) -> bool {
     matches!(
         value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
         Some("1" | "true" | "yes" | "on")
@@ -56,7 +69,7 @@ pub fn looks_like_repo_id(name: &str) -> bool {
 impl ModelSource {
     /// A local folder when `name` exists on disk (or is not repo-shaped),
     /// otherwise a hub repo id with an optional `@revision`.
-    pub fn resolve(name: &str) -> Result<Self, ModelError> {
+    pub fn resolve(name: &str, hub: &HubOptions) -> Result<Self, ModelError> {
         let path = Path::new(name);
         if path.exists() || !looks_like_repo_id(name) {
             if !path.is_dir() {
@@ -71,15 +84,15 @@ impl ModelSource {
             Some((id, rev)) => (id.to_string(), rev.to_string()),
             None => (name.to_string(), "main".to_string()),
         };
-        let offline = offline_from_env(std::env::var("HF_HUB_OFFLINE").ok().as_deref());
-        let cache = Cache::from_env();
+        let offline = hub.offline;
+        let cache = match &hub.cache_dir {
+            Some(dir) => Cache::new(dir.clone()),
+            None => Cache::default(),
+        };
         let api = if offline {
             None
         } else {
-            let token = std::env::var("HF_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-                .or_else(|| cache.token());
+            let token = hub.token.clone().filter(|t| !t.is_empty()).or_else(|| cache.token());
             Some(
                 ApiBuilder::from_cache(cache.clone())
                     .with_token(token)
@@ -249,10 +262,10 @@ mod tests {
 
     #[test]
     fn offline_values() {
-        assert!(offline_from_env(Some("1")));
-        assert!(offline_from_env(Some("TRUE")));
-        assert!(!offline_from_env(Some("0")));
-        assert!(!offline_from_env(None));
+        assert!(offline_value(Some("1")));
+        assert!(offline_value(Some("TRUE")));
+        assert!(!offline_value(Some("0")));
+        assert!(!offline_value(None));
     }
 
     #[test]

@@ -111,9 +111,9 @@ fn data_type(dtype: DType) -> Result<(sys::cudnnDataType_t, sys::cudnnDataType_t
     })
 }
 
-/// TF32 for f32 convolutions, as PyTorch's default; `SDXL_TF32=0` turns it off.
+/// TF32 for f32 convolutions, as PyTorch's default, unless [`crate::accel::Accel`] turns it off.
 fn allow_tf32() -> bool {
-    std::env::var("SDXL_TF32").map(|v| v != "0").unwrap_or(true)
+    crate::accel::Accel::current().tf32
 }
 
 fn as_i32(xs: [usize; 4]) -> [c_int; 4] {

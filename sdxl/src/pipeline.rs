@@ -11,10 +11,11 @@ use std::ops::ControlFlow;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::accel::Accel;
 use super::clip::ClipTextModel;
 use super::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfig, TinyVaeConfig, UNetConfig, VaeConfig};
 use super::scheduler::EulerDiscreteScheduler;
-use super::source::ModelSource;
+use super::source::{HubOptions, ModelSource};
 use super::taesd::TinyDecoder;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
@@ -34,6 +35,26 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     pub device: Device,
     pub dtype: DType,
+    /// The CUDA fast paths to take (process-wide: installed at load).
+    pub accel: Accel,
+    /// How to reach the Hugging Face hub for repo ids.
+    pub hub: HubOptions,
+}
+
+impl LoadOptions {
+    /// `model` on `device` in `dtype`, with every fast path and default hub access.
+    pub fn new(model: impl Into<String>, device: Device, dtype: DType) -> Self {
+        LoadOptions {
+            model: model.into(),
+            vae: None,
+            taesd: None,
+            variant: None,
+            device,
+            dtype,
+            accel: Accel::ALL,
+            hub: HubOptions::default(),
+        }
+    }
 }
 
 /// The conditioning of one prompt for the UNet, unconditional half first
@@ -108,7 +129,8 @@ fn var_builder(
 impl SdxlPipeline {
     /// Loads every component; errors name the missing file, key or config value.
     pub fn load(opts: &LoadOptions) -> Result<Self, ModelError> {
-        let source = ModelSource::resolve(&opts.model)?;
+        opts.accel.install();
+        let source = ModelSource::resolve(&opts.model, &opts.hub)?;
         let variant = opts.variant.as_deref();
         let index: ModelIndex = read_json(&source.file("model_index.json")?)?;
         let scheduler_config: SchedulerConfig = read_json(&source.file("scheduler/scheduler_config.json")?)?;
@@ -145,7 +167,7 @@ impl SdxlPipeline {
 
         let (vae_config, vae_files) = match &opts.vae {
             Some(name) => {
-                let vae_source = ModelSource::resolve(name)?;
+                let vae_source = ModelSource::resolve(name, &opts.hub)?;
                 let config: VaeConfig = read_json(&vae_source.file("config.json")?)?;
                 (config, vae_source.safetensors("", "diffusion_pytorch_model", None)?)
             }
@@ -165,7 +187,7 @@ impl SdxlPipeline {
 
         let taesd = match &opts.taesd {
             Some(name) => {
-                let taesd_source = ModelSource::resolve(name)?;
+                let taesd_source = ModelSource::resolve(name, &opts.hub)?;
                 let config: TinyVaeConfig = read_json(&taesd_source.file("config.json")?)?;
                 let files = taesd_source.safetensors("", "diffusion_pytorch_model", None)?;
                 Some(TinyDecoder::new(

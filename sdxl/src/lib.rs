@@ -1,12 +1,24 @@
 //! Stable Diffusion XL in candle: the same computation as diffusers'
-//! `StableDiffusionXLPipeline`, loaded from a diffusers folder.
+//! `StableDiffusionXLPipeline`, loaded from a diffusers folder or a hub repo.
 //!
-//! Model code here is pure: tensors and configs in, tensors out. Files are read
-//! only by [`source`] (finding them, locally or in the Hugging Face cache) and
-//! when a model is built from its memory-mapped safetensors.
+//! A library with no serving in it: no network service, no queue, no
+//! environment variable. Model code is pure (tensors and configs in, tensors
+//! out); files are read only by [`source`] (finding them, locally or in the
+//! Hugging Face cache) and when a model is built from its memory-mapped
+//! safetensors. What the binaries decide (kernel paths, TF32, hub access)
+//! comes in through [`pipeline::LoadOptions`].
+//!
+//! - [`pipeline`]: the whole generation (text encode, denoise, decode, previews);
+//! - [`clip`], [`tokenizer`], [`unet`], [`vae`], [`taesd`]: the models;
+//! - [`scheduler`]: the sampler; [`noise`]: the seeded random draws;
+//! - [`config`], [`source`]: configs and where files come from;
+//! - [`image_processor`]: tensors to 8-bit images and back;
+//! - [`nn`], [`accel`], `cuda`: building blocks and their CUDA fast paths;
+//! - [`random`]: random weights from configs (benchmarks without the real weights).
 
 pub mod clip;
 pub mod config;
+pub mod image_processor;
 pub mod noise;
 pub mod pipeline;
 pub mod random;

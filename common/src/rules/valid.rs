@@ -8,67 +8,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::request::{self, JobRequest, OutputFormat};
-
-pub const PROMPT_MAX_CHARS: usize = 2000;
-pub const STEPS_RANGE: (i64, i64) = (1, 100);
-pub const SIZE_RANGE: (i64, i64) = (256, 2048);
-pub const SIZE_MULTIPLE: i64 = 8;
-pub const GUIDANCE_RANGE: (f64, f64) = (0.0, 30.0);
-pub const NUM_IMAGES_RANGE: (i64, i64) = (1, 16);
-/// Previews every N steps: 0 (none) up to the largest step count.
-pub const PREVIEW_EVERY_RANGE: (i64, i64) = (0, STEPS_RANGE.1);
-pub const PRIORITY_RANGE: (i64, i64) = (0, 9);
-
-/// What one job may ask of the GPUs on this deployment: the operator's caps
-/// (`SDXL_MAX_STEPS`, `SDXL_MAX_PIXELS`, `SDXL_MAX_IMAGES`), at most the
-/// ranges above, which are what the model and the engine accept at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caps {
-    pub max_steps: u32,
-    /// Width × height of one image.
-    pub max_pixels: u64,
-    pub max_images: u32,
-}
-
-impl Default for Caps {
-    /// No tighter than the ranges themselves.
-    fn default() -> Self {
-        Caps {
-            max_steps: STEPS_RANGE.1 as u32,
-            max_pixels: (SIZE_RANGE.1 * SIZE_RANGE.1) as u64,
-            max_images: NUM_IMAGES_RANGE.1 as u32,
-        }
-    }
-}
-
-impl Caps {
-    /// Checks that each cap lies within what the ranges allow, naming the
-    /// setting that does not.
-    pub fn checked(self) -> Result<Self, String> {
-        let hard = Caps::default();
-        let min_pixels = (SIZE_RANGE.0 * SIZE_RANGE.0) as u64;
-        if !(STEPS_RANGE.0 as u32..=hard.max_steps).contains(&self.max_steps) {
-            return Err(format!(
-                "max steps must be between {} and {}, got {}",
-                STEPS_RANGE.0, hard.max_steps, self.max_steps
-            ));
-        }
-        if !(min_pixels..=hard.max_pixels).contains(&self.max_pixels) {
-            return Err(format!(
-                "max pixels must be between {min_pixels} and {}, got {}",
-                hard.max_pixels, self.max_pixels
-            ));
-        }
-        if !(NUM_IMAGES_RANGE.0 as u32..=hard.max_images).contains(&self.max_images) {
-            return Err(format!(
-                "max images must be between {} and {}, got {}",
-                NUM_IMAGES_RANGE.0, hard.max_images, self.max_images
-            ));
-        }
-        Ok(self)
-    }
-}
+use super::{
+    Caps, JobRequest, OutputFormat, ValidationError, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY, DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
+    PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
+};
 
 /// A request that passed every rule, with every default filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,77 +54,12 @@ impl ValidJob {
     }
 }
 
-/// One variant per rule; the message names the field, the value and the bound.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ValidationError {
-    #[error("the request body must be a JSON object: {0}")]
-    Malformed(String),
-    #[error("unknown field `{0}`")]
-    UnknownField(String),
-    #[error("`{field}` must be {expected}, got {got}")]
-    WrongType {
-        field: &'static str,
-        expected: &'static str,
-        got: String,
-    },
-    #[error("`prompt` is required")]
-    PromptMissing,
-    #[error("`prompt` must be 1 to {PROMPT_MAX_CHARS} characters, got {0}")]
-    PromptLength(usize),
-    #[error("`negative_prompt` must be at most {PROMPT_MAX_CHARS} characters, got {0}")]
-    NegativePromptLength(usize),
-    #[error("`num_inference_steps` must be between {lo} and {hi}, got {0}", lo = STEPS_RANGE.0, hi = STEPS_RANGE.1)]
-    Steps(i64),
-    #[error("`{field}` must be between {lo} and {hi}, got {value}", lo = SIZE_RANGE.0, hi = SIZE_RANGE.1)]
-    SizeRange { field: &'static str, value: i64 },
-    #[error("`{field}` must be a multiple of {SIZE_MULTIPLE}, got {value}")]
-    SizeMultiple { field: &'static str, value: i64 },
-    #[error("`guidance_scale` must be a number between {lo} and {hi}, got {0}", lo = GUIDANCE_RANGE.0, hi = GUIDANCE_RANGE.1)]
-    GuidanceScale(f64),
-    #[error("`num_images` must be between {lo} and {hi}, got {0}", lo = NUM_IMAGES_RANGE.0, hi = NUM_IMAGES_RANGE.1)]
-    NumImages(i64),
-    #[error("`preview_every` must be between {lo} and {hi} (0 = no previews), got {0}", lo = PREVIEW_EVERY_RANGE.0, hi = PREVIEW_EVERY_RANGE.1)]
-    PreviewEvery(i64),
-    #[error("`output_format` must be one of png, jpeg, webp, got `{0}`")]
-    OutputFormat(String),
-    #[error("`priority` must be between {lo} and {hi}, got {0}", lo = PRIORITY_RANGE.0, hi = PRIORITY_RANGE.1)]
-    Priority(i64),
-    #[error("`num_inference_steps` must be at most {cap} on this server, got {value}")]
-    StepsOverCap { value: i64, cap: u32 },
-    #[error("`width` × `height` must be at most {cap} pixels on this server, got {width}×{height} = {}", width * height)]
-    PixelsOverCap { width: u64, height: u64, cap: u64 },
-    #[error("`num_images` must be at most {cap} on this server, got {value}")]
-    NumImagesOverCap { value: i64, cap: u32 },
-}
-
-impl ValidationError {
-    /// The request field the rule is about.
-    pub fn field(&self) -> &str {
-        match self {
-            ValidationError::Malformed(_) => "body",
-            ValidationError::UnknownField(field) => field,
-            ValidationError::WrongType { field, .. } => field,
-            ValidationError::PromptMissing | ValidationError::PromptLength(_) => "prompt",
-            ValidationError::NegativePromptLength(_) => "negative_prompt",
-            ValidationError::Steps(_) | ValidationError::StepsOverCap { .. } => "num_inference_steps",
-            ValidationError::PixelsOverCap { .. } => "width",
-            ValidationError::NumImagesOverCap { .. } => "num_images",
-            ValidationError::SizeRange { field, .. } | ValidationError::SizeMultiple { field, .. } => field,
-            ValidationError::GuidanceScale(_) => "guidance_scale",
-            ValidationError::NumImages(_) => "num_images",
-            ValidationError::PreviewEvery(_) => "preview_every",
-            ValidationError::OutputFormat(_) => "output_format",
-            ValidationError::Priority(_) => "priority",
-        }
-    }
-}
-
 fn in_range(value: i64, (lo, hi): (i64, i64)) -> bool {
     (lo..=hi).contains(&value)
 }
 
 fn size(field: &'static str, value: Option<i64>) -> Result<u32, ValidationError> {
-    let value = value.unwrap_or(request::DEFAULT_SIZE);
+    let value = value.unwrap_or(DEFAULT_SIZE);
     if !in_range(value, SIZE_RANGE) {
         return Err(ValidationError::SizeRange { field, value });
     }
@@ -210,12 +89,12 @@ pub fn validate_within(
     let negative_prompt = req
         .negative_prompt
         .clone()
-        .unwrap_or_else(|| request::DEFAULT_NEGATIVE_PROMPT.to_string());
+        .unwrap_or_else(|| DEFAULT_NEGATIVE_PROMPT.to_string());
     let negative_chars = negative_prompt.chars().count();
     if negative_chars > PROMPT_MAX_CHARS {
         return Err(ValidationError::NegativePromptLength(negative_chars));
     }
-    let steps = req.num_inference_steps.unwrap_or(request::DEFAULT_STEPS);
+    let steps = req.num_inference_steps.unwrap_or(DEFAULT_STEPS);
     if !in_range(steps, STEPS_RANGE) {
         return Err(ValidationError::Steps(steps));
     }
@@ -234,7 +113,7 @@ pub fn validate_within(
             cap: caps.max_pixels,
         });
     }
-    let guidance_scale = req.guidance_scale.unwrap_or(request::DEFAULT_GUIDANCE_SCALE);
+    let guidance_scale = req.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
     // `contains` is false for NaN, so NaN is refused too.
     if !(GUIDANCE_RANGE.0..=GUIDANCE_RANGE.1).contains(&guidance_scale) {
         return Err(ValidationError::GuidanceScale(guidance_scale));
@@ -250,7 +129,7 @@ pub fn validate_within(
         }
         Some(n) => Some(n as u32),
     };
-    let preview_every = req.preview_every.unwrap_or(request::DEFAULT_PREVIEW_EVERY);
+    let preview_every = req.preview_every.unwrap_or(DEFAULT_PREVIEW_EVERY);
     if !in_range(preview_every, PREVIEW_EVERY_RANGE) {
         return Err(ValidationError::PreviewEvery(preview_every));
     }
@@ -258,7 +137,7 @@ pub fn validate_within(
         None => OutputFormat::default(),
         Some(s) => s.parse().map_err(|_| ValidationError::OutputFormat(s.to_string()))?,
     };
-    let priority = req.priority.unwrap_or(request::DEFAULT_PRIORITY);
+    let priority = req.priority.unwrap_or(DEFAULT_PRIORITY);
     if !in_range(priority, PRIORITY_RANGE) {
         return Err(ValidationError::Priority(priority));
     }

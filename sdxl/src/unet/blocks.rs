@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Transformer2DModel, TransformerConfig};
-use crate::sdxl::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
 /// What every block of one UNet shares.
 #[derive(Debug, Clone, Copy)]

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use sdxl::image_processor;
+use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
+use sdxl::scheduler::EulerDiscreteScheduler;
 use serde::Deserialize;
-use worker::imaging;
-use worker::sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
-use worker::sdxl::scheduler::EulerDiscreteScheduler;
 
 const TOL: f32 = 1e-4;
 
@@ -81,12 +81,12 @@ fn fixture() -> &'static Fixture {
         let tensors =
             candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).expect("golden.safetensors");
         let pipeline = SdxlPipeline::load(&LoadOptions {
-            model: dir.join(&golden.model_dir).display().to_string(),
-            vae: None,
             taesd: Some(dir.join(&golden.taesd_dir).display().to_string()),
-            variant: None,
-            device: Device::Cpu,
-            dtype: DType::F32,
+            ..LoadOptions::new(
+                dir.join(&golden.model_dir).display().to_string(),
+                Device::Cpu,
+                DType::F32,
+            )
         })
         .expect("the fixture pipeline loads");
         Fixture {
@@ -252,7 +252,7 @@ fn whole_pipeline_matches_latents_and_images() {
         assert_eq!(seen, (0..=g.steps).collect::<Vec<_>>(), "the callback sees every step");
         let want_latents = f.tensor("pipeline_out_latents").i(i..i + 1).unwrap();
         assert_close("pipeline_out_latents", &latents, &want_latents, TOL);
-        let image = imaging::from_signed_unit(&f.pipeline.decode(&latents).unwrap())
+        let image = image_processor::from_signed_unit(&f.pipeline.decode(&latents).unwrap())
             .unwrap()
             .remove(0);
         let want = f

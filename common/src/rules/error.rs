@@ -1,0 +1,73 @@
+//! One error variant per rule of a request, each naming the field, the value
+//! received and the allowed range (as TGI's `validation.rs`);
+//! [`ValidationError::field`] gives the field alone for API clients.
+
+use super::{
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE,
+    STEPS_RANGE,
+};
+
+/// One variant per rule; the message names the field, the value and the bound.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("the request body must be a JSON object: {0}")]
+    Malformed(String),
+    #[error("unknown field `{0}`")]
+    UnknownField(String),
+    #[error("`{field}` must be {expected}, got {got}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("`prompt` is required")]
+    PromptMissing,
+    #[error("`prompt` must be 1 to {PROMPT_MAX_CHARS} characters, got {0}")]
+    PromptLength(usize),
+    #[error("`negative_prompt` must be at most {PROMPT_MAX_CHARS} characters, got {0}")]
+    NegativePromptLength(usize),
+    #[error("`num_inference_steps` must be between {lo} and {hi}, got {0}", lo = STEPS_RANGE.0, hi = STEPS_RANGE.1)]
+    Steps(i64),
+    #[error("`{field}` must be between {lo} and {hi}, got {value}", lo = SIZE_RANGE.0, hi = SIZE_RANGE.1)]
+    SizeRange { field: &'static str, value: i64 },
+    #[error("`{field}` must be a multiple of {SIZE_MULTIPLE}, got {value}")]
+    SizeMultiple { field: &'static str, value: i64 },
+    #[error("`guidance_scale` must be a number between {lo} and {hi}, got {0}", lo = GUIDANCE_RANGE.0, hi = GUIDANCE_RANGE.1)]
+    GuidanceScale(f64),
+    #[error("`num_images` must be between {lo} and {hi}, got {0}", lo = NUM_IMAGES_RANGE.0, hi = NUM_IMAGES_RANGE.1)]
+    NumImages(i64),
+    #[error("`preview_every` must be between {lo} and {hi} (0 = no previews), got {0}", lo = PREVIEW_EVERY_RANGE.0, hi = PREVIEW_EVERY_RANGE.1)]
+    PreviewEvery(i64),
+    #[error("`output_format` must be one of png, jpeg, webp, got `{0}`")]
+    OutputFormat(String),
+    #[error("`priority` must be between {lo} and {hi}, got {0}", lo = PRIORITY_RANGE.0, hi = PRIORITY_RANGE.1)]
+    Priority(i64),
+    #[error("`num_inference_steps` must be at most {cap} on this server, got {value}")]
+    StepsOverCap { value: i64, cap: u32 },
+    #[error("`width` × `height` must be at most {cap} pixels on this server, got {width}×{height} = {}", width * height)]
+    PixelsOverCap { width: u64, height: u64, cap: u64 },
+    #[error("`num_images` must be at most {cap} on this server, got {value}")]
+    NumImagesOverCap { value: i64, cap: u32 },
+}
+
+impl ValidationError {
+    /// The request field the rule is about.
+    pub fn field(&self) -> &str {
+        match self {
+            ValidationError::Malformed(_) => "body",
+            ValidationError::UnknownField(field) => field,
+            ValidationError::WrongType { field, .. } => field,
+            ValidationError::PromptMissing | ValidationError::PromptLength(_) => "prompt",
+            ValidationError::NegativePromptLength(_) => "negative_prompt",
+            ValidationError::Steps(_) | ValidationError::StepsOverCap { .. } => "num_inference_steps",
+            ValidationError::PixelsOverCap { .. } => "width",
+            ValidationError::NumImagesOverCap { .. } => "num_images",
+            ValidationError::SizeRange { field, .. } | ValidationError::SizeMultiple { field, .. } => field,
+            ValidationError::GuidanceScale(_) => "guidance_scale",
+            ValidationError::NumImages(_) => "num_images",
+            ValidationError::PreviewEvery(_) => "preview_every",
+            ValidationError::OutputFormat(_) => "output_format",
+            ValidationError::Priority(_) => "priority",
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The rules of a generation request, in one place: every field's default
+//! and range ([`DEFAULT_STEPS`], [`STEPS_RANGE`], …), the wire form
+//! ([`JobRequest`]), the one error variant per rule ([`ValidationError`]),
+//! the checked form ([`ValidJob`], from [`validate`]) and the rules as data
+//! for clients ([`RequestLimits`]: `GET /v1/limits`, the web page's form).
+//!
+//! The dispatcher validates at the edge; the worker validates again what it
+//! takes off the queue, and its `generate` command takes its defaults and
+//! checks from here.
+//!
+//! Adding a request field touches: [`JobRequest`] (the field, its doc comment
+//! — it becomes the OpenAPI description and the CLI flag's help — and its
+//! line in `from_value`), [`ValidJob`] and `valid.rs` (the rule, the default,
+//! `to_request`), `error.rs` (the rule's variant and its `field`), `limits.rs`
+//! (what clients are told), then the worker's engine job
+//! (`worker/src/service/job.rs`) and the docs.
+
+mod error;
+mod limits;
+mod request;
+mod valid;
+
+pub use error::ValidationError;
+pub use limits::{ChoiceLimit, IntegerLimit, NumberLimit, RequestLimits, TextLimit};
+pub use request::{JobRequest, OutputFormat};
+pub use valid::{random_seed, validate, validate_within, ValidJob};
+
+/// Default negative prompt; an empty string means none.
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "blurry, low quality";
+pub const DEFAULT_STEPS: i64 = 20;
+pub const DEFAULT_SIZE: i64 = 1024;
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
+pub const DEFAULT_PREVIEW_EVERY: i64 = 5;
+pub const DEFAULT_PRIORITY: i64 = 5;
+pub const PROMPT_MAX_CHARS: usize = 2000;
+pub const STEPS_RANGE: (i64, i64) = (1, 100);
+pub const SIZE_RANGE: (i64, i64) = (256, 2048);
+pub const SIZE_MULTIPLE: i64 = 8;
+pub const GUIDANCE_RANGE: (f64, f64) = (0.0, 30.0);
+pub const NUM_IMAGES_RANGE: (i64, i64) = (1, 16);
+/// Previews every N steps: 0 (none) up to the largest step count.
+pub const PREVIEW_EVERY_RANGE: (i64, i64) = (0, STEPS_RANGE.1);
+pub const PRIORITY_RANGE: (i64, i64) = (0, 9);
+
+/// What one job may ask of the GPUs on this deployment: the operator's caps
+/// (`SDXL_MAX_STEPS`, `SDXL_MAX_PIXELS`, `SDXL_MAX_IMAGES`), at most the
+/// ranges above, which are what the model and the engine accept at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub max_steps: u32,
+    /// Width × height of one image.
+    pub max_pixels: u64,
+    pub max_images: u32,
+}
+
+impl Default for Caps {
+    /// No tighter than the ranges themselves.
+    fn default() -> Self {
+        Caps {
+            max_steps: STEPS_RANGE.1 as u32,
+            max_pixels: (SIZE_RANGE.1 * SIZE_RANGE.1) as u64,
+            max_images: NUM_IMAGES_RANGE.1 as u32,
+        }
+    }
+}
+
+impl Caps {
+    /// Checks that each cap lies within what the ranges allow, naming the
+    /// setting that does not.
+    pub fn checked(self) -> Result<Self, String> {
+        let hard = Caps::default();
+        let min_pixels = (SIZE_RANGE.0 * SIZE_RANGE.0) as u64;
+        if !(STEPS_RANGE.0 as u32..=hard.max_steps).contains(&self.max_steps) {
+            return Err(format!(
+                "max steps must be between {} and {}, got {}",
+                STEPS_RANGE.0, hard.max_steps, self.max_steps
+            ));
+        }
+        if !(min_pixels..=hard.max_pixels).contains(&self.max_pixels) {
+            return Err(format!(
+                "max pixels must be between {min_pixels} and {}, got {}",
+                hard.max_pixels, self.max_pixels
+            ));
+        }
+        if !(NUM_IMAGES_RANGE.0 as u32..=hard.max_images).contains(&self.max_images) {
+            return Err(format!(
+                "max images must be between {} and {}, got {}",
+                NUM_IMAGES_RANGE.0, hard.max_images, self.max_images
+            ));
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,148 @@
+//! Which accelerated CUDA paths the model code takes, and whether f32
+//! convolutions may use TF32. All paths are on by default on CUDA devices; a
+//! narrower [`Accel`] is for A/B measurements and for bisecting a numerical
+//! difference:
+//!
+//! - `all` (default) or `none`;
+//! - a comma-separated list of `attention` (flash attention, head dim 64),
+//!   `conv` (cuDNN convolutions), `norm` (fused group norm + SiLU), `geglu`,
+//!   `bias` (in-place bias adds after linear layers and time embeddings).
+//!
+//! The choice is process-wide: the binaries parse it (the worker reads
+//! `SDXL_KERNELS` and `SDXL_TF32`), put it in [`crate::pipeline::LoadOptions`],
+//! and loading a pipeline installs it here. The layers read it on every call,
+//! which is one relaxed atomic load. CPU tensors always use candle's ops.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accel {
+    pub attention: bool,
+    pub conv: bool,
+    pub norm: bool,
+    pub geglu: bool,
+    pub bias: bool,
+    /// f32 convolutions (the VAE under `force_upcast`) in TF32 on tensor
+    /// cores, as PyTorch's `cudnn.allow_tf32` default.
+    pub tf32: bool,
+}
+
+impl Default for Accel {
+    fn default() -> Self {
+        Accel::ALL
+    }
+}
+
+/// The names `parse` takes, in the order of the bits below.
+const PATHS: [&str; 5] = ["attention", "conv", "norm", "geglu", "bias"];
+
+impl Accel {
+    pub const ALL: Accel = Accel {
+        attention: true,
+        conv: true,
+        norm: true,
+        geglu: true,
+        bias: true,
+        tf32: true,
+    };
+    pub const NONE: Accel = Accel {
+        attention: false,
+        conv: false,
+        norm: false,
+        geglu: false,
+        bias: false,
+        tf32: true,
+    };
+
+    /// Parses a path list (`all`, `none`, or `conv,norm,…`); TF32 stays on.
+    pub fn parse(value: &str) -> Result<Accel, String> {
+        match value.trim() {
+            "" | "all" => return Ok(Accel::ALL),
+            "none" => return Ok(Accel::NONE),
+            _ => {}
+        }
+        let mut accel = Accel::NONE;
+        for name in value.split(',').map(str::trim) {
+            match name {
+                "attention" => accel.attention = true,
+                "conv" => accel.conv = true,
+                "norm" => accel.norm = true,
+                "geglu" => accel.geglu = true,
+                "bias" => accel.bias = true,
+                other => {
+                    return Err(format!(
+                        "unknown kernel path {other:?} (allowed: all, none, or a list of {})",
+                        PATHS.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(accel)
+    }
+
+    fn bits(self) -> u8 {
+        [self.attention, self.conv, self.norm, self.geglu, self.bias, self.tf32]
+            .iter()
+            .enumerate()
+            .fold(0, |acc, (i, &on)| acc | (u8::from(on) << i))
+    }
+
+    fn from_bits(b: u8) -> Accel {
+        let on = |i: u8| b & (1 << i) != 0;
+        Accel {
+            attention: on(0),
+            conv: on(1),
+            norm: on(2),
+            geglu: on(3),
+            bias: on(4),
+            tf32: on(5),
+        }
+    }
+
+    /// Makes `self` the paths in force for every model in this process.
+    pub fn install(self) {
+        CURRENT.store(self.bits(), Ordering::Relaxed);
+    }
+
+    /// The paths in force (all of them until a pipeline installs others).
+    pub fn current() -> Accel {
+        Accel::from_bits(CURRENT.load(Ordering::Relaxed))
+    }
+}
+
+static CURRENT: AtomicU8 = AtomicU8::new(0b11_1111);
+
+/// Whether `t` is on a CUDA device and this build has the CUDA paths.
+pub fn on_cuda(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists_and_rejects_unknown_names() {
+        assert_eq!(Accel::parse("all"), Ok(Accel::ALL));
+        assert_eq!(Accel::parse("none"), Ok(Accel::NONE));
+        let a = Accel::parse("conv, norm").unwrap();
+        assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias);
+        let e = Accel::parse("conv,flash").unwrap_err();
+        assert!(
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bits_round_trip() {
+        for a in [Accel::ALL, Accel::NONE, Accel::parse("geglu,bias").unwrap()] {
+            assert_eq!(Accel::from_bits(a.bits()), a);
+            let no_tf32 = Accel { tf32: false, ..a };
+            assert_eq!(Accel::from_bits(no_tf32.bits()), no_tf32);
+        }
+        assert_eq!(Accel::from_bits(0b11_1111), Accel::ALL);
+    }
+}

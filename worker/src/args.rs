@@ -1,0 +1,176 @@
+//! The flags every model-running command shares (`generate`, `run`, `bench`,
+//! `init-random`), their conversions to what the `sdxl` crate takes, the
+//! usage error that exits with code 2, and the one progress-bar style.
+//!
+//! This is where the environment is read for the model: `SDXL_KERNELS`,
+//! `SDXL_TF32` and the Hugging Face variables arrive here through clap and
+//! leave as a [`LoadOptions`]; the model crate itself reads no variable.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::builder::BoolishValueParser;
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+use sdxl::accel::Accel;
+use sdxl::pipeline::LoadOptions;
+use sdxl::source::{HubOptions, DEFAULT_MODEL};
+use worker::ranks::DeviceKind;
+
+/// A flag with a value the command cannot use: exit code 2, like clap's own
+/// usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The kind of device each rank opens.
+    pub fn kind(self) -> DeviceKind {
+        match self {
+            DeviceArg::Cpu => DeviceKind::Cpu,
+            DeviceArg::Cuda => DeviceKind::Cuda,
+        }
+    }
+
+    /// Opens device `ordinal` of this kind (the CPU has one).
+    pub fn open(self, ordinal: usize) -> anyhow::Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => {
+                Device::new_cuda(ordinal).context("opening CUDA device (was the worker built with --features cuda?)")
+            }
+        }
+    }
+}
+
+/// The dtype weights are converted to and the pipeline runs in.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Model loading options, shared by every command that runs the pipeline.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A diffusers SDXL folder, or a Hugging Face repo id (`owner/name[@revision]`).
+    #[arg(long, env = "SDXL_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Another VAE folder or repo id (e.g. madebyollin/sdxl-vae-fp16-fix).
+    #[arg(long, env = "SDXL_VAE")]
+    pub vae: Option<String>,
+    /// A TAESD-XL folder or repo id for previews (e.g. madebyollin/taesdxl).
+    #[arg(long, env = "SDXL_TAESD")]
+    pub taesd: Option<String>,
+    /// Weight file variant, e.g. `fp16` for `*.fp16.safetensors`.
+    #[arg(long, env = "SDXL_VARIANT")]
+    pub variant: Option<String>,
+    #[arg(long, value_enum, env = "SDXL_DEVICE", default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Run dtype (default: f16 on CUDA, f32 on CPU).
+    #[arg(long, value_enum, env = "SDXL_DTYPE")]
+    pub dtype: Option<DTypeArg>,
+    #[command(flatten)]
+    pub accel: AccelArgs,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+/// The CUDA fast paths (A/B runs and bisection; CPU runs ignore them).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AccelArgs {
+    /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias.
+    #[arg(long, env = "SDXL_KERNELS", default_value = "all", value_parser = Accel::parse)]
+    pub kernels: Accel,
+    /// TF32 for f32 convolutions (the VAE under `force_upcast`), as PyTorch does; 0 turns it off.
+    #[arg(long, env = "SDXL_TF32", default_value = "1", value_parser = BoolishValueParser::new())]
+    pub tf32: bool,
+}
+
+impl AccelArgs {
+    pub fn accel(&self) -> Accel {
+        Accel {
+            tf32: self.tf32,
+            ..self.kernels
+        }
+    }
+}
+
+/// How repo ids reach the Hugging Face hub.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HubArgs {
+    /// Use only what the Hugging Face cache already holds.
+    #[arg(long, env = "HF_HUB_OFFLINE", default_value = "0", value_parser = BoolishValueParser::new())]
+    pub hf_hub_offline: bool,
+    /// A token for gated repos (default: the token file in the cache).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+    /// The Hugging Face home; the cache is its `hub/` (default ~/.cache/huggingface).
+    #[arg(long, env = "HF_HOME")]
+    pub hf_home: Option<PathBuf>,
+}
+
+impl HubArgs {
+    pub fn hub(&self) -> HubOptions {
+        HubOptions {
+            offline: self.hf_hub_offline,
+            token: self.hf_token.clone(),
+            cache_dir: self.hf_home.as_ref().map(|home| home.join("hub")),
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The run dtype: the flag, or f16 on CUDA and f32 on the CPU.
+    pub fn dtype(&self) -> DType {
+        match (self.dtype, self.device) {
+            (Some(d), _) => d.dtype(),
+            (None, DeviceArg::Cpu) => DType::F32,
+            (None, DeviceArg::Cuda) => DType::F16,
+        }
+    }
+
+    /// The options on device `ordinal` of `--device`.
+    pub fn load_options(&self, ordinal: usize) -> anyhow::Result<LoadOptions> {
+        Ok(self.load_options_on(self.device.open(ordinal)?))
+    }
+
+    /// The options with `device` (rank groups put each rank on its own device).
+    pub fn load_options_on(&self, device: Device) -> LoadOptions {
+        LoadOptions {
+            vae: self.vae.clone(),
+            taesd: self.taesd.clone(),
+            variant: self.variant.clone(),
+            accel: self.accel.accel(),
+            hub: self.hub.hub(),
+            ..LoadOptions::new(self.model.clone(), device, self.dtype())
+        }
+    }
+}
+
+/// The progress bar of a denoising loop, on stderr.
+pub fn denoise_progress(steps: usize) -> ProgressBar {
+    ProgressBar::new(steps as u64).with_style(
+        ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {elapsed_precise} ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
+}
