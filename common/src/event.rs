@@ -2,11 +2,12 @@
 //! `sdxl:job:{id}:events` and relayed as SSE by the dispatcher.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::status::JobState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     Progress,
@@ -46,7 +47,7 @@ impl EventKind {
 /// The `data:` prefix of preview images.
 pub const PREVIEW_DATA_URI_PREFIX: &str = "data:image/jpeg;base64,";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobEvent {
     #[serde(rename = "type")]
     pub kind: EventKind,

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::rules::ValidJob;
@@ -10,7 +11,7 @@ use crate::rules::ValidJob;
 /// Where a job is in its life. `queued → running → succeeded | failed |
 /// cancelled`; `queued → cancelled | failed` too; `running → running` on a
 /// redelivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -61,14 +62,14 @@ impl std::str::FromStr for JobState {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
     pub step: u32,
     pub total_steps: u32,
 }
 
 /// One stored object: the grid or one image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageRef {
     pub bucket: String,
     pub key: String,
@@ -82,7 +83,7 @@ pub struct ImageRef {
 }
 
 /// How long each stage took, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Timings {
     /// From `created_at` to the worker taking the job (last attempt).
     pub queue_wait_ms: u64,
@@ -99,7 +100,7 @@ pub struct Timings {
     pub upload_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobResult {
     pub grid: ImageRef,
     pub images: Vec<ImageRef>,
@@ -107,7 +108,7 @@ pub struct JobResult {
 }
 
 /// The status record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobStatus {
     pub id: Uuid,
     pub state: JobState,

@@ -98,66 +98,11 @@ impl CapsArgs {
     }
 }
 
-/// Every request field, as a flag of the same name.
-#[derive(Debug, Args)]
-pub struct RequestArgs {
-    /// What to draw (1–2000 characters).
-    #[arg(long)]
-    pub prompt: String,
-    /// What to avoid (default `blurry, low quality`; empty: none).
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
-    /// Denoising steps, 1–100 (default 20).
-    #[arg(long, visible_alias = "steps", allow_negative_numbers = true)]
-    pub num_inference_steps: Option<i64>,
-    /// 256–2048, a multiple of 8 (default 1024).
-    #[arg(long, allow_negative_numbers = true)]
-    pub width: Option<i64>,
-    /// 256–2048, a multiple of 8 (default 1024).
-    #[arg(long, allow_negative_numbers = true)]
-    pub height: Option<i64>,
-    /// Classifier-free guidance, 0–30 (default 5.0).
-    #[arg(long, allow_negative_numbers = true)]
-    pub guidance_scale: Option<f64>,
-    /// Seed of the first image (default: drawn, and reported in the status).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Images in the grid, 1–16 (default: one per rank of the worker).
-    #[arg(long, allow_negative_numbers = true)]
-    pub num_images: Option<i64>,
-    /// A preview every N steps, 0 = none (default 5).
-    #[arg(long, allow_negative_numbers = true)]
-    pub preview_every: Option<i64>,
-    /// png (default), jpeg or webp.
-    #[arg(long)]
-    pub output_format: Option<String>,
-    /// 0–9, higher first (default 5).
-    #[arg(long, allow_negative_numbers = true)]
-    pub priority: Option<i64>,
-}
-
-impl RequestArgs {
-    pub fn to_request(&self) -> JobRequest {
-        JobRequest {
-            prompt: Some(self.prompt.clone()),
-            negative_prompt: self.negative_prompt.clone(),
-            num_inference_steps: self.num_inference_steps,
-            width: self.width,
-            height: self.height,
-            guidance_scale: self.guidance_scale,
-            seed: self.seed,
-            num_images: self.num_images,
-            preview_every: self.preview_every,
-            output_format: self.output_format.clone(),
-            priority: self.priority,
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
+    /// Every request field, as a flag of the same name (`common::rules::JobRequest`).
     #[command(flatten)]
-    pub request: RequestArgs,
+    pub request: JobRequest,
     /// Follow the job with a progress bar and print its final status as JSON.
     #[arg(long)]
     pub wait: bool,

@@ -118,7 +118,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<JobState>> {
     // The CLI talks to RabbitMQ and Redis with the service's own credentials:
     // an operator's tool, whose jobs belong to no API key.
     let submitted = jobs
-        .submit(&args.request.to_request(), args.idempotency_key.as_deref(), None)
+        .submit(&args.request, args.idempotency_key.as_deref(), None)
         .await?;
     let id = submitted.status.id;
     if !args.wait {

@@ -20,8 +20,9 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// HTTP request durations (SSE streams: until the headers).
     pub http_duration: HistogramVec,
-    /// Requests refused before validation, by reason (`unauthorized`,
-    /// `rate_limited`, `queue_full`, `body_too_large`).
+    /// Every refusal (401, 404, 409, 413, 422, 429, 503) by reason
+    /// (`unauthorized`, `not_found`, `invalid`, `rate_limited`, `queue_full`, …;
+    /// see `http/error.rs`).
     pub refused: IntCounterVec,
 }
 
@@ -53,7 +54,10 @@ impl Metrics {
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         let refused = IntCounterVec::new(
-            Opts::new("requests_refused_total", "Requests refused before validation"),
+            Opts::new(
+                "requests_refused_total",
+                "Requests refused (401, 404, 409, 413, 422, 429, 503), by reason",
+            ),
             &["reason"],
         )?;
         registry.register(Box::new(refused.clone()))?;

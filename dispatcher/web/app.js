@@ -7,12 +7,10 @@
 //   GET  /v1/jobs/{id}             the status record (timings, error)
 //   GET  /v1/jobs/{id}/images      the grid and images with fresh presigned URLs
 //   DELETE /v1/jobs/{id}           cancel
-// Every request carries `Authorization: Bearer <key>` when a key is saved,
-// which is why the events are read with fetch() and not EventSource (it
-// cannot send headers).
+// The API client (fetch with the saved key, the SSE reader) is in api.js,
+// loaded before this file.
 'use strict';
 
-const KEY_STORE = 'sdxl-queue.api-key';
 const RECENT_STORE = 'sdxl-queue.recent-jobs';
 const RECENT_MAX = 25;
 const INTEGER_FIELDS = ['width', 'height', 'num_inference_steps', 'num_images', 'preview_every', 'priority'];
@@ -27,87 +25,6 @@ let limits = null;
 // The job on screen: its id, the AbortController of its event stream, the
 // last status seen, and the previews received.
 let shown = null;
-
-// ---------------------------------------------------------------- the API --
-
-class ApiError extends Error {
-  constructor(status, body, text) {
-    const worded = body && typeof body.error === 'string' ? body.error : null;
-    super(worded ?? `HTTP ${status}${text ? `: ${text.trim().slice(0, 300)}` : ''}`);
-    this.status = status;
-    this.field = body && typeof body.field === 'string' ? body.field : null;
-  }
-}
-
-function apiKey() {
-  return localStorage.getItem(KEY_STORE) || '';
-}
-
-function headers(extra = {}) {
-  const key = apiKey();
-  return key ? { ...extra, authorization: `Bearer ${key}` } : extra;
-}
-
-// Seeds are u64 and JavaScript numbers hold 53 bits: a drawn seed would be
-// rounded by JSON.parse. Seeds are read as strings instead (a `"seed":`
-// inside a string value is escaped as `\"seed\":`, so only keys match).
-function parseJson(text) {
-  return JSON.parse(text.replace(/"seed":\s*(\d+)/g, '"seed":"$1"'));
-}
-
-async function api(method, path, body) {
-  const init = { method, headers: headers(body === undefined ? {} : { 'content-type': 'application/json' }) };
-  if (body !== undefined) init.body = body;
-  const response = await fetch(path, init);
-  const text = await response.text();
-  let data = null;
-  try {
-    data = text ? parseJson(text) : null;
-  } catch {
-    data = null;
-  }
-  if (!response.ok) throw new ApiError(response.status, data, text);
-  return data;
-}
-
-// Server-sent events from a fetch() body: yields {event, data} per event.
-async function* sseEvents(body) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = '';
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buffer += value.replace(/\r\n?/g, '\n');
-      let end;
-      while ((end = buffer.indexOf('\n\n')) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const event = parseSseBlock(block);
-        if (event) yield event;
-      }
-    }
-  } finally {
-    reader.releaseLock();
-  }
-}
-
-function parseSseBlock(block) {
-  let event = 'message';
-  const data = [];
-  for (const line of block.split('\n')) {
-    if (line === '' || line.startsWith(':')) continue; // comments: keep-alives
-    const colon = line.indexOf(':');
-    const name = colon < 0 ? line : line.slice(0, colon);
-    let value = colon < 0 ? '' : line.slice(colon + 1);
-    if (value.startsWith(' ')) value = value.slice(1);
-    if (name === 'event') event = value;
-    else if (name === 'data') data.push(value);
-  }
-  return data.length ? { event, data: data.join('\n') } : null;
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // ------------------------------------------------------------ the form --
 

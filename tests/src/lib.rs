@@ -6,8 +6,10 @@
 pub mod browser;
 pub mod ledger;
 pub mod process;
+pub mod server;
 pub mod stack;
 
 pub use ledger::{reconcile, Ledger};
 pub use process::Proc;
+pub use server::Server;
 pub use stack::{EventRecorder, JobParams, Stack};

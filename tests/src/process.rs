@@ -1,6 +1,7 @@
 //! Child processes: building and finding the binaries, and a handle that
 //! kills its process when dropped (a failing test leaves nothing behind).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -197,4 +198,22 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The environment printed by `scripts/services.sh` (run once per test binary).
+pub fn services_env() -> &'static HashMap<String, String> {
+    static ENV: OnceLock<HashMap<String, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/services.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running scripts/services.sh");
+        assert!(out.status.success(), "scripts/services.sh failed: {}", out.status);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    })
 }

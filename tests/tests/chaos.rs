@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::queue::{JobMessage, JobPublisher};
 use common::status::{JobState, JobStatus};
-use e2e_tests::stack::Server;
+use e2e_tests::server::Server;
 use e2e_tests::{reconcile, JobParams, Ledger, Stack};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;

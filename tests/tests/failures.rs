@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::event::EventKind;
 use common::status::{JobState, JobStatus};
-use e2e_tests::stack::Server;
+use e2e_tests::server::Server;
 use e2e_tests::{JobParams, Stack};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;

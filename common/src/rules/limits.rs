@@ -4,6 +4,7 @@
 //! really enforces and cannot drift from them.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::{
     Caps, OutputFormat, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY,
@@ -12,7 +13,7 @@ use super::{
 };
 
 /// A text field: its length in characters (not bytes).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct TextLimit {
     pub min_chars: usize,
     pub max_chars: usize,
@@ -21,7 +22,7 @@ pub struct TextLimit {
 }
 
 /// An integer field, both bounds included.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct IntegerLimit {
     pub min: u64,
     pub max: u64,
@@ -32,7 +33,7 @@ pub struct IntegerLimit {
 }
 
 /// A number field, both bounds included.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct NumberLimit {
     pub min: f64,
     pub max: f64,
@@ -40,14 +41,14 @@ pub struct NumberLimit {
 }
 
 /// A field that takes one of a few words.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChoiceLimit {
     pub one_of: Vec<&'static str>,
     pub default: &'static str,
 }
 
 /// Every field of a [`super::JobRequest`], in the order validation checks them.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct RequestLimits {
     pub prompt: TextLimit,
     pub negative_prompt: TextLimit,

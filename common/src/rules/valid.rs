@@ -7,6 +7,7 @@
 //! takes off the queue, since anything can be published there.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{
     Caps, JobRequest, OutputFormat, ValidationError, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT,
@@ -15,7 +16,7 @@ use super::{
 };
 
 /// A request that passed every rule, with every default filled in.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ValidJob {
     pub prompt: String,
     /// Empty: no negative prompt.

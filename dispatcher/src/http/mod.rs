@@ -1,7 +1,13 @@
-//! The HTTP API (`dispatcher serve`).
+//! The HTTP API (`dispatcher serve`): the routes and their middleware
+//! (`server`), the state they share (`state`), the job handlers (`job_routes`), the one mapping of errors to
+//! answers (`error`), the extractors they share (`extract`), the generated
+//! OpenAPI document (`openapi`), `/v1/limits` and the web page.
 
 pub mod error;
-pub mod images;
+pub mod extract;
+pub mod job_routes;
 pub mod limits;
+pub mod openapi;
 pub mod page;
 pub mod server;
+pub mod state;

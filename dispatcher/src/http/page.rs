@@ -8,13 +8,16 @@
 use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 
 /// The files under `/web/`: name, content type, content.
 const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "api.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/api.js"),
+    ),
     (
         "app.js",
         "text/javascript; charset=utf-8",
@@ -34,11 +37,6 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      img-src 'self' data: blob: http: https:; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-/// The page's routes; they work with any router state.
-pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new().route("/", get(index)).route("/web/{file}", get(asset))
-}
-
 fn file(content_type: &'static str, body: &'static str) -> Response {
     (
         [
@@ -52,7 +50,14 @@ fn file(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-async fn index() -> Response {
+/// The web page: a form, the live previews and the results.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "page",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String))
+)]
+pub async fn index() -> Response {
     let mut response = file("text/html; charset=utf-8", INDEX_HTML);
     response.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
@@ -61,7 +66,18 @@ async fn index() -> Response {
     response
 }
 
-async fn asset(Path(name): Path<String>) -> Response {
+/// The page's script and style sheet.
+#[utoipa::path(
+    get,
+    path = "/web/{file}",
+    tag = "page",
+    params(("file" = String, Path, description = "`api.js`, `app.js` or `style.css`")),
+    responses(
+        (status = 200, description = "The file", content_type = "text/javascript", body = String),
+        (status = 404, description = "No such file", content_type = "text/plain", body = String),
+    )
+)]
+pub async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, content_type, body)) => file(content_type, body),
         None => (StatusCode::NOT_FOUND, "no such file").into_response(),

@@ -23,9 +23,10 @@ use uuid::Uuid;
 use super::config::WorkerConfig;
 use super::error::JobError;
 use super::events::PreviewSink;
+use super::generation::{generate, Generation};
 use super::results;
 use super::retry::{retry, Backoff};
-use crate::engine::{Engine, EngineError, EngineJob};
+use crate::engine::{Engine, EngineJob};
 
 /// What to tell RabbitMQ about a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,19 +73,30 @@ pub async fn handle(ctx: &JobContext, payload: &[u8]) -> Disposition {
     };
     let id = message.id;
     let span = tracing::info_span!("job", %id);
-    match run(ctx, &message).instrument(span.clone()).await {
-        Ok(()) => Disposition::Ack,
+    let outcome = run(ctx, &message).instrument(span.clone()).await;
+    match &outcome {
+        Ok(()) => {}
         Err(JobError::Poison(reason)) => {
             tracing::error!(parent: &span, %reason, "poison job: marking it failed and dead-lettering it");
-            if let Err(e) = mark_failed(ctx, id, &reason).instrument(span.clone()).await {
+            if let Err(e) = mark_failed(ctx, id, reason).instrument(span.clone()).await {
                 tracing::error!(parent: &span, error = %e, "could not mark the poison job failed");
             }
-            Disposition::Reject
         }
         Err(JobError::Transient(reason)) => {
             tracing::warn!(parent: &span, %reason, "transient failure outlasted the retries: requeueing the job");
-            Disposition::Requeue
         }
+    }
+    disposition(&outcome)
+}
+
+/// What a handled job's outcome means for its delivery: done (succeeded,
+/// cancelled, or finished before) is acked; poison is rejected, which
+/// dead-letters it; a transient failure is requeued for another try.
+pub fn disposition(outcome: &Result<(), JobError>) -> Disposition {
+    match outcome {
+        Ok(()) => Disposition::Ack,
+        Err(JobError::Poison(_)) => Disposition::Reject,
+        Err(JobError::Transient(_)) => Disposition::Requeue,
     }
 }
 
@@ -150,7 +162,8 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
     };
     tracing::info!(attempt = status.attempt, worker = %ctx.worker_name, "running");
 
-    // Generate on a blocking thread; the cancel flag is polled from Redis.
+    // The engine runs on a blocking thread; the cancel flag is polled from
+    // Redis, and the deadline stops the engine the same way.
     let cancel = Arc::new(AtomicBool::new(false));
     let poller = tokio::spawn(poll_cancel(
         ctx.status.clone(),
@@ -158,45 +171,24 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
         cancel.clone(),
         ctx.config.cancel_poll,
     ));
-    // The deadline stops the engine as a cancel does, between two steps.
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let deadline = ctx.config.job_deadline;
-    let timer = tokio::spawn({
-        let (cancel, timed_out) = (cancel.clone(), timed_out.clone());
-        async move {
-            tokio::time::sleep(deadline).await;
-            tracing::warn!(?deadline, "the job ran past its deadline: stopping it");
-            timed_out.store(true, Ordering::SeqCst);
-            cancel.store(true, Ordering::SeqCst);
-        }
-    });
     let sink = PreviewSink::start(ctx.status.clone(), id);
-    let mut callback = sink.callback();
-    let engine = ctx.engine.clone();
-    let request = engine_job(&job);
+    let deadline = ctx.config.job_deadline;
     let model_start = Instant::now();
-    let span = tracing::Span::current();
-    let generated = tokio::task::spawn_blocking(move || {
-        let _enter = span.enter();
-        engine.generate(&request, &mut callback, &cancel)
-    })
-    .await;
+    let generated = generate(ctx.engine.clone(), engine_job(&job), cancel, deadline, sink.callback()).await;
     let model_time = model_start.elapsed();
     poller.abort();
-    timer.abort();
     sink.finish().await;
     let output = match generated {
-        Err(join) => return Err(JobError::Poison(format!("the engine panicked: {join}"))),
-        Ok(Err(EngineError::Cancelled)) if timed_out.load(Ordering::SeqCst) => {
+        Generation::Done(output) => output,
+        Generation::Cancelled => return finish_cancelled(ctx, id, &status).await,
+        Generation::PastDeadline => {
             return Err(JobError::Poison(format!(
                 "the job ran past its deadline of {} s and was stopped at step {} (SDXL_JOB_DEADLINE)",
                 deadline.as_secs_f64(),
                 ctx.status.get(id).await.ok().flatten().map_or(0, |s| s.progress.step)
             )))
         }
-        Ok(Err(EngineError::Cancelled)) => return finish_cancelled(ctx, id, &status).await,
-        Ok(Err(e @ (EngineError::Invalid(_) | EngineError::Failed(_)))) => return Err(JobError::Poison(e.to_string())),
-        Ok(Ok(output)) => output,
+        Generation::Failed(reason) => return Err(JobError::Poison(reason)),
     };
 
     let upload_start = Instant::now();
@@ -443,6 +435,17 @@ mod tests {
         let mut done = again.clone();
         done.state = JobState::Cancelled;
         assert!(start(Some(&done), Uuid::nil(), &job(), t0, t0, "w3").is_none());
+    }
+
+    /// What each outcome does to the delivery: the decision the consumer
+    /// acts on, together with `generation`'s tests of how engine calls end.
+    #[test]
+    fn outcomes_decide_ack_reject_or_requeue() {
+        assert_eq!(disposition(&Ok(())), Disposition::Ack);
+        let poison = Err(JobError::Poison("`width` must be a multiple of 8".into()));
+        assert_eq!(disposition(&poison), Disposition::Reject);
+        let transient = Err(JobError::Transient("S3 unreachable".into()));
+        assert_eq!(disposition(&transient), Disposition::Requeue);
     }
 
     #[test]

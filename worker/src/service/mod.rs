@@ -6,6 +6,7 @@
 //! - [`config`]: `worker run`'s flags (clap with `env`);
 //! - [`consumer`]: the consume loop (prefetch 1, manual acks, graceful shutdown);
 //! - [`job`]: one job from delivery to ack/reject/nack;
+//! - [`generation`]: the engine call itself (blocking thread, cancel, deadline);
 //! - [`events`]: engine events to the Redis channel and the status record;
 //! - [`results`]: encoding and storing the grid, the images and the manifest;
 //! - [`retry`]: backoff for transient failures;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod events;
+pub mod generation;
 pub mod job;
 pub mod results;
 pub mod retry;

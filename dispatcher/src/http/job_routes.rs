@@ -1,0 +1,282 @@
+//! The `/v1/jobs` routes: submit, status, cancel, events (SSE), result and
+//! images. Each handler returns `Result<_, ApiError>`; its `#[utoipa::path]`
+//! is its entry in the OpenAPI document, every answer it can give included.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Json;
+use common::rules::JobRequest;
+use common::status::{ImageRef, JobState, JobStatus};
+use futures_util::StreamExt;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::JobId;
+use super::state::{AppState, MAX_BODY_BYTES};
+use crate::auth::Caller;
+use crate::jobs::{Followed, JobsError};
+
+/// Header that makes a retried submit return the same job.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// What a submit answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Submitted {
+    pub id: Uuid,
+    /// `GET` it for the status record.
+    pub status_url: String,
+    /// `GET` it for the job's events (Server-Sent Events).
+    pub events_url: String,
+    /// The `queued` record (or, for a replayed `Idempotency-Key`, the job's current one).
+    pub status: JobStatus,
+}
+
+/// The grid and the images of a succeeded job, with URLs signed now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResultImages {
+    pub grid: ImageRef,
+    pub images: Vec<ImageRef>,
+}
+
+/// Submit a job: validated, recorded `queued`, then published to RabbitMQ
+/// with a publisher confirm.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body(content = JobRequest, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "A retried submit with the same key (of the same API key) returns the same job"),
+    ),
+    responses(
+        (status = 202, description = "Queued", body = Submitted, headers(
+            ("Location" = String, description = "The status URL"),
+            ("Idempotent-Replayed" = String, description = "`true` when an earlier submit with this Idempotency-Key made the job"),
+        )),
+        (status = 400, description = "The body could not be read", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule (the body names it)", body = ErrorBody),
+        (status = 429, description = "Over the key's rate limit or too many submits in flight", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "The queue is full, or RabbitMQ or Redis is unreachable", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge { limit: MAX_BODY_BYTES },
+        _ => ApiError::BadBody(rejection.body_text()),
+    })?;
+    state
+        .rate_limit
+        .check(&caller.name)
+        .map_err(|wait| ApiError::RateLimited {
+            key: caller.name.clone(),
+            retry_after: wait.as_secs_f64().ceil() as u64,
+        })?;
+    if let Some(depth) = state.queue_cap.full() {
+        return Err(ApiError::QueueFull {
+            depth,
+            cap: state.queue_cap.cap(),
+        });
+    }
+    let _permit = state.submit_permits.try_acquire().map_err(|_| ApiError::Busy)?;
+    let request = JobRequest::from_json(&body).map_err(JobsError::Invalid)?;
+    let key = headers.get(IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok());
+    let owner = (!state.keys.is_open()).then_some(caller.name.as_str());
+    let submitted = state.jobs.submit(&request, key, owner).await.inspect_err(|e| {
+        if matches!(e, JobsError::Publish { .. }) {
+            state.metrics.publish_failures.inc();
+        }
+    })?;
+    if submitted.replayed {
+        state.metrics.jobs_replayed.inc();
+    } else {
+        state.metrics.jobs_submitted.inc();
+    }
+    let id = submitted.status.id;
+    let status_url = format!("/v1/jobs/{id}");
+    let body = Submitted {
+        id,
+        status_url: status_url.clone(),
+        events_url: format!("/v1/jobs/{id}/events"),
+        status: submitted.status,
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&status_url) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if submitted.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The job's status record.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses(
+        (status = 200, description = "The status record", body = JobStatus),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    JobId(id): JobId,
+) -> Result<Json<JobStatus>, ApiError> {
+    Ok(Json(state.jobs.visible_status(id, &caller).await?))
+}
+
+/// Cancel a queued or running job: a queued one is `cancelled` at once, a
+/// running one stops between two steps.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses(
+        (status = 202, description = "Cancel requested; the record after the request", body = JobStatus),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 409, description = "The job has already finished (its record is in `status`)", body = ErrorBody),
+        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    JobId(id): JobId,
+) -> Result<(StatusCode, Json<JobStatus>), ApiError> {
+    let status = state.jobs.cancel(id, &caller).await?;
+    state.metrics.jobs_cancelled.inc();
+    Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+/// The job's events as Server-Sent Events: first an event named `status`
+/// whose data is the status record (`JobStatus`), then one event per
+/// `progress`, `preview` (a blurred JPEG grid as a data URI), and exactly one
+/// terminal event (`succeeded`, `failed` or `cancelled`) whose data is a
+/// `JobEvent`; the stream ends after it.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses(
+        (status = 200, description = "`event: status` with a `JobStatus`, then `event: progress|preview|succeeded|failed|cancelled` each with a `JobEvent` (the `itemSchema` describes each event)",
+         content_type = "text/event-stream"),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn events(State(state): State<AppState>, caller: Caller, JobId(id): JobId) -> Result<Response, ApiError> {
+    let stream = state.jobs.follow(id, &caller).await?;
+    let stream = stream.map(|followed| {
+        let event = match &followed {
+            Followed::Status(status) => Event::default().event("status").json_data(status),
+            Followed::Event(event) => Event::default().event(event.kind.as_str()).json_data(event),
+        };
+        Ok::<_, Infallible>(event.unwrap_or_else(|e| Event::default().comment(format!("unencodable event: {e}"))))
+    });
+    let mut stopping = state.stopping.clone();
+    let stream = stream.take_until(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The grid of a succeeded job: a redirect to a presigned URL made now.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/result",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses(
+        (status = 307, description = "To the grid's presigned URL",
+         headers(("Location" = String, description = "The presigned URL"))),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (its record is in `status`)", body = ErrorBody),
+        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn result(State(state): State<AppState>, caller: Caller, JobId(id): JobId) -> Result<Response, ApiError> {
+    let status = state.jobs.visible_status(id, &caller).await?;
+    match (&status.state, &status.result) {
+        (JobState::Succeeded, Some(result)) => {
+            Ok(Redirect::temporary(&state.results.presign_get(&result.grid.key)).into_response())
+        }
+        _ => Err(JobsError::NoResult(Box::new(status)).into()),
+    }
+}
+
+/// The grid and each image of a succeeded job, with presigned URLs made now
+/// (those in the status record expire after the presign TTL, the record
+/// lives for days).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/images",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses(
+        (status = 200, description = "The grid and the images", body = ResultImages),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (its record is in `status`)", body = ErrorBody),
+        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn images(
+    State(state): State<AppState>,
+    caller: Caller,
+    JobId(id): JobId,
+) -> Result<Json<ResultImages>, ApiError> {
+    let status = state.jobs.visible_status(id, &caller).await?;
+    let result = match (&status.state, &status.result) {
+        (JobState::Succeeded, Some(result)) => result.clone(),
+        _ => return Err(JobsError::NoResult(Box::new(status)).into()),
+    };
+    let presigned = |mut image: ImageRef| {
+        image.url = state.results.presign_get(&image.key);
+        image
+    };
+    Ok(Json(ResultImages {
+        grid: presigned(result.grid),
+        images: result.images.into_iter().map(presigned).collect(),
+    }))
+}

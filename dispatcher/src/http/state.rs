@@ -1,0 +1,32 @@
+//! What every handler shares: the job front end, the result store, the
+//! metrics, the admission controls and the shutdown signal.
+
+use std::sync::Arc;
+
+use common::result_store::ResultStore;
+use tokio::sync::{watch, Semaphore};
+
+use crate::admission::{QueueCap, RateLimit};
+use crate::auth::ApiKeys;
+use crate::jobs::Jobs;
+use crate::metrics::Metrics;
+
+/// The largest request body accepted (a request is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: Arc<Jobs>,
+    pub results: Arc<ResultStore>,
+    pub metrics: Metrics,
+    /// Submits in flight; when none is left the answer is 429.
+    pub submit_permits: Arc<Semaphore>,
+    /// Becomes true on shutdown: event streams end then, so that the
+    /// graceful shutdown does not wait for running jobs.
+    pub stopping: watch::Receiver<bool>,
+    pub keys: Arc<ApiKeys>,
+    pub rate_limit: Arc<RateLimit>,
+    pub queue_cap: QueueCap,
+    /// `/metrics` on the API's listener (false: it has its own).
+    pub metrics_here: bool,
+}
