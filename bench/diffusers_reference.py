@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The reference for `worker bench`: the same stages measured with diffusers
 (eager and under torch.compile) on the same GPU, from the same random-weight
-folder (`worker init-random --configs bench/sdxl-base-configs`).
+folder (`worker init-random --configs sdxl/configs/sdxl-base-1.0`).
 
     python3 bench/diffusers_reference.py --model /tmp/sdxl --taesd /tmp/sdxl/taesdxl --dtype f16 \
         --json out.json --unet-io unet_io.safetensors [--compile]

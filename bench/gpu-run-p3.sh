@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run of issue P3, on a machine with one or more NVIDIA GPUs and the
 # CUDA worker binary (built here with --features cuda) at $WORKER:
-# full-size SDXL with random weights (from bench/sdxl-base-configs), 1024x1024,
+# full-size SDXL with random weights (from sdxl/configs/sdxl-base-1.0), 1024x1024,
 # 20 steps, 2 images on 1 rank over NCCL, with and without previews.
 set -uo pipefail
 WORKER=${WORKER:-target/release/worker}
@@ -10,7 +10,7 @@ MODEL=${MODEL:-/tmp/sdxl-random}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
 if [ ! -f "$MODEL/unet/diffusion_pytorch_model.safetensors" ]; then
-  /usr/bin/time -v "$WORKER" init-random --configs bench/sdxl-base-configs --output "$MODEL" --dtype f16 --device cuda \
+  /usr/bin/time -v "$WORKER" init-random --configs sdxl/configs/sdxl-base-1.0 --output "$MODEL" --dtype f16 --device cuda \
     2>&1 | grep -E "safetensors|Elapsed|Maximum resident" | tee "$OUT/init-random.log"
 fi
 common=(generate --model "$MODEL" --taesd "$MODEL/taesdxl" --device cuda --dtype f16 --ranks 1 --num-images 2

@@ -11,7 +11,7 @@ MODEL=${MODEL:-/tmp/sdxl-random}
 DTYPE=${DTYPE:-f16}
 mkdir -p "$OUT"
 if [ ! -f "$MODEL/unet/diffusion_pytorch_model.safetensors" ]; then
-  "$WORKER" init-random --configs bench/sdxl-base-configs --output "$MODEL" --dtype f16 --device cuda > /dev/null 2>&1
+  "$WORKER" init-random --configs sdxl/configs/sdxl-base-1.0 --output "$MODEL" --dtype f16 --device cuda > /dev/null 2>&1
 fi
 "$WORKER" check-kernels > "$OUT/check-kernels.log" 2>&1
 echo "check-kernels exit $?"

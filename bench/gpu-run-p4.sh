@@ -18,7 +18,7 @@ fi
   python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)'
   "$WORKER" --version; } > "$OUT/machine.txt" 2>&1
 if [ ! -f "$MODEL/unet/diffusion_pytorch_model.safetensors" ]; then
-  "$WORKER" init-random --configs bench/sdxl-base-configs --output "$MODEL" --dtype f16 --device cuda > /dev/null 2>&1
+  "$WORKER" init-random --configs sdxl/configs/sdxl-base-1.0 --output "$MODEL" --dtype f16 --device cuda > /dev/null 2>&1
 fi
 python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype "$DTYPE" --compile \
   --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-$DTYPE.json" > "$OUT/diffusers-$DTYPE.log" 2>&1

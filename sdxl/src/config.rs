@@ -218,9 +218,13 @@ pub struct VaeConfig {
     #[serde(default = "yes")]
     pub force_upcast: bool,
     #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
 }
@@ -245,47 +249,6 @@ pub struct TinyVaeConfig {
     pub upsample_fn: String,
     #[serde(default = "one_f64")]
     pub scaling_factor: f64,
-}
-
-/// `scheduler/scheduler_config.json` (diffusers' `EulerDiscreteScheduler`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct SchedulerConfig {
-    #[serde(rename = "_class_name", default)]
-    pub class_name: Option<String>,
-    #[serde(default = "default_train_steps")]
-    pub num_train_timesteps: usize,
-    #[serde(default = "default_beta_start")]
-    pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
-    pub beta_end: f64,
-    #[serde(default = "linear")]
-    pub beta_schedule: String,
-    #[serde(default)]
-    pub trained_betas: Option<Vec<f64>>,
-    #[serde(default = "epsilon")]
-    pub prediction_type: String,
-    #[serde(default = "linear")]
-    pub interpolation_type: String,
-    #[serde(default)]
-    pub use_karras_sigmas: bool,
-    #[serde(default)]
-    pub use_exponential_sigmas: bool,
-    #[serde(default)]
-    pub use_beta_sigmas: bool,
-    #[serde(default)]
-    pub sigma_min: Option<f64>,
-    #[serde(default)]
-    pub sigma_max: Option<f64>,
-    #[serde(default = "linspace")]
-    pub timestep_spacing: String,
-    #[serde(default = "discrete")]
-    pub timestep_type: String,
-    #[serde(default)]
-    pub steps_offset: usize,
-    #[serde(default)]
-    pub rescale_betas_zero_snr: bool,
-    #[serde(default = "zero")]
-    pub final_sigmas_type: String,
 }
 
 fn yes() -> bool {
@@ -314,15 +277,6 @@ fn default_norm_eps() -> f64 {
 }
 fn default_scaling_factor() -> f64 {
     0.18215
-}
-fn default_train_steps() -> usize {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.0001
-}
-fn default_beta_end() -> f64 {
-    0.02
 }
 fn default_mid_block_type() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -356,21 +310,6 @@ fn default_str() -> String {
 }
 fn positional() -> String {
     s("positional")
-}
-fn linear() -> String {
-    s("linear")
-}
-fn epsilon() -> String {
-    s("epsilon")
-}
-fn linspace() -> String {
-    s("linspace")
-}
-fn discrete() -> String {
-    s("discrete")
-}
-fn zero() -> String {
-    s("zero")
 }
 
 /// Fails with a config error unless `value` is one of `allowed`.

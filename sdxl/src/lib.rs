@@ -12,13 +12,16 @@
 //! - [`clip`], [`tokenizer`], [`unet`], [`vae`], [`taesd`]: the models;
 //! - [`scheduler`]: the sampler; [`noise`]: the seeded random draws;
 //! - [`config`], [`source`]: configs and where files come from;
+//! - [`checkpoint`]: single-file (SGM) checkpoints; [`lora`]: LoRA files;
 //! - [`image_processor`]: tensors to 8-bit images and back;
 //! - [`nn`], [`accel`], `cuda`: building blocks and their CUDA fast paths;
 //! - [`random`]: random weights from configs (benchmarks without the real weights).
 
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod image_processor;
+pub mod lora;
 pub mod noise;
 pub mod pipeline;
 pub mod random;
@@ -55,6 +58,10 @@ pub enum ModelError {
     /// The tokenizer files could not be read.
     #[error("{component}: {message}")]
     Tokenizer { component: String, message: String },
+    /// A checkpoint file that is not what it must be (a pickle, not SDXL,
+    /// a key missing or of the wrong shape, no VAE): the message names it.
+    #[error("{0}")]
+    Checkpoint(String),
     /// Resolving a Hugging Face repo id failed.
     #[error("hugging face hub: {0}")]
     Hub(String),
@@ -86,6 +93,14 @@ pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
 }
 
 impl ModelError {
+    /// A config error in `file`.
+    pub fn config(file: &str, message: impl Into<String>) -> Self {
+        ModelError::Config {
+            file: file.to_string(),
+            message: message.into(),
+        }
+    }
+
     pub(crate) fn missing_file(path: &Path, err: impl std::fmt::Display) -> Self {
         ModelError::MissingFile {
             path: path.display().to_string(),

@@ -101,7 +101,7 @@ fn save(weights: Weights, path: &Path) -> Result<WrittenFile, ModelError> {
 
 /// Writes a diffusers SDXL folder at `out` with random weights (stored as
 /// `dtype`, drawn on `device`) for the configs in `configs` (a diffusers
-/// folder without weights, e.g. `bench/sdxl-base-configs`), and a TAESD
+/// folder without weights, e.g. `sdxl/configs/sdxl-base-1.0`), and a TAESD
 /// beside it when the configs have a `taesdxl/` or `taesd/` folder.
 pub fn write_model(configs: &Path, out: &Path, dtype: DType, device: &Device) -> Result<Vec<WrittenFile>, ModelError> {
     copy_configs(configs, out)?;

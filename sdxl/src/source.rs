@@ -15,12 +15,40 @@ use super::ModelError;
 /// The Hugging Face repo used when no model is named.
 pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-xl-base-1.0";
 
-/// A diffusers folder, local or on the hub.
+/// A diffusers folder, local or on the hub, or configs compiled into the
+/// binary (SDXL base's, for single-file checkpoints with no `--config`).
 #[derive(Debug)]
 pub enum ModelSource {
     Local(PathBuf),
     Hub(Box<HubRepo>),
+    /// Files by relative path; configs and tokenizers only, no weights.
+    Embedded(&'static [(&'static str, &'static [u8])]),
 }
+
+macro_rules! embedded {
+    ($root:literal: $($rel:literal),* $(,)?) => {
+        &[$(($rel, include_bytes!(concat!($root, "/", $rel)).as_slice())),*]
+    };
+}
+
+/// The configs and tokenizers of `stabilityai/stable-diffusion-xl-base-1.0`
+/// (diffusers 0.42.1), shipped in the binary: what a single-file SDXL
+/// checkpoint is read with when no `--config` names others.
+pub const SDXL_BASE_CONFIGS: &[(&str, &[u8])] = embedded!(
+    "../configs/sdxl-base-1.0":
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer_2/tokenizer_config.json",
+    "tokenizer_2/vocab.json",
+    "tokenizer_2/merges.txt",
+    "unet/config.json",
+    "vae/config.json",
+);
 
 /// A hub repo and how to reach it.
 #[derive(Debug)]
@@ -118,7 +146,38 @@ impl ModelSource {
         match self {
             ModelSource::Local(p) => p.display().to_string(),
             ModelSource::Hub(h) => format!("{}@{} (hub)", h.repo_id, h.revision),
+            ModelSource::Embedded(_) => "SDXL base configs (built in)".into(),
         }
+    }
+
+    /// The bytes of `rel`, or `None` when the source has no such file.
+    pub fn read_optional(&self, rel: &str) -> Result<Option<Vec<u8>>, ModelError> {
+        if let ModelSource::Embedded(files) = self {
+            return Ok(files.iter().find(|(name, _)| *name == rel).map(|(_, b)| b.to_vec()));
+        }
+        let Some(path) = self.optional_file(rel)? else {
+            return Ok(None);
+        };
+        std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| ModelError::missing_file(&path, e))
+    }
+
+    /// The bytes of `rel`; an error names the missing file.
+    pub fn read(&self, rel: &str) -> Result<Vec<u8>, ModelError> {
+        self.read_optional(rel)?.ok_or_else(|| ModelError::MissingFile {
+            path: self.display_path(rel),
+            message: "not found".into(),
+        })
+    }
+
+    /// `rel` parsed as JSON, naming the file in every error.
+    pub fn read_json<T: serde::de::DeserializeOwned>(&self, rel: &str) -> Result<T, ModelError> {
+        let bytes = self.read(rel)?;
+        serde_json::from_slice(&bytes).map_err(|e| ModelError::Config {
+            file: self.display_path(rel),
+            message: e.to_string(),
+        })
     }
 
     /// The local path of `rel` (`unet/config.json`), downloading it from the hub
@@ -138,6 +197,8 @@ impl ModelSource {
                 Ok(p.is_file().then_some(p))
             }
             ModelSource::Hub(hub) => hub.get(rel),
+            // Configs only: the weights come from elsewhere (a single file).
+            ModelSource::Embedded(_) => Ok(None),
         }
     }
 
@@ -145,6 +206,7 @@ impl ModelSource {
         match self {
             ModelSource::Local(root) => root.join(rel).display().to_string(),
             ModelSource::Hub(h) => format!("{}/{} (hub repo {})", h.repo_id, rel, h.revision),
+            ModelSource::Embedded(_) => format!("{rel} (built-in SDXL base configs)"),
         }
     }
 
@@ -258,6 +320,20 @@ mod tests {
         assert!(!looks_like_repo_id("/abs/path"));
         assert!(!looks_like_repo_id("a/b/c"));
         assert!(!looks_like_repo_id("plainname"));
+    }
+
+    #[test]
+    fn the_built_in_configs_are_sdxl_base() {
+        let source = ModelSource::Embedded(SDXL_BASE_CONFIGS);
+        let unet: crate::config::UNetConfig = source.read_json("unet/config.json").unwrap();
+        assert_eq!(unet.block_out_channels, vec![320, 640, 1280]);
+        assert!(source.read("tokenizer_2/merges.txt").unwrap().len() > 100_000);
+        assert!(source
+            .read_optional("unet/diffusion_pytorch_model.safetensors")
+            .unwrap()
+            .is_none());
+        let err = source.read("nope.json").unwrap_err().to_string();
+        assert!(err.contains("nope.json") && err.contains("built-in"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,6 @@
 //! `<|endoftext|>`, truncated and padded to `model_max_length` (77) with the
 //! folder's own pad token (`tokenizer_2` of SDXL pads with `!`).
 
-use std::path::Path;
-
 use serde::Deserialize;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
@@ -91,15 +89,16 @@ impl ClipTokenizer {
             component: folder.to_string(),
             message,
         };
-        let config = match source.optional_file(&format!("{folder}/tokenizer_config.json"))? {
-            Some(p) => super::config::read_json::<TokenizerConfig>(&p)?,
+        let config_rel = format!("{folder}/tokenizer_config.json");
+        let config = match source.read_optional(&config_rel)? {
+            Some(_) => source.read_json::<TokenizerConfig>(&config_rel)?,
             None => serde_json::from_str::<TokenizerConfig>("{}").map_err(|e| err(e.to_string()))?,
         };
-        let tokenizer = match source.optional_file(&format!("{folder}/tokenizer.json"))? {
-            Some(path) => Tokenizer::from_file(&path).map_err(|e| err(format!("{}: {e}", path.display())))?,
+        let tokenizer = match source.read_optional(&format!("{folder}/tokenizer.json"))? {
+            Some(bytes) => Tokenizer::from_bytes(&bytes).map_err(|e| err(format!("tokenizer.json: {e}")))?,
             None => {
-                let vocab = source.file(&format!("{folder}/vocab.json"))?;
-                let merges = source.file(&format!("{folder}/merges.txt"))?;
+                let vocab = source.read(&format!("{folder}/vocab.json"))?;
+                let merges = source.read(&format!("{folder}/merges.txt"))?;
                 build_clip_bpe(&vocab, &merges, config.unk_token.text()).map_err(err)?
             }
         };
@@ -165,18 +164,31 @@ impl ClipTokenizer {
     }
 }
 
+/// `merges.txt` as the tokenizers crate reads it: a pair per line, an
+/// optional `#version` first line, blank lines skipped.
+fn parse_merges(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(i, line)| !(line.is_empty() || *i == 0 && line.starts_with("#version")))
+        .map(|(i, line)| {
+            line.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("merges.txt line {}: not a pair: {line:?}", i + 1))
+        })
+        .collect()
+}
+
 /// Assembles CLIP's tokenizer pipeline from the slow tokenizer's two files.
-fn build_clip_bpe(vocab: &Path, merges: &Path, unk: &str) -> Result<Tokenizer, String> {
-    let path_str = |p: &Path| {
-        p.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
-    };
-    let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
+fn build_clip_bpe(vocab: &[u8], merges: &[u8], unk: &str) -> Result<Tokenizer, String> {
+    let vocab: std::collections::HashMap<String, u32> =
+        serde_json::from_slice(vocab).map_err(|e| format!("vocab.json: {e}"))?;
+    let merges = parse_merges(std::str::from_utf8(merges).map_err(|e| format!("merges.txt: {e}"))?)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
         .unk_token(unk.to_string())
         .end_of_word_suffix("</w>".to_string())
         .build()
-        .map_err(|e| format!("reading {} / {}: {e}", vocab.display(), merges.display()))?;
+        .map_err(|e| format!("building the BPE model: {e}"))?;
     let mut tokenizer = Tokenizer::new(bpe);
     let whitespace = Replace::new(
         tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdxl::noise::initial_noise;
+use sdxl::noise::{initial_noise, ImageNoise};
 use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
+use sdxl::scheduler::SamplerKind;
 
 fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference/tiny-sdxl")
@@ -37,12 +38,13 @@ fn image(model: &Path, variant: Option<&str>) -> Vec<f32> {
         height: 64,
         num_inference_steps: 2,
         guidance_scale: 5.0,
+        sampler: SamplerKind::Euler,
     };
     let embeds = p.encode_prompt("a lighthouse", Some("blurry"), true).unwrap();
     let (_, c, h, w) = p.latent_shape(64, 64);
-    let noise = initial_noise(3, c, h, w, &Device::Cpu).unwrap();
+    let noise = ImageNoise::from_init(initial_noise(3, c, h, w, &Device::Cpu).unwrap());
     let latents = p
-        .denoise(&embeds, &noise, &params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .denoise(&embeds, &[noise], &params, &mut |_| std::ops::ControlFlow::Continue(()))
         .unwrap()
         .unwrap();
     p.decode(&latents).unwrap().flatten_all().unwrap().to_vec1().unwrap()

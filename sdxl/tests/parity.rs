@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sdxl::image_processor;
+use sdxl::noise::ImageNoise;
 use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
-use sdxl::scheduler::EulerDiscreteScheduler;
+use sdxl::scheduler::{build, SamplerKind, SchedulerConfig};
 use serde::Deserialize;
 
 const TOL: f32 = 1e-4;
@@ -143,22 +144,23 @@ fn tokenizers_match_every_case_exactly() {
 #[test]
 fn scheduler_matches_for_every_step_count() {
     let f = fixture();
-    let config = serde_json::from_str(
+    let config: SchedulerConfig = serde_json::from_str(
         &std::fs::read_to_string(f.dir.join(&f.golden.model_dir).join("scheduler/scheduler_config.json")).unwrap(),
     )
     .unwrap();
     assert!(!f.golden.scheduler.is_empty());
     for (steps, want) in &f.golden.scheduler {
-        let s = EulerDiscreteScheduler::new(&config, steps.parse().unwrap()).unwrap();
-        assert_eq!(s.timesteps.len(), want.timesteps.len(), "{steps} steps");
-        for (a, b) in s.timesteps.iter().zip(&want.timesteps) {
+        let s = build(SamplerKind::Euler, &config, steps.parse().unwrap()).unwrap();
+        assert_eq!(s.timesteps().len(), want.timesteps.len(), "{steps} steps");
+        for (a, b) in s.timesteps().iter().zip(&want.timesteps) {
             assert!((a - b).abs() <= 1e-3, "{steps} steps: timestep {a} vs {b}");
         }
-        assert_eq!(s.sigmas.len(), want.sigmas.len(), "{steps} steps");
-        for (a, b) in s.sigmas.iter().zip(&want.sigmas) {
+        let sigmas = s.sigmas().unwrap();
+        assert_eq!(sigmas.len(), want.sigmas.len(), "{steps} steps");
+        for (a, b) in sigmas.iter().zip(&want.sigmas) {
             assert!((a - b).abs() <= 1e-5 * b.max(1.0), "{steps} steps: sigma {a} vs {b}");
         }
-        assert!((s.init_noise_sigma - want.init_noise_sigma).abs() <= 1e-5 * want.init_noise_sigma.max(1.0));
+        assert!((s.init_noise_sigma() - want.init_noise_sigma).abs() <= 1e-5 * want.init_noise_sigma.max(1.0));
     }
 }
 
@@ -233,6 +235,7 @@ fn whole_pipeline_matches_latents_and_images() {
         height: g.height,
         num_inference_steps: g.steps,
         guidance_scale: g.guidance_scale,
+        sampler: SamplerKind::Euler,
     };
     let noise = f.tensor("pipeline_in_noise");
     for (i, prompt) in g.prompts.iter().enumerate() {
@@ -243,10 +246,15 @@ fn whole_pipeline_matches_latents_and_images() {
         let mut seen = Vec::new();
         let latents = f
             .pipeline
-            .denoise(&embeds, &noise.i(i..i + 1).unwrap(), &params, &mut |s| {
-                seen.push(s.step);
-                ControlFlow::Continue(())
-            })
+            .denoise(
+                &embeds,
+                &[ImageNoise::from_init(noise.i(i..i + 1).unwrap())],
+                &params,
+                &mut |s| {
+                    seen.push(s.step);
+                    ControlFlow::Continue(())
+                },
+            )
             .unwrap()
             .unwrap();
         assert_eq!(seen, (0..=g.steps).collect::<Vec<_>>(), "the callback sees every step");
@@ -284,13 +292,14 @@ fn denoise_stops_when_the_callback_breaks() {
         height: g.height,
         num_inference_steps: g.steps,
         guidance_scale: g.guidance_scale,
+        sampler: SamplerKind::Euler,
     };
     let embeds = f.pipeline.encode_prompt(&g.prompts[0], None, true).unwrap();
     let noise = f.tensor("pipeline_in_noise").i(0..1).unwrap();
     let mut calls = 0;
     let out = f
         .pipeline
-        .denoise(&embeds, &noise, &params, &mut |s| {
+        .denoise(&embeds, &[ImageNoise::from_init(noise)], &params, &mut |s| {
             calls += 1;
             if s.step == 1 {
                 ControlFlow::Break(())

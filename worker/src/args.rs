@@ -11,10 +11,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::builder::BoolishValueParser;
+use clap::builder::TypedValueParser as _;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdxl::accel::Accel;
 use sdxl::pipeline::LoadOptions;
+use sdxl::scheduler::SamplerKind;
 use sdxl::source::{HubOptions, DEFAULT_MODEL};
 use worker::ranks::DeviceKind;
 
@@ -72,10 +74,17 @@ impl DTypeArg {
 /// Model loading options, shared by every command that runs the pipeline.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// A diffusers SDXL folder, or a Hugging Face repo id (`owner/name[@revision]`).
+    /// A diffusers SDXL folder, a Hugging Face repo id (`owner/name[@revision]`),
+    /// or a single-file checkpoint (`*.safetensors`, as A1111, ComfyUI and Civitai use).
     #[arg(long, env = "SDXL_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Another VAE folder or repo id (e.g. madebyollin/sdxl-vae-fp16-fix).
+    /// For a single-file `--model` (`*.safetensors`, the A1111/ComfyUI
+    /// layout): the diffusers folder or repo whose configs and tokenizers
+    /// describe it (no weights are read from it). Default: SDXL base's, built in.
+    #[arg(long, env = "SDXL_CONFIG")]
+    pub config: Option<String>,
+    /// Another VAE: a folder or repo id (e.g. madebyollin/sdxl-vae-fp16-fix),
+    /// or one VAE file (`*.safetensors`).
     #[arg(long, env = "SDXL_VAE")]
     pub vae: Option<String>,
     /// A TAESD-XL folder or repo id for previews (e.g. madebyollin/taesdxl).
@@ -157,6 +166,7 @@ impl ModelArgs {
     /// The options with `device` (rank groups put each rank on its own device).
     pub fn load_options_on(&self, device: Device) -> LoadOptions {
         LoadOptions {
+            config: self.config.clone(),
             vae: self.vae.clone(),
             taesd: self.taesd.clone(),
             variant: self.variant.clone(),
@@ -173,4 +183,10 @@ pub fn denoise_progress(steps: usize) -> ProgressBar {
         ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {elapsed_precise} ({per_sec})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     )
+}
+
+/// The `--scheduler` values: the sampler names.
+pub fn sampler_parser() -> impl clap::builder::TypedValueParser<Value = SamplerKind> {
+    clap::builder::PossibleValuesParser::new(SamplerKind::ALL.map(SamplerKind::name))
+        .map(|name| SamplerKind::from_name(&name).expect("a listed sampler name"))
 }

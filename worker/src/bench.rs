@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use common::rules;
 use serde::Serialize;
 
-use sdxl::noise::initial_noise;
+use sdxl::noise::ImageNoise;
 use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
 
 #[derive(Debug, clap::Args)]
@@ -25,6 +25,9 @@ pub struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = rules::DEFAULT_GUIDANCE_SCALE)]
     guidance_scale: f64,
+    /// The sampler of the whole-image run.
+    #[arg(long, default_value = rules::DEFAULT_SCHEDULER, value_parser = crate::args::sampler_parser())]
+    scheduler: sdxl::scheduler::SamplerKind,
     /// Timed repetitions of each stage (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 10)]
     iters: usize,
@@ -99,6 +102,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         height: args.height,
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
+        sampler: args.scheduler,
     };
     let prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
     let negative = Some(rules::DEFAULT_NEGATIVE_PROMPT);
@@ -151,7 +155,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             return Ok(None);
         }
         let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
-        let noise = initial_noise(0, c, h, w, &Device::Cpu)?;
+        let noise = [ImageNoise::from_seed(0)];
         let latents = pipeline
             .denoise(&embeds, &noise, &params, &mut |_| std::ops::ControlFlow::Continue(()))?
             .context("denoising stopped")?;

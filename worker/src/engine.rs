@@ -9,6 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sdxl::scheduler::SamplerKind;
+
 /// One generation as the model side sees it: already validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineJob {
@@ -20,7 +22,9 @@ pub struct EngineJob {
     pub height: usize,
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
-    /// Image `i` of the job uses seed `seed + i`.
+    pub scheduler: SamplerKind,
+    /// Image `i` of the job uses seed `seed + i`: its initial noise and
+    /// every other random draw come from that seed.
     pub seed: u64,
     /// `None`: one image per rank.
     pub num_images: Option<usize>,

@@ -8,16 +8,18 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use anyhow::Context;
+use candle_core::Device;
 use common::rules;
 use sdxl::image_processor;
-use sdxl::noise::initial_noise;
+use sdxl::noise::ImageNoise;
 use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+use sdxl::scheduler::SamplerKind;
 use worker::engine::{Engine, EngineEvent, EngineJob};
 use worker::ranks::{default_ranks, DeviceKind, RankGroup, RankGroupConfig};
 
 use crate::args::{denoise_progress, ModelArgs, UsageError};
+use crate::noise_file::NoiseFile;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -41,10 +43,15 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (guidance is off at 1 or below).
     #[arg(long, default_value_t = rules::DEFAULT_GUIDANCE_SCALE)]
     guidance_scale: f64,
+    /// The sampler (the diffusers class each one equals is in the README).
+    #[arg(long, default_value = rules::DEFAULT_SCHEDULER, value_parser = crate::args::sampler_parser())]
+    scheduler: SamplerKind,
     /// Noise seed; a random one is drawn and printed when absent.
     #[arg(long)]
     seed: Option<u64>,
-    /// A safetensors file with one tensor `[1, 4, H/8, W/8]` used as the initial noise.
+    /// A safetensors file of random draws `[1, 4, H/8, W/8]` used instead of
+    /// the seed's: named `init`, `step.K` (the K-th noise a stochastic sampler
+    /// takes), `vae_sample`; or one tensor of any name, the initial noise.
     #[arg(long)]
     init_noise: Option<PathBuf>,
     /// Ranks (devices) to spread the images over; default: every visible
@@ -103,16 +110,6 @@ fn validate(args: &GenerateArgs) -> Result<(), UsageError> {
     Ok(())
 }
 
-fn read_init_noise(path: &PathBuf) -> anyhow::Result<candle_core::Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("--init-noise {}: not a readable safetensors file", path.display()))?;
-    let mut iter = tensors.into_values();
-    match (iter.next(), iter.next()) {
-        (Some(t), None) => Ok(t.to_dtype(DType::F32)?),
-        _ => bail!("--init-noise {}: expected exactly one tensor", path.display()),
-    }
-}
-
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     validate(&args)?;
     if args.init_noise.is_none() {
@@ -123,41 +120,29 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             UsageError("--init-noise makes one image: use it without --ranks/--num-images above 1".into()).into(),
         );
     }
-    let seed = args.seed.unwrap_or_else(rand::random);
-    let noise_override = args.init_noise.as_ref().map(read_init_noise).transpose()?;
-
-    let t0 = Instant::now();
-    let pipeline = SdxlPipeline::load(&args.model.load_options(0)?).context("loading the model")?;
-    let load = t0.elapsed();
-
-    let (c, h, w) = {
-        let (_, c, h, w) = pipeline.latent_shape(args.width, args.height);
-        (c, h, w)
-    };
-    let noise = match noise_override {
-        Some(n) => {
-            if n.dims() != [1, c, h, w] {
-                return Err(UsageError(format!(
-                    "--init-noise has shape {:?}, expected [1, {c}, {h}, {w}] for {}x{}",
-                    n.dims(),
-                    args.width,
-                    args.height
-                ))
-                .into());
-            }
-            n
-        }
-        None => {
-            eprintln!("seed: {seed}");
-            initial_noise(seed, c, h, w, &Device::Cpu)?
-        }
-    };
+    let path = args.init_noise.as_ref().expect("checked above");
+    let given = NoiseFile::read(path)?;
     let params = DenoiseParams {
         width: args.width,
         height: args.height,
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
+        sampler: args.scheduler,
     };
+
+    let t0 = Instant::now();
+    let pipeline = SdxlPipeline::load(&args.model.load_options(0)?).context("loading the model")?;
+    let load = t0.elapsed();
+
+    let (_, c, h, w) = pipeline.latent_shape(args.width, args.height);
+    let draws = sdxl::pipeline::draws(pipeline.scheduler_config(), &params)?;
+    let given = given.for_job(&draws, (c, h, w), (args.width, args.height))?;
+    // A draw the file does not give comes from the seed, as without a file.
+    let seed = args.seed.unwrap_or_else(rand::random);
+    if draws.iter().any(|d| !given.iter().any(|(g, _)| g == d)) {
+        eprintln!("seed: {seed} (for the draws the file does not give)");
+    }
+    let noise = ImageNoise::from_seed(seed).with_given(given);
     let negative = Some(args.negative_prompt.as_str());
     let device = pipeline.device().clone();
     let timed = |start: Instant| -> anyhow::Result<Duration> {
@@ -172,7 +157,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let bar = denoise_progress(args.steps);
     let t = Instant::now();
     let latents = pipeline
-        .denoise(&embeds, &noise, &params, &mut |state| {
+        .denoise(&embeds, std::slice::from_ref(&noise), &params, &mut |state| {
             bar.set_position(state.step as u64);
             std::ops::ControlFlow::Continue(())
         })?
@@ -234,6 +219,7 @@ fn generate_on_ranks(args: GenerateArgs) -> anyhow::Result<()> {
         height: args.height,
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
+        scheduler: args.scheduler,
         seed,
         num_images: args.num_images,
         preview_every: args.preview_every,

@@ -1,5 +1,5 @@
 //! `worker init-random`: a diffusers folder with random weights, made from a
-//! folder of configs (e.g. `bench/sdxl-base-configs`), for speed and memory
+//! folder of configs (e.g. `sdxl/configs/sdxl-base-1.0`), for speed and memory
 //! measurements of full-size SDXL where real weights cannot be downloaded.
 //! The writing is `sdxl::random::write_model`; this is its command line.
 

@@ -6,6 +6,7 @@ mod check_kernels;
 mod cli;
 mod generate;
 mod init_random;
+mod noise_file;
 mod run;
 
 use clap::Parser;

@@ -150,7 +150,7 @@ fn bad_input_gets_a_one_line_error_and_a_nonzero_exit() {
                 "--init-noise",
                 noise.to_str().unwrap(),
             ],
-            "--init-noise has shape",
+            "tensor `init_noise` has shape",
         ),
     ];
     for (args, expected) in cases {

@@ -2,6 +2,7 @@
 //! over the ranks, gathered to rank 0 into one grid, previews come from every
 //! rank, and a rank that fails or stalls fails the job cleanly on all ranks.
 
+use sdxl::scheduler::SamplerKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,6 +110,7 @@ fn job(seed: u64) -> EngineJob {
         height: 64,
         num_inference_steps: 4,
         guidance_scale: 5.0,
+        scheduler: SamplerKind::Euler,
         seed,
         num_images: None,
         preview_every: 2,

@@ -3,8 +3,8 @@
 //! [`ValidationError::field`] gives the field alone for API clients.
 
 use super::{
-    GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE,
-    STEPS_RANGE,
+    Scheduler, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE,
+    SIZE_RANGE, STEPS_RANGE,
 };
 
 /// One variant per rule; the message names the field, the value and the bound.
@@ -38,6 +38,8 @@ pub enum ValidationError {
     NumImages(i64),
     #[error("`preview_every` must be between {lo} and {hi} (0 = no previews), got {0}", lo = PREVIEW_EVERY_RANGE.0, hi = PREVIEW_EVERY_RANGE.1)]
     PreviewEvery(i64),
+    #[error("`scheduler` must be one of {allowed}, got `{0}`", allowed = Scheduler::names())]
+    Scheduler(String),
     #[error("`output_format` must be one of png, jpeg, webp, got `{0}`")]
     OutputFormat(String),
     #[error("`priority` must be between {lo} and {hi}, got {0}", lo = PRIORITY_RANGE.0, hi = PRIORITY_RANGE.1)]
@@ -66,6 +68,7 @@ impl ValidationError {
             ValidationError::GuidanceScale(_) => "guidance_scale",
             ValidationError::NumImages(_) => "num_images",
             ValidationError::PreviewEvery(_) => "preview_every",
+            ValidationError::Scheduler(_) => "scheduler",
             ValidationError::OutputFormat(_) => "output_format",
             ValidationError::Priority(_) => "priority",
         }

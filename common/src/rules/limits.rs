@@ -7,9 +7,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{
-    Caps, OutputFormat, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY,
-    DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE,
-    PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
+    Caps, OutputFormat, Scheduler, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PREVIEW_EVERY,
+    DEFAULT_PRIORITY, DEFAULT_SCHEDULER, DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
+    PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
 };
 
 /// A text field: its length in characters (not bytes).
@@ -56,6 +56,7 @@ pub struct RequestLimits {
     pub width: IntegerLimit,
     pub height: IntegerLimit,
     pub guidance_scale: NumberLimit,
+    pub scheduler: ChoiceLimit,
     pub num_images: IntegerLimit,
     pub preview_every: IntegerLimit,
     pub output_format: ChoiceLimit,
@@ -111,6 +112,10 @@ impl RequestLimits {
                 min: GUIDANCE_RANGE.0,
                 max: GUIDANCE_RANGE.1,
                 default: DEFAULT_GUIDANCE_SCALE,
+            },
+            scheduler: ChoiceLimit {
+                one_of: Scheduler::ALL.map(Scheduler::name).to_vec(),
+                default: DEFAULT_SCHEDULER,
             },
             num_images: integer(
                 (NUM_IMAGES_RANGE.0, NUM_IMAGES_RANGE.1.min(caps.max_images.into())),

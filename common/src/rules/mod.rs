@@ -18,11 +18,13 @@
 mod error;
 mod limits;
 mod request;
+mod scheduler;
 mod valid;
 
 pub use error::ValidationError;
 pub use limits::{ChoiceLimit, IntegerLimit, NumberLimit, RequestLimits, TextLimit};
 pub use request::{JobRequest, OutputFormat};
+pub use scheduler::Scheduler;
 pub use valid::{random_seed, validate, validate_within, ValidJob};
 
 /// Default negative prompt; an empty string means none.
@@ -30,6 +32,8 @@ pub const DEFAULT_NEGATIVE_PROMPT: &str = "blurry, low quality";
 pub const DEFAULT_STEPS: i64 = 20;
 pub const DEFAULT_SIZE: i64 = 1024;
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
+/// The sampler of a job that names none: SDXL base's own (`EulerDiscreteScheduler`).
+pub const DEFAULT_SCHEDULER: &str = "euler";
 pub const DEFAULT_PREVIEW_EVERY: i64 = 5;
 pub const DEFAULT_PRIORITY: i64 = 5;
 pub const PROMPT_MAX_CHARS: usize = 2000;

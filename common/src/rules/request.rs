@@ -44,6 +44,11 @@ pub struct JobRequest {
     #[serde(default)]
     #[arg(long, allow_negative_numbers = true)]
     pub guidance_scale: Option<f64>,
+    /// The sampler: euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras,
+    /// dpmpp_2m_sde_karras, unipc or lcm (default euler).
+    #[serde(default)]
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// Seed of the first image; image `i` uses `seed + i` (default: drawn,
     /// and recorded in the status).
     #[serde(default)]
@@ -190,6 +195,7 @@ impl JobRequest {
                 "width" => req.width = integer("width", INT, value)?,
                 "height" => req.height = integer("height", INT, value)?,
                 "guidance_scale" => req.guidance_scale = typed("guidance_scale", "a number", value)?,
+                "scheduler" => req.scheduler = typed("scheduler", "a string", value)?,
                 "seed" => req.seed = integer("seed", "an integer from 0 to 2^64-1", value)?,
                 "num_images" => req.num_images = integer("num_images", INT, value)?,
                 "preview_every" => req.preview_every = integer("preview_every", INT, value)?,

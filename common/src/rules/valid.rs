@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    Caps, JobRequest, OutputFormat, ValidationError, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT,
+    Caps, JobRequest, OutputFormat, Scheduler, ValidationError, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY, DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
     PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
 };
@@ -25,6 +25,9 @@ pub struct ValidJob {
     pub width: u32,
     pub height: u32,
     pub guidance_scale: f64,
+    /// The sampler (absent from records made before there was a choice: euler).
+    #[serde(default)]
+    pub scheduler: Scheduler,
     /// Drawn at validation when the request has none, so that a redelivered
     /// job makes the same images.
     pub seed: u64,
@@ -46,6 +49,7 @@ impl ValidJob {
             width: Some(self.width.into()),
             height: Some(self.height.into()),
             guidance_scale: Some(self.guidance_scale),
+            scheduler: Some(self.scheduler.to_string()),
             seed: Some(self.seed),
             num_images: self.num_images.map(i64::from),
             preview_every: Some(self.preview_every.into()),
@@ -119,6 +123,10 @@ pub fn validate_within(
     if !(GUIDANCE_RANGE.0..=GUIDANCE_RANGE.1).contains(&guidance_scale) {
         return Err(ValidationError::GuidanceScale(guidance_scale));
     }
+    let scheduler = match req.scheduler.as_deref() {
+        None => Scheduler::default(),
+        Some(s) => s.parse().map_err(|_| ValidationError::Scheduler(s.to_string()))?,
+    };
     let num_images = match req.num_images {
         None => None,
         Some(n) if !in_range(n, NUM_IMAGES_RANGE) => return Err(ValidationError::NumImages(n)),
@@ -153,6 +161,7 @@ pub fn validate_within(
         width,
         height,
         guidance_scale,
+        scheduler,
         seed,
         num_images,
         preview_every: preview_every as u32,

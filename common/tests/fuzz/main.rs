@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use common::queue::{decode_message, DecodeError, JobMessage};
 use common::rules::{validate, ValidJob, ValidationError};
 use common::rules::{IntegerLimit, RequestLimits};
-use common::rules::{JobRequest, OutputFormat};
+use common::rules::{JobRequest, OutputFormat, Scheduler};
 
 mod requests;
 use proptest::prelude::*;
@@ -37,13 +37,14 @@ use uuid::Uuid;
 const DEFAULT_CASES: u32 = 10_000;
 
 /// The fields of a request, as the parser and `ValidationError::field` name them.
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "prompt",
     "negative_prompt",
     "num_inference_steps",
     "width",
     "height",
     "guidance_scale",
+    "scheduler",
     "seed",
     "num_images",
     "preview_every",
@@ -127,6 +128,7 @@ fn check_accepted(job: &ValidJob) -> Result<(), TestCaseError> {
         l.output_format.one_of.contains(&job.output_format.extension()),
         "{job:?}"
     );
+    prop_assert!(l.scheduler.one_of.contains(&job.scheduler.name()), "{job:?}");
     Ok(())
 }
 
@@ -238,12 +240,13 @@ fn any_valid_job() -> impl Strategy<Value = ValidJob> {
             0u32..=100,
             prop::sample::select(OutputFormat::ALL.to_vec()),
             0u8..=9,
+            prop::sample::select(Scheduler::ALL.to_vec()),
         ),
     )
         .prop_map(
             |(
                 (prompt, negative_prompt, steps, w, h, guidance_scale),
-                (seed, num_images, preview_every, output_format, priority),
+                (seed, num_images, preview_every, output_format, priority, scheduler),
             )| {
                 ValidJob {
                     prompt,
@@ -252,6 +255,7 @@ fn any_valid_job() -> impl Strategy<Value = ValidJob> {
                     width: w * 8,
                     height: h * 8,
                     guidance_scale,
+                    scheduler,
                     seed,
                     num_images,
                     preview_every,

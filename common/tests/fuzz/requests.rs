@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use common::rules::{OutputFormat, ValidationError};
+use common::rules::{OutputFormat, Scheduler, ValidationError};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::Value;
@@ -237,6 +237,17 @@ pub fn output_format() -> BoxedStrategy<Fragment> {
     prop_oneof![10 => valid, 1 => null(), 3 => invalid, 1 => wrong_text(), 1 => malformed()].boxed()
 }
 
+pub fn scheduler() -> BoxedStrategy<Fragment> {
+    let valid =
+        prop::sample::select(Scheduler::ALL.to_vec()).prop_map(|s| fragment(json_string(s.name()), Verdict::Valid));
+    let invalid = prop_oneof![
+        prop::sample::select(vec!["Euler", "heun", "", "dpm++", "euler ", "ddpm"]).prop_map(String::from),
+        "\\PC{0,12}".prop_filter("not a sampler", |s| s.parse::<Scheduler>().is_err()),
+    ]
+    .prop_map(|s| fragment(json_string(&s), Verdict::Invalid));
+    prop_oneof![10 => valid, 1 => null(), 3 => invalid, 1 => wrong_text(), 1 => malformed()].boxed()
+}
+
 /// A near-valid request: the body, and the fields that must be refused (or
 /// `None` when the body is not JSON). An empty set means it must pass.
 #[derive(Debug, Clone)]
@@ -248,20 +259,22 @@ pub struct NearValid {
 pub fn near_valid() -> impl Strategy<Value = NearValid> {
     // Each optional field is left out half the time (left out is valid: the
     // default), so that about a fifth of the requests pass.
-    let optional = |s: BoxedStrategy<Fragment>| prop::option::of(s);
-    let fields = (
-        prop::option::weighted(0.95, prompt()),
+    let optional = |s: BoxedStrategy<Fragment>| prop::option::of(s).boxed();
+    // One strategy per field, in the order of FIELDS.
+    let fields: Vec<BoxedStrategy<Option<Fragment>>> = vec![
+        prop::option::weighted(0.95, prompt()).boxed(),
         optional(negative_prompt()),
         optional(integer(1, 100, 1)),
         optional(integer(256, 2048, 8)),
         optional(integer(256, 2048, 8)),
         optional(guidance_scale()),
+        optional(scheduler()),
         optional(seed()),
         optional(integer(1, 16, 1)),
         optional(integer(0, 100, 1)),
         optional(output_format()),
         optional(integer(0, 9, 1)),
-    );
+    ];
     let unknown = prop::option::weighted(
         0.1,
         prop_oneof![
@@ -270,8 +283,8 @@ pub fn near_valid() -> impl Strategy<Value = NearValid> {
             "[a-z_]{1,12}".prop_filter("unknown", |k| !FIELDS.contains(&k.as_str())),
         ],
     );
-    (fields, unknown).prop_flat_map(|((p, n, st, w, h, g, se, ni, pe, of, pr), unknown)| {
-        let mut entries: Vec<(String, Fragment)> = [p, n, st, w, h, g, se, ni, pe, of, pr]
+    (fields, unknown).prop_flat_map(|(values, unknown)| {
+        let mut entries: Vec<(String, Fragment)> = values
             .into_iter()
             .zip(FIELDS)
             .filter_map(|(f, key)| f.map(|f| (key.to_string(), f)))

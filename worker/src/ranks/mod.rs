@@ -11,6 +11,7 @@ pub mod fault;
 pub mod nccl;
 mod rank;
 
+use sdxl::scheduler::SamplerKind;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -205,6 +206,7 @@ impl RankGroup {
             height: 128,
             num_inference_steps: 2,
             guidance_scale: 5.0,
+            scheduler: SamplerKind::Euler,
             seed: 0,
             num_images: None,
             preview_every: 1,

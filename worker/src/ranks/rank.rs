@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use super::collective::{Abandon, Collective, CollectiveError};
 use crate::engine::{EngineError, EngineEvent, EngineJob, EngineOutput, GeneratedImage, StageTimings};
 use sdxl::image_processor;
-use sdxl::noise::initial_noise;
+use sdxl::noise::ImageNoise;
 use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
 
 #[cfg(any(test, feature = "fault-injection"))]
@@ -115,6 +115,7 @@ impl<C: Collective> Rank<C> {
             height: job.height,
             num_inference_steps: job.num_inference_steps,
             guidance_scale: job.guidance_scale,
+            sampler: job.scheduler,
         };
         let pipeline = &self.pipeline;
         let device = pipeline.device().clone();
@@ -138,13 +139,12 @@ impl<C: Collective> Rank<C> {
                 .encode_prompt(&job.prompt, job.negative_prompt.as_deref(), params.do_cfg())
                 .map_err(model_error)?;
             timings.text_encode = sync(t);
-            let (_, c, h, w) = pipeline.latent_shape(job.width, job.height);
+            // Every draw of image i from its own seed: the same image on any
+            // rank, at any batch position.
             let first = first_image(counts, rank);
-            let noise = (first..first + mine)
-                .map(|i| initial_noise(job.seed.wrapping_add(i as u64), c, h, w, &Device::Cpu))
-                .collect::<candle_core::Result<Vec<_>>>()
-                .and_then(|n| Tensor::cat(&n, 0))
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            let noise: Vec<ImageNoise> = (first..first + mine)
+                .map(|i| ImageNoise::from_seed(job.seed.wrapping_add(i as u64)))
+                .collect();
 
             let t = Instant::now();
             let mut failure: Option<EngineError> = None;

@@ -2,6 +2,7 @@
 //! shutdown signal stop consuming, finish the current job, settle it, return.
 //! A lost RabbitMQ connection is made again with backoff.
 
+use sdxl::scheduler::SamplerKind;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -201,6 +202,7 @@ async fn warm_up(engine: Arc<dyn Engine>, config: &WorkerConfig) -> Result<(), S
         height: config.warmup_size,
         num_inference_steps: config.warmup_steps,
         guidance_scale: 5.0,
+        scheduler: SamplerKind::Euler,
         seed: 0,
         num_images: None,
         preview_every: 0,

@@ -64,6 +64,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::engine::{GeneratedImage, StageTimings};
+    use sdxl::scheduler::SamplerKind;
 
     /// What the fake engine does with a job.
     #[derive(Debug, Clone, Copy)]
@@ -142,6 +143,7 @@ pub(crate) mod tests {
             height: 8,
             num_inference_steps: 3,
             guidance_scale: 5.0,
+            scheduler: SamplerKind::Euler,
             seed: 7,
             num_images: None,
             preview_every: 0,

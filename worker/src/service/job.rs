@@ -14,9 +14,10 @@ use chrono::{DateTime, Utc};
 use common::event::{EventKind, JobEvent};
 use common::queue::{decode_message, JobMessage};
 use common::result_store::ResultStore;
-use common::rules::ValidJob;
+use common::rules::{Scheduler, ValidJob};
 use common::status::{JobResult, JobState, JobStatus, Progress, Timings};
 use common::status_store::{StatusStore, Update};
+use sdxl::scheduler::SamplerKind;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -108,10 +109,17 @@ fn engine_job(job: &ValidJob) -> EngineJob {
         height: job.height as usize,
         num_inference_steps: job.num_inference_steps as usize,
         guidance_scale: job.guidance_scale,
+        scheduler: sampler(job.scheduler),
         seed: job.seed,
         num_images: job.num_images.map(|n| n as usize),
         preview_every: job.preview_every as usize,
     }
+}
+
+/// The model's sampler of a request's scheduler (the two lists have the
+/// same names; a test below checks it).
+fn sampler(s: Scheduler) -> SamplerKind {
+    SamplerKind::from_name(s.name()).expect("every scheduler of the rules is a sampler of the model")
 }
 
 fn millis(d: Duration) -> u64 {
@@ -446,6 +454,15 @@ mod tests {
         assert_eq!(disposition(&poison), Disposition::Reject);
         let transient = Err(JobError::Transient("S3 unreachable".into()));
         assert_eq!(disposition(&transient), Disposition::Requeue);
+    }
+
+    /// The request's schedulers and the model's samplers are the same list.
+    #[test]
+    fn every_scheduler_is_a_sampler_and_back() {
+        assert_eq!(Scheduler::ALL.len(), SamplerKind::ALL.len());
+        for (s, k) in Scheduler::ALL.into_iter().zip(SamplerKind::ALL) {
+            assert_eq!(sampler(s), k);
+        }
     }
 
     #[test]

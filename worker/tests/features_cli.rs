@@ -1,0 +1,252 @@
+//! `worker generate` against diffusers' golden images of the features folder
+//! (`tests/fixtures/sdxl-features`, or the folder `SDXL_FEATURES_DIR` names):
+//! every case of its `features.json` (each sampler, the single-file
+//! checkpoint, …) run as a user runs it, with the case's random draws given
+//! through `--init-noise`, must write a PNG within 2 of 255 of the golden
+//! (mean difference at most 0.5).
+//!
+//! The model is the stage reference folder's (`tests/fixtures/sdxl-reference`
+//! or `SDXL_REFERENCE_DIR`, its `golden.json` naming the model folder), or
+//! the `model_dir` a features folder names itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn env_dir(var: &str, default: &str) -> PathBuf {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(default),
+    }
+}
+
+fn features_dir() -> PathBuf {
+    env_dir("SDXL_FEATURES_DIR", "sdxl-features")
+}
+
+fn reference_dir() -> PathBuf {
+    env_dir("SDXL_REFERENCE_DIR", "sdxl-reference")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+fn features() -> Value {
+    read_json(&features_dir().join("features.json"))
+}
+
+fn reference_golden() -> Value {
+    read_json(&reference_dir().join("golden.json"))
+}
+
+/// The diffusers folder the features were made from.
+fn model_dir() -> PathBuf {
+    if let Some(dir) = features()["model_dir"].as_str() {
+        return features_dir().join(dir);
+    }
+    let dir = reference_golden()["model_dir"]
+        .as_str()
+        .unwrap_or("tiny-sdxl")
+        .to_string();
+    reference_dir().join(dir)
+}
+
+fn worker(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("worker runs")
+}
+
+/// (max, mean) absolute difference of two 8-bit images of the same size.
+fn pixel_diff(a: &Path, b: &Path) -> (u8, f64) {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes");
+    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    (max, mean)
+}
+
+fn assert_close(out: &Path, golden: &Path, what: &str) {
+    let (max, mean) = pixel_diff(out, golden);
+    assert!(
+        max <= 2 && mean <= 0.5,
+        "{what}: differs from {} by at most {max}/255, on average {mean:.3}",
+        golden.display()
+    );
+}
+
+fn num(v: &Value, key: &str, default: &Value) -> String {
+    let x = if v[key].is_null() { &default[key] } else { &v[key] };
+    assert!(x.is_number(), "`{key}` in features.json");
+    x.to_string()
+}
+
+/// The flags every case shares: model, prompt, negative prompt, size, steps, guidance.
+fn common_args(case: &Value, top: &Value, prompt: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec!["generate".into(), "--prompt".into(), prompt.into()];
+    args.extend([
+        "--negative-prompt".into(),
+        top["negative_prompt"].as_str().unwrap_or("").into(),
+    ]);
+    for (flag, key) in [
+        ("--width", "width"),
+        ("--height", "height"),
+        ("--steps", "steps"),
+        ("--guidance-scale", "guidance_scale"),
+    ] {
+        args.extend([flag.into(), num(case, key, top)]);
+    }
+    args
+}
+
+fn cases_of(kind: &str) -> Vec<Value> {
+    features()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn every_sampler_gives_diffusers_image() {
+    let top = features();
+    let cases = cases_of("scheduler");
+    assert!(!cases.is_empty(), "the features folder has sampler cases");
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir();
+    for case in &cases {
+        let name = case["scheduler"].as_str().unwrap();
+        for (i, prompt) in top["prompts"].as_array().unwrap().iter().enumerate() {
+            let out_png = dir.path().join(format!("{name}_{i}.png"));
+            let mut args = common_args(case, &top, prompt.as_str().unwrap());
+            args.extend(["--model".into(), model.display().to_string()]);
+            args.extend(["--scheduler".into(), name.into()]);
+            let noise = features_dir().join(format!("{name}_noise_{i}.safetensors"));
+            args.extend(["--init-noise".into(), noise.display().to_string()]);
+            args.extend(["--output".into(), out_png.display().to_string()]);
+            let out = worker(&args);
+            assert!(
+                out.status.success(),
+                "{name} {i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_close(
+                &out_png,
+                &features_dir().join(format!("{name}_{i}.png")),
+                &format!("{name} {i}"),
+            );
+        }
+    }
+}
+
+/// The single-file checkpoint (SGM layout) read with the folder's configs
+/// gives the folder's own images.
+#[test]
+fn the_single_file_checkpoint_gives_the_folders_images() {
+    let cases = cases_of("single_file");
+    assert!(!cases.is_empty(), "the features folder has a single-file case");
+    let golden = reference_golden();
+    let dir = tempfile::tempdir().unwrap();
+    for case in &cases {
+        let file = features_dir().join(case["file"].as_str().unwrap());
+        for (i, prompt) in golden["prompts"].as_array().unwrap().iter().enumerate() {
+            let out_png = dir.path().join(format!("single_{i}.png"));
+            let mut args = common_args(&Value::Null, &golden, prompt.as_str().unwrap());
+            args.extend(["--model".into(), file.display().to_string()]);
+            args.extend(["--config".into(), model_dir().display().to_string()]);
+            let noise = reference_dir().join(format!("noise_{i}.safetensors"));
+            args.extend(["--init-noise".into(), noise.display().to_string()]);
+            args.extend(["--output".into(), out_png.display().to_string()]);
+            let out = worker(&args);
+            assert!(
+                out.status.success(),
+                "single file {i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_close(
+                &out_png,
+                &reference_dir().join(format!("pipeline_out_{i}.png")),
+                &format!("single file {i}"),
+            );
+        }
+    }
+}
+
+/// A file whose names or shapes do not fit the job, a pickle, and a file
+/// that is not SDXL get one-line errors naming the problem.
+#[test]
+fn bad_noise_files_and_checkpoints_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir();
+    let run = |extra: &[String]| {
+        let mut args: Vec<String> = ["generate", "--prompt", "x", "--height", "128", "--steps", "2"]
+            .map(String::from)
+            .to_vec();
+        if !extra.iter().any(|a| a == "--width") {
+            args.extend(["--width".into(), "128".into()]);
+        }
+        args.extend(["--output".into(), dir.path().join("never.png").display().to_string()]);
+        args.extend(extra.iter().cloned());
+        let out = worker(&args);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        // from the error line on (clap lists the possible values after it)
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let at = stderr.find("error:").expect("an error line");
+        stderr[at..].to_string()
+    };
+    let m = model.display().to_string();
+    // euler takes no step noise: `step.0` is not one of its draws
+    let euler_a_noise = features_dir().join("euler_a_noise_0.safetensors").display().to_string();
+    let line = run(&[
+        "--model".into(),
+        m.clone(),
+        "--init-noise".into(),
+        euler_a_noise.clone(),
+    ]);
+    assert!(line.contains("`step.0`") && line.contains("(it takes: init)"), "{line}");
+    // the right names at the wrong size
+    let line = run(&[
+        "--model".into(),
+        m.clone(),
+        "--width".into(),
+        "256".into(),
+        "--scheduler".into(),
+        "euler_a".into(),
+        "--init-noise".into(),
+        euler_a_noise,
+    ]);
+    assert!(line.contains("has shape") && line.contains("for 256x128"), "{line}");
+    // an unknown sampler lists the allowed ones
+    let line = run(&["--model".into(), m.clone(), "--scheduler".into(), "heun".into()]);
+    assert!(line.contains("heun") && line.contains("dpmpp_2m_karras"), "{line}");
+    // a pickle checkpoint is refused unopened, saying why
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"\x80\x02}q\x00.").unwrap();
+    let line = run(&["--model".into(), ckpt.display().to_string()]);
+    assert!(line.contains("pickle") && line.contains("safetensors"), "{line}");
+    // a LoRA is not a checkpoint
+    let lora = features_dir().join("lora_kohya.safetensors").display().to_string();
+    let line = run(&["--model".into(), lora, "--config".into(), m.clone()]);
+    assert!(line.contains("not an SDXL checkpoint"), "{line}");
+    // a single file without a VAE needs --vae
+    let no_vae = dir.path().join("no-vae.safetensors");
+    let single = features_dir().join("tiny-sdxl-single.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &candle_core::Device::Cpu).unwrap();
+    let kept: std::collections::HashMap<_, _> = tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("first_stage_model."))
+        .collect();
+    candle_core::safetensors::save(&kept, &no_vae).unwrap();
+    let line = run(&["--model".into(), no_vae.display().to_string(), "--config".into(), m]);
+    assert!(line.contains("no VAE") && line.contains("--vae"), "{line}");
+}
