@@ -8,7 +8,7 @@
 //!   ComfyUI, Civitai): which file tensor, transformed how, is each diffusers
 //!   weight, checked before anything is loaded and served lazily from the
 //!   memory-mapped file through a candle `VarBuilder`;
-//! - [`file`]: pickles refused, safetensors headers read.
+//! - [`file`](self::file): pickles refused, safetensors headers read.
 //!
 //! LoRA files are parsed against the same layout in [`crate::lora`].
 

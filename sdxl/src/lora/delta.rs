@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{LoraKind, LoraUpdate};
+use super::update::{LoraKind, LoraUpdate};
 
 /// The rank and kind of the update `up`/`down` make for a weight of shape
 /// `target`, or `None` when they do not fit it.

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::SdxlPipeline;
+use super::model::SdxlPipeline;
 use crate::ModelError;
 
 impl SdxlPipeline {
@@ -39,6 +39,15 @@ impl SdxlPipeline {
         let latents = latents.to_dtype(self.dtype)?;
         let latents = if pool > 1 { latents.avg_pool2d(pool)? } else { latents };
         Ok(Some(taesd.decode(&latents)?.to_dtype(DType::F32)?))
+    }
+
+    /// `(height, width)` of a preview, or `None` without a preview decoder.
+    pub fn preview_size(&self, width: usize, height: usize) -> Option<(usize, usize)> {
+        let (_, _, h, w) = self.latent_shape(width, height);
+        self.taesd.as_ref().map(|t| {
+            let pool = preview_pool(h.max(w) * t.upscale());
+            (h / pool * t.upscale(), w / pool * t.upscale())
+        })
     }
 }
 

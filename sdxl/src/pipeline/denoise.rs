@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use candle_core::{DType, Tensor};
 
-use super::{PromptEmbeds, SdxlPipeline};
+use super::model::{PromptEmbeds, SdxlPipeline};
 use crate::noise::{draw_batch, Draw, ImageNoise};
 use crate::scheduler::{self, Sampler, SamplerKind};
 use crate::ModelError;

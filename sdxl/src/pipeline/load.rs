@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::SdxlPipeline;
+use super::model::SdxlPipeline;
 use crate::accel::Accel;
 use crate::checkpoint::layout::{Component, ModelLayout, VaePlan};
 use crate::checkpoint::single_file::{SingleFile, SingleFileError};

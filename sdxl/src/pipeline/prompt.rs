@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use super::{PromptEmbeds, SdxlPipeline};
+use super::model::{PromptEmbeds, SdxlPipeline};
 use crate::ModelError;
 
 impl SdxlPipeline {

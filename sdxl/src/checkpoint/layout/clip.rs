@@ -4,7 +4,7 @@
 //! `embeddings.position_ids` is not listed: it is a buffer (0..77), not a
 //! weight, newer transformers do not save it, and the model never reads it.
 
-use super::ComponentKeys;
+use super::keys::ComponentKeys;
 use crate::config::ClipTextConfig;
 use crate::ModelError;
 

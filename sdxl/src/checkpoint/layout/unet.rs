@@ -7,7 +7,7 @@
 //! previous block's width, an up block's resnets also take the skip
 //! connections, and the last block of each side has no sampler.
 
-use super::ComponentKeys;
+use super::keys::ComponentKeys;
 use crate::config::{expect_one_of, PerBlock, UNetConfig};
 use crate::ModelError;
 
@@ -18,6 +18,23 @@ const FILE: &str = "unet/config.json";
 pub struct ResnetPlan {
     pub in_channels: usize,
     pub out_channels: usize,
+}
+
+/// A `ResnetBlock2D` (UNet and VAE alike): two norm + 3×3-conv stages, the
+/// time-embedding projection when `temb` is given (the VAE has none), and a
+/// 1×1 `conv_shortcut` when the width changes.
+pub(crate) fn push_resnet(k: &mut ComponentKeys, prefix: &str, r: ResnetPlan, temb: Option<usize>) {
+    let (i, o) = (r.in_channels, r.out_channels);
+    k.push_norm(&format!("{prefix}.norm1"), i);
+    k.push_wb(&format!("{prefix}.conv1"), vec![o, i, 3, 3], o);
+    if let Some(t) = temb {
+        k.push_wb(&format!("{prefix}.time_emb_proj"), vec![o, t], o);
+    }
+    k.push_norm(&format!("{prefix}.norm2"), o);
+    k.push_wb(&format!("{prefix}.conv2"), vec![o, o, 3, 3], o);
+    if i != o {
+        k.push_wb(&format!("{prefix}.conv_shortcut"), vec![o, i, 1, 1], o);
+    }
 }
 
 /// One `Transformer2DModel` (SGM's `SpatialTransformer`).
@@ -274,7 +291,7 @@ impl UNetPlan {
             );
         for (prefix, blk, sampler_name) in blocks {
             for (j, r) in blk.resnets.iter().enumerate() {
-                super::push_resnet(&mut k, &format!("{prefix}.resnets.{j}"), *r, Some(t));
+                push_resnet(&mut k, &format!("{prefix}.resnets.{j}"), *r, Some(t));
             }
             for (j, a) in blk.attentions.iter().enumerate() {
                 self.push_transformer(&mut k, &format!("{prefix}.attentions.{j}"), a);

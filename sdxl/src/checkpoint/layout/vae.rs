@@ -4,7 +4,8 @@
 //! The encoder (`encoder.*`, `quant_conv`) is listed although today's model
 //! only decodes: single files carry it, and img2img will need it.
 
-use super::{push_resnet, ComponentKeys, ResnetPlan};
+use super::keys::ComponentKeys;
+use super::unet::{push_resnet, ResnetPlan};
 use crate::config::{expect_one_of, VaeConfig};
 use crate::ModelError;
 

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
-use super::{sgm_to_diffusers, vae_file_to_diffusers, ComponentMap, SingleFileError, SingleFileMap};
+use super::convert::{sgm_to_diffusers, vae_file_to_diffusers};
+use super::map::{ComponentMap, SingleFileError, SingleFileMap};
 use crate::checkpoint::file::{check_not_pickle, FileError, KeyShapes};
 use crate::checkpoint::layout::{Component, ModelLayout, VaePlan};
 

@@ -11,8 +11,8 @@
 //! last block is still stored and needed: the pooled embedding passes through
 //! every block, `ln_final` and `text_projection`.
 
-use super::{split_index, Route};
-use crate::checkpoint::single_file::Transform;
+use super::map::{split_index, Route};
+use super::transform::Transform;
 
 /// The key prefix of the first (OpenAI CLIP) text encoder in a single file.
 pub const TE1_PREFIX: &str = "conditioner.embedders.0.transformer.";

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use super::{clip, unet, vae, SingleFileError};
+use super::map::SingleFileError;
+use super::{clip, unet, vae};
 use crate::checkpoint::file::read_safetensors_keys;
 
 /// What a checkpoint's keys say it is.

@@ -13,7 +13,7 @@
 //! The two directions are written independently (a lookup table one way,
 //! arithmetic the other) so the tests that compare them check something.
 
-use super::split_index;
+use super::map::split_index;
 use crate::checkpoint::layout::UNetPlan;
 
 /// The key prefix of the UNet in a single file.

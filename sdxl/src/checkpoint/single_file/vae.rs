@@ -7,8 +7,8 @@
 //! other way round: its `up.0` is diffusers' last up block. The level count
 //! comes from the config.
 
-use super::{split_index, Route};
-use crate::checkpoint::single_file::Transform;
+use super::map::{split_index, Route};
+use super::transform::Transform;
 
 /// The key prefix of the VAE in a single file.
 pub const PREFIX: &str = "first_stage_model.";
