@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::rules::ValidJob;
+use crate::rules::{Scheduler, ValidJob};
 
 /// Where a job is in its life. `queued → running → succeeded | failed |
 /// cancelled`; `queued → cancelled | failed` too; `running → running` on a
@@ -105,6 +105,10 @@ pub struct JobResult {
     pub grid: ImageRef,
     pub images: Vec<ImageRef>,
     pub timings: Timings,
+    /// The sampler that made the images (manifests written before there was
+    /// a choice say nothing: euler).
+    #[serde(default)]
+    pub scheduler: Scheduler,
 }
 
 /// The status record.

@@ -15,6 +15,8 @@ const RECENT_STORE = 'sdxl-queue.recent-jobs';
 const RECENT_MAX = 25;
 const INTEGER_FIELDS = ['width', 'height', 'num_inference_steps', 'num_images', 'preview_every', 'priority'];
 const NUMBER_FIELDS = [...INTEGER_FIELDS, 'guidance_scale'];
+// Fields chosen from the limits' `one_of` list.
+const CHOICE_FIELDS = ['scheduler', 'output_format'];
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
@@ -42,6 +44,7 @@ function hintFor(name, limit) {
     case 'preview_every':
       return `${limit.min}–${limit.max} steps; 0: no previews`;
     case 'output_format':
+    case 'scheduler':
       return limit.one_of.join(', ');
     default: {
       let text = `${limit.min}–${limit.max}`;
@@ -52,10 +55,10 @@ function hintFor(name, limit) {
 }
 
 function applyLimits() {
-  const select = form.elements.output_format;
-  select.replaceChildren(
-    ...limits.output_format.one_of.map((format) => new Option(format, format)),
-  );
+  for (const name of CHOICE_FIELDS) {
+    if (!limits[name]) continue;
+    form.elements[name].replaceChildren(...limits[name].one_of.map((value) => new Option(value, value)));
+  }
   for (const [name, limit] of Object.entries(limits)) {
     const input = form.elements[name];
     if (!input) continue;
@@ -290,6 +293,9 @@ function renderStatus(job, status) {
   job.status = status;
   setState(status.state);
   $('job-prompt').textContent = status.request.prompt;
+  const r = status.request;
+  $('job-settings').textContent =
+    `${r.width}×${r.height}, ${r.num_inference_steps} steps, guidance ${r.guidance_scale}, sampler ${r.scheduler ?? 'euler'}`;
   setProgress(status.progress.step, status.progress.total_steps);
   $('job-actions').hidden = false;
   rememberState(status.id, status.state);

@@ -38,6 +38,9 @@ pub struct JobParams {
     pub steps: u32,
     pub seed: u64,
     pub preview_every: u32,
+    /// More request fields (`scheduler`, …), sent as JSON and as the
+    /// matching `worker generate` flags (`--scheduler`, …).
+    pub extra: Vec<(String, serde_json::Value)>,
 }
 
 impl JobParams {
@@ -48,18 +51,40 @@ impl JobParams {
             steps,
             seed,
             preview_every: 2,
+            extra: Vec::new(),
         }
     }
 
+    /// `self` with one more request field.
+    pub fn with(mut self, field: &str, value: serde_json::Value) -> Self {
+        self.extra.push((field.to_string(), value));
+        self
+    }
+
+    /// The extra fields as flags (`scheduler` → `--scheduler`).
+    fn extra_flags(&self) -> Vec<String> {
+        self.extra
+            .iter()
+            .flat_map(|(k, v)| {
+                let value = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                [format!("--{}", k.replace('_', "-")), value]
+            })
+            .collect()
+    }
+
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "prompt": self.prompt,
             "width": self.size,
             "height": self.size,
             "num_inference_steps": self.steps,
             "seed": self.seed,
             "preview_every": self.preview_every,
-        })
+        });
+        for (k, x) in &self.extra {
+            v[k.as_str()] = x.clone();
+        }
+        v
     }
 
     pub fn flags(&self) -> Vec<String> {
@@ -77,6 +102,9 @@ impl JobParams {
             "--preview-every".into(),
             self.preview_every.to_string(),
         ]
+        .into_iter()
+        .chain(self.extra_flags())
+        .collect()
     }
 }
 
@@ -325,6 +353,7 @@ impl Stack {
                 &params.size.to_string(),
             ])
             .args(["--steps", &params.steps.to_string(), "--seed", &params.seed.to_string()])
+            .args(params.extra_flags())
             .arg("--output")
             .arg(&out);
         let status = tokio::process::Command::from(cmd).status().await?;

@@ -112,6 +112,9 @@ fn apply_limits(props: &mut Value, l: &RequestLimits) {
     let mut formats: Vec<Value> = l.output_format.one_of.iter().map(|f| json!(f)).collect();
     formats.push(Value::Null);
     props["output_format"]["enum"] = Value::Array(formats);
+    let mut samplers: Vec<Value> = l.scheduler.one_of.iter().map(|s| json!(s)).collect();
+    samplers.push(Value::Null);
+    props["scheduler"]["enum"] = Value::Array(samplers);
     let pixels = format!(" Width × height may be at most {} pixels on this server.", l.max_pixels);
     for side in ["width", "height"] {
         if let Some(Value::String(d)) = props[side].get_mut("description") {
@@ -179,6 +182,8 @@ mod tests {
             .as_array()
             .unwrap()
             .contains(&Value::Null));
+        let samplers = props["scheduler"]["enum"].as_array().unwrap();
+        assert!(samplers.contains(&json!("dpmpp_2m_karras")) && samplers.contains(&Value::Null));
         let required = doc["components"]["schemas"]["JobRequest"]["required"]
             .as_array()
             .unwrap();

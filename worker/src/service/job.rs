@@ -216,7 +216,12 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
         decode_ms: millis(stage.decode),
         upload_ms: millis(upload_start.elapsed()),
     };
-    let result = JobResult { grid, images, timings };
+    let result = JobResult {
+        grid,
+        images,
+        timings,
+        scheduler: job.scheduler,
+    };
     results::write_manifest(&ctx.results, id, &result, backoff).await?;
     finish_succeeded(ctx, id, &status, result).await
 }
