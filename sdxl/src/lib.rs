@@ -58,6 +58,9 @@ pub enum ModelError {
     /// The tokenizer files could not be read.
     #[error("{component}: {message}")]
     Tokenizer { component: String, message: String },
+    /// A LoRA file that cannot be applied to this model: the message names the key.
+    #[error("{0}")]
+    Lora(String),
     /// A checkpoint file that is not what it must be (a pickle, not SDXL,
     /// a key missing or of the wrong shape, no VAE): the message names it.
     #[error("{0}")]

@@ -15,7 +15,7 @@ use super::clip::ClipTextModel;
 use super::config::{read_json, ClipTextConfig, TinyVaeConfig, UNetConfig, VaeConfig};
 use super::taesd::TinyDecoder;
 use super::unet::UNet2DConditionModel;
-use super::vae::AutoencoderKLDecoder;
+use super::vae::AutoencoderKL;
 use super::ModelError;
 
 /// One component's tensors, by checkpoint key.
@@ -50,7 +50,15 @@ pub fn unet(c: &UNetConfig, dtype: DType, device: &Device) -> Result<Weights, Mo
 }
 
 pub fn vae(c: &VaeConfig, dtype: DType, device: &Device) -> Result<Weights, ModelError> {
-    build(dtype, device, |vb| AutoencoderKLDecoder::new(c, vb).map(|_| ()))
+    build(dtype, device, |vb| {
+        // the encoder too: its first weight is what `AutoencoderKL::new` looks for
+        vb.get_with_hints(
+            (c.block_out_channels[0], c.in_channels, 3, 3),
+            "encoder.conv_in.weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        AutoencoderKL::new(c, vb).map(|_| ())
+    })
 }
 
 pub fn taesd(c: &TinyVaeConfig, dtype: DType, device: &Device) -> Result<Weights, ModelError> {

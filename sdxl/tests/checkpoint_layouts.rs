@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdxl::noise::{initial_noise, ImageNoise};
-use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
+use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline, Start};
 use sdxl::scheduler::SamplerKind;
 
 fn fixture_model() -> PathBuf {
@@ -44,7 +44,9 @@ fn image(model: &Path, variant: Option<&str>) -> Vec<f32> {
     let (_, c, h, w) = p.latent_shape(64, 64);
     let noise = ImageNoise::from_init(initial_noise(3, c, h, w, &Device::Cpu).unwrap());
     let latents = p
-        .denoise(&embeds, &[noise], &params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .denoise(&embeds, &[noise], &params, Start::Noise, &mut |_| {
+            std::ops::ControlFlow::Continue(())
+        })
         .unwrap()
         .unwrap();
     p.decode(&latents).unwrap().flatten_all().unwrap().to_vec1().unwrap()

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use sdxl::image_processor;
 use sdxl::noise::ImageNoise;
-use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline};
+use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline, Start};
 use sdxl::scheduler::{build, SamplerKind, SchedulerConfig};
 use serde::Deserialize;
 
@@ -250,6 +250,7 @@ fn whole_pipeline_matches_latents_and_images() {
                 &embeds,
                 &[ImageNoise::from_init(noise.i(i..i + 1).unwrap())],
                 &params,
+                Start::Noise,
                 &mut |s| {
                     seen.push(s.step);
                     ControlFlow::Continue(())
@@ -299,14 +300,20 @@ fn denoise_stops_when_the_callback_breaks() {
     let mut calls = 0;
     let out = f
         .pipeline
-        .denoise(&embeds, &[ImageNoise::from_init(noise)], &params, &mut |s| {
-            calls += 1;
-            if s.step == 1 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
+        .denoise(
+            &embeds,
+            &[ImageNoise::from_init(noise)],
+            &params,
+            Start::Noise,
+            &mut |s| {
+                calls += 1;
+                if s.step == 1 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
         .unwrap();
     assert!(out.is_none());
     assert_eq!(calls, 2);

@@ -11,7 +11,7 @@ use common::rules;
 use serde::Serialize;
 
 use sdxl::noise::ImageNoise;
-use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+use sdxl::pipeline::{DenoiseParams, SdxlPipeline, Start};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -157,7 +157,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
         let noise = [ImageNoise::from_seed(0)];
         let latents = pipeline
-            .denoise(&embeds, &noise, &params, &mut |_| std::ops::ControlFlow::Continue(()))?
+            .denoise(&embeds, &noise, &params, Start::Noise, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })?
             .context("denoising stopped")?;
         Ok(Some(pipeline.decode(&latents)?))
     })?;

@@ -30,6 +30,46 @@ pub struct EngineJob {
     pub num_images: Option<usize>,
     /// Preview every this many steps (and at step 0); 0 = no previews.
     pub preview_every: usize,
+    /// img2img and inpainting: the image to start from, already decoded.
+    pub init_image: Option<Arc<image::RgbImage>>,
+    /// Inpainting: where to repaint (white), the size of `init_image`.
+    pub mask: Option<Arc<image::GrayImage>>,
+    /// How much of `init_image` to repaint (0 < strength ≤ 1).
+    pub strength: f64,
+    /// LoRAs, as files on this machine.
+    pub loras: Vec<EngineLora>,
+}
+
+/// One LoRA of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineLora {
+    /// What tells this LoRA from any other (its sha256): two jobs with the
+    /// same ids and scales reuse the merged weights.
+    pub id: String,
+    pub path: std::path::PathBuf,
+    pub scale: f64,
+}
+
+impl EngineJob {
+    /// A text-to-image job of `prompt` with every other field at its default.
+    pub fn text(prompt: &str, width: usize, height: usize, steps: usize, seed: u64) -> Self {
+        EngineJob {
+            prompt: prompt.to_string(),
+            negative_prompt: None,
+            width,
+            height,
+            num_inference_steps: steps,
+            guidance_scale: 5.0,
+            scheduler: SamplerKind::Euler,
+            seed,
+            num_images: None,
+            preview_every: 0,
+            init_image: None,
+            mask: None,
+            strength: 1.0,
+            loras: Vec::new(),
+        }
+    }
 }
 
 /// What the engine reports while it works.
@@ -56,6 +96,8 @@ pub struct GeneratedImage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageTimings {
     pub text_encode: Duration,
+    /// img2img and inpainting: encoding the input image.
+    pub image_encode: Duration,
     /// The whole denoising loop, previews included.
     pub denoise: Duration,
     /// Of `denoise`: decoding, gathering and handing over previews.

@@ -149,6 +149,64 @@ fn every_sampler_gives_diffusers_image() {
     }
 }
 
+/// LoRAs (kohya alone, kohya and PEFT stacked), img2img (two samplers and
+/// strengths) and inpainting: each case's flags from `features.json`.
+#[test]
+fn loras_img2img_and_inpainting_give_diffusers_images() {
+    let top = features();
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir();
+    let mut ran = Vec::new();
+    for kind in ["lora", "img2img", "inpaint"] {
+        for case in cases_of(kind) {
+            let tag = case["tag"].as_str().unwrap().to_string();
+            for (i, prompt) in top["prompts"].as_array().unwrap().iter().enumerate() {
+                let out_png = dir.path().join(format!("{tag}_{i}.png"));
+                let mut args = common_args(&case, &top, prompt.as_str().unwrap());
+                args.extend(["--model".into(), model.display().to_string()]);
+                if let Some(s) = case["scheduler"].as_str() {
+                    args.extend(["--scheduler".into(), s.into()]);
+                }
+                for lora in case["loras"].as_array().into_iter().flatten() {
+                    let file = features_dir().join(lora[0].as_str().unwrap());
+                    args.extend(["--lora".into(), format!("{}:{}", file.display(), lora[1])]);
+                }
+                if let Some(input) = case["input"].as_str() {
+                    // the output takes the input's size: no --width/--height
+                    let at = args.iter().position(|a| a == "--width").unwrap();
+                    args.drain(at..at + 4);
+                    args.extend(["--image".into(), features_dir().join(input).display().to_string()]);
+                    args.extend(["--strength".into(), num(&case, "strength", &top)]);
+                }
+                if let Some(mask) = case["mask"].as_str() {
+                    args.extend(["--mask".into(), features_dir().join(mask).display().to_string()]);
+                }
+                let noise = features_dir().join(format!("{tag}_noise_{i}.safetensors"));
+                args.extend(["--init-noise".into(), noise.display().to_string()]);
+                args.extend(["--output".into(), out_png.display().to_string()]);
+                let out = worker(&args);
+                assert!(
+                    out.status.success(),
+                    "{tag} {i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert_close(
+                    &out_png,
+                    &features_dir().join(format!("{tag}_{i}.png")),
+                    &format!("{tag} {i}"),
+                );
+            }
+            ran.push(tag);
+        }
+    }
+    for kind in ["lora", "img2img", "inpaint"] {
+        assert!(
+            !cases_of(kind).is_empty(),
+            "the features folder has {kind} cases: ran {ran:?}"
+        );
+    }
+}
+
 /// The single-file checkpoint (SGM layout) read with the folder's configs
 /// gives the folder's own images.
 #[test]
@@ -247,6 +305,46 @@ fn bad_noise_files_and_checkpoints_are_named() {
         .filter(|(k, _)| !k.starts_with("first_stage_model."))
         .collect();
     candle_core::safetensors::save(&kept, &no_vae).unwrap();
-    let line = run(&["--model".into(), no_vae.display().to_string(), "--config".into(), m]);
+    let line = run(&[
+        "--model".into(),
+        no_vae.display().to_string(),
+        "--config".into(),
+        m.clone(),
+    ]);
     assert!(line.contains("no VAE") && line.contains("--vae"), "{line}");
+    // img2img: a strength that runs no step, and a mask of another size
+    let input = features_dir().join("img2img_input.png").display().to_string();
+    let line = run(&[
+        "--model".into(),
+        m.clone(),
+        "--image".into(),
+        input.clone(),
+        "--strength".into(),
+        "0.2".into(),
+    ]);
+    assert!(line.contains("--strength 0.2") && line.contains("0 steps"), "{line}");
+    let small_mask = dir.path().join("mask.png");
+    image::GrayImage::new(64, 64).save(&small_mask).unwrap();
+    let line = run(&[
+        "--model".into(),
+        m.clone(),
+        "--image".into(),
+        input,
+        "--mask".into(),
+        small_mask.display().to_string(),
+    ]);
+    assert!(line.contains("64x64") && line.contains("same size"), "{line}");
+    // a LoRA key that matches no layer of the model is refused, naming it
+    let bad_lora = dir.path().join("bad-lora.safetensors");
+    let t = candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tensors = std::collections::HashMap::from([
+        ("lora_unet_no_such_layer.lora_down.weight".to_string(), t.clone()),
+        (
+            "lora_unet_no_such_layer.lora_up.weight".to_string(),
+            t.t().unwrap().contiguous().unwrap(),
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &bad_lora).unwrap();
+    let line = run(&["--model".into(), m, "--lora".into(), bad_lora.display().to_string()]);
+    assert!(line.contains("lora_unet_no_such_layer"), "{line}");
 }

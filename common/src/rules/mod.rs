@@ -45,6 +45,21 @@ pub const NUM_IMAGES_RANGE: (i64, i64) = (1, 16);
 /// Previews every N steps: 0 (none) up to the largest step count.
 pub const PREVIEW_EVERY_RANGE: (i64, i64) = (0, STEPS_RANGE.1);
 pub const PRIORITY_RANGE: (i64, i64) = (0, 9);
+/// img2img's strength when a job has an image and no strength (diffusers'
+/// `StableDiffusionXLImg2ImgPipeline` default).
+pub const DEFAULT_STRENGTH: f64 = 0.3;
+/// Inpainting's strength when a job has a mask and no strength (diffusers'
+/// `StableDiffusionXLInpaintPipeline` default: nearly all of the masked
+/// region repainted).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 0.9999;
+/// `strength`: above 0 (at least one step must run), at most 1.
+pub const STRENGTH_RANGE: (f64, f64) = (0.0, 1.0);
+/// A LoRA's scale (its weight in `set_adapters`, A1111's `<lora:name:scale>`).
+pub const LORA_SCALE_RANGE: (f64, f64) = (-4.0, 4.0);
+/// The scale of a LoRA named without one.
+pub const DEFAULT_LORA_SCALE: f64 = 1.0;
+/// LoRAs per job unless the operator says otherwise (`SDXL_MAX_LORAS`).
+pub const DEFAULT_MAX_LORAS: u32 = 4;
 
 /// What one job may ask of the GPUs on this deployment: the operator's caps
 /// (`SDXL_MAX_STEPS`, `SDXL_MAX_PIXELS`, `SDXL_MAX_IMAGES`), at most the

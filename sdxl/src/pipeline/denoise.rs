@@ -1,7 +1,12 @@
 //! The denoising loop of diffusers' SDXL pipelines: the job's sampler built
 //! from the model's scheduler config, classifier-free guidance over a batch
-//! of the negative and positive halves, SDXL's `time_ids`, and each random
-//! draw taken from the image's own noise source.
+//! of the negative and positive halves, SDXL's `time_ids`, each random draw
+//! taken from the image's own noise source, and the three ways to start —
+//! from noise (`StableDiffusionXLPipeline`), from an image
+//! (`StableDiffusionXLImg2ImgPipeline`: only the last `int(steps ·
+//! strength)` steps run) and from an image with a mask
+//! (`StableDiffusionXLInpaintPipeline` on a 4-channel UNet: the region kept
+//! is put back after every step, at the next step's noise level).
 
 use std::ops::ControlFlow;
 
@@ -9,7 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::model::{PromptEmbeds, SdxlPipeline};
 use crate::noise::{draw_batch, Draw, ImageNoise};
-use crate::scheduler::{self, Sampler, SamplerKind};
+use crate::scheduler::{self, Sampler, SamplerKind, SchedulerConfig};
 use crate::ModelError;
 
 /// One generation's numbers.
@@ -29,6 +34,32 @@ impl DenoiseParams {
     }
 }
 
+/// Where denoising starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Text to image: each image's `init` draw times the sampler's initial sigma.
+    Noise,
+    /// img2img: the encoded image (UNet-space latents `[k or 1, c, h, w]`),
+    /// noised with each image's `init` draw to the first step that runs.
+    Image { latents: &'a Tensor, strength: f64 },
+    /// Inpainting: as `Image`; `mask` (`[1, 1, h, w]` at latent size, 1 =
+    /// repaint) keeps the rest of the image, re-noised to each step's level.
+    Inpaint {
+        latents: &'a Tensor,
+        mask: &'a Tensor,
+        strength: f64,
+    },
+}
+
+impl Start<'_> {
+    fn strength(&self) -> Option<f64> {
+        match self {
+            Start::Noise => None,
+            Start::Image { strength, .. } | Start::Inpaint { strength, .. } => Some(*strength),
+        }
+    }
+}
+
 /// The state after a denoising step, handed to the step callback.
 #[derive(Debug)]
 pub struct StepState<'a> {
@@ -40,24 +71,71 @@ pub struct StepState<'a> {
     pub latents: &'a Tensor,
 }
 
-/// The draws a job of `params` takes from each image's noise: what a noise
-/// file may name (in the order they are drawn).
-pub fn draws(config: &scheduler::SchedulerConfig, params: &DenoiseParams) -> Result<Vec<Draw>, ModelError> {
+/// diffusers' `get_timesteps` for img2img and inpainting: the index of the
+/// first step that runs, `steps - int(steps · strength)` (times the
+/// sampler's order), or an error when that leaves no step.
+pub fn first_step(steps: usize, strength: f64, order: usize) -> Result<usize, ModelError> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(ModelError::Input(format!("strength must be in (0, 1], got {strength}")));
+    }
+    // Python's int() of the product: truncation, as `as` does for positive values
+    let init = ((steps as f64 * strength) as usize).min(steps);
+    if init == 0 {
+        return Err(ModelError::Input(format!(
+            "strength {strength} of {steps} steps runs int({steps} × {strength}) = 0 steps: raise the strength or the steps"
+        )));
+    }
+    Ok((steps - init) * order)
+}
+
+/// The draws a job takes from each image's noise: what a noise file may
+/// name. `strength`: an img2img or inpainting job (`inpaint`: with a mask).
+pub fn draws(
+    config: &SchedulerConfig,
+    params: &DenoiseParams,
+    strength: Option<f64>,
+    inpaint: bool,
+) -> Result<Vec<Draw>, ModelError> {
     let sampler = scheduler::build(params.sampler, config, params.num_inference_steps)?;
-    let steps = (0..sampler.len()).filter(|&i| sampler.step_needs_noise(i)).count();
-    Ok(std::iter::once(Draw::Init).chain((0..steps).map(Draw::Step)).collect())
+    let begin = match strength {
+        Some(s) => first_step(params.num_inference_steps, s, sampler.order())?,
+        None => 0,
+    };
+    let steps = (begin..sampler.len()).filter(|&i| sampler.step_needs_noise(i)).count();
+    let mut out = vec![Draw::Init];
+    if strength.is_some() {
+        out.push(Draw::VaeSample);
+    }
+    if inpaint {
+        // diffusers also encodes the masked image, which a 4-channel UNet never uses
+        out.push(Draw::MaskedVaeSample);
+    }
+    out.extend((0..steps).map(Draw::Step));
+    Ok(out)
 }
 
 impl SdxlPipeline {
-    /// The denoising loop from each image's noise (`noise`: one source per
-    /// image of the same prompt) to final latents `[k, c, h/f, w/f]`.
-    /// `on_step` sees the latents before the first step and after each;
-    /// returning `Break` stops early with `Ok(None)`.
+    /// How many steps a job of `params` runs (`strength`: img2img or
+    /// inpainting): what its progress counts to, on every rank.
+    pub fn steps_to_run(&self, params: &DenoiseParams, strength: Option<f64>) -> Result<usize, ModelError> {
+        let sampler = scheduler::build(params.sampler, &self.scheduler_config, params.num_inference_steps)?;
+        let begin = match strength {
+            Some(s) => first_step(params.num_inference_steps, s, sampler.order())?,
+            None => 0,
+        };
+        Ok(sampler.len() - begin)
+    }
+
+    /// The denoising loop from `start` and each image's noise (`noise`: one
+    /// source per image of the same prompt) to final latents `[k, c, h/f,
+    /// w/f]`. `on_step` sees the latents before the first step and after
+    /// each; returning `Break` stops early with `Ok(None)`.
     pub fn denoise(
         &self,
         embeds: &PromptEmbeds,
         noise: &[ImageNoise],
         params: &DenoiseParams,
+        start: Start,
         on_step: &mut dyn FnMut(&StepState) -> ControlFlow<()>,
     ) -> Result<Option<Tensor>, ModelError> {
         let k = noise.len();
@@ -67,6 +145,10 @@ impl SdxlPipeline {
         let (_, c, h, w) = self.latent_shape(params.width, params.height);
         let chw = (c, h, w);
         let mut sampler = scheduler::build(params.sampler, &self.scheduler_config, params.num_inference_steps)?;
+        let begin = match start.strength() {
+            Some(s) => first_step(params.num_inference_steps, s, sampler.order())?,
+            None => 0,
+        };
         let do_cfg = params.do_cfg();
         let halves = if do_cfg { 2 } else { 1 };
         if embeds.prompt_embeds.dim(0)? != halves {
@@ -76,7 +158,117 @@ impl SdxlPipeline {
                 if do_cfg { "on" } else { "off" }
             )));
         }
-        // Each conditioning row (negative, then positive) repeated for the k images.
+        let (context, text_embeds, time_ids) = self.conditioning(embeds, params, k, halves)?;
+        let init = draw_batch(noise, Draw::Init, chw)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        // The encoded image for every image of the job, in the run dtype.
+        let image_latents = |latents: &Tensor| -> Result<Tensor, ModelError> {
+            let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let n = latents.dim(0)?;
+            let latents = if n == k {
+                latents
+            } else {
+                latents.repeat((k / n.max(1), 1, 1, 1))?
+            };
+            if latents.dims() != [k, c, h, w] {
+                return Err(ModelError::Input(format!(
+                    "the encoded image has shape {:?}, expected [{k}, {c}, {h}, {w}] for {}x{}",
+                    latents.dims(),
+                    params.width,
+                    params.height
+                )));
+            }
+            Ok(latents)
+        };
+        // What is kept of the image while inpainting, and where.
+        let mut keep: Option<(Tensor, Tensor)> = None;
+        if start.strength().is_some() {
+            // diffusers sets it only for img2img and inpainting; text to image
+            // leaves the sampler to find its first step
+            sampler.set_begin_index(begin);
+        }
+        let mut latents = match start {
+            Start::Noise => (&init * sampler.init_noise_sigma() as f64)?,
+            Start::Image { latents, .. } => sampler.add_noise(&image_latents(latents)?, &init, begin)?,
+            Start::Inpaint {
+                latents,
+                mask,
+                strength,
+            } => {
+                let image = image_latents(latents)?;
+                let mask = mask.to_device(&self.device)?.to_dtype(self.dtype)?;
+                let start = if strength >= 1.0 {
+                    // diffusers: pure noise when the strength is the maximum
+                    (&init * sampler.init_noise_sigma() as f64)?
+                } else {
+                    sampler.add_noise(&image, &init, begin)?
+                };
+                keep = Some((image, mask));
+                start
+            }
+        };
+        let total = sampler.len();
+        let first = StepState {
+            step: 0,
+            total_steps: total - begin,
+            timestep: sampler.timesteps()[begin],
+            latents: &latents,
+        };
+        if on_step(&first).is_break() {
+            return Ok(None);
+        }
+        let unet = &self.active().unet;
+        let mut drawn = 0;
+        for i in begin..total {
+            let t = sampler.timesteps()[i];
+            let input = if do_cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = sampler.scale_model_input(&input, i)?;
+            let noise_pred = unet.forward(&input, t, &context, &text_embeds, &time_ids)?;
+            let noise_pred = if do_cfg {
+                let uncond = noise_pred.narrow(0, 0, k)?;
+                let text = noise_pred.narrow(0, k, k)?;
+                (&uncond + ((text - &uncond)? * params.guidance_scale)?)?
+            } else {
+                noise_pred
+            };
+            latents = step(sampler.as_mut(), &noise_pred, i, &latents, noise, &mut drawn, chw)?;
+            if let Some((image, mask)) = &keep {
+                // the kept region at the noise level of the next step (none after the last)
+                let kept = if i + 1 < total {
+                    sampler.add_noise(image, &init, i + 1)?
+                } else {
+                    image.clone()
+                };
+                latents = (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+            }
+            let state = StepState {
+                step: i + 1 - begin,
+                total_steps: total - begin,
+                timestep: t,
+                latents: &latents,
+            };
+            if on_step(&state).is_break() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(latents))
+    }
+
+    /// The UNet's conditioning for `k` images: each row of the prompt's
+    /// embeddings (negative, then positive) repeated `k` times, and SDXL's
+    /// `time_ids` (original size, crop top-left (0, 0), target size).
+    fn conditioning(
+        &self,
+        embeds: &PromptEmbeds,
+        params: &DenoiseParams,
+        k: usize,
+        halves: usize,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let per_image = |t: &Tensor| -> candle_core::Result<Tensor> {
             let rows = (0..halves)
                 .map(|i| {
@@ -88,54 +280,15 @@ impl SdxlPipeline {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?.to_dtype(self.dtype)
         };
-        let context = per_image(&embeds.prompt_embeds)?;
-        let text_embeds = per_image(&embeds.pooled_prompt_embeds)?;
         let (hf, wf) = (params.height as f32, params.width as f32);
-        // original size, crop top-left (0, 0), target size
         let time_ids = Tensor::from_vec(vec![hf, wf, 0.0, 0.0, hf, wf], (1, 6), &self.device)?
             .repeat((halves * k, 1))?
             .to_dtype(self.dtype)?;
-        let init = draw_batch(noise, Draw::Init, chw)?;
-        let mut latents = (init.to_device(&self.device)?.to_dtype(self.dtype)? * sampler.init_noise_sigma() as f64)?;
-        let total = sampler.len();
-        let first = StepState {
-            step: 0,
-            total_steps: total,
-            timestep: sampler.timesteps()[0],
-            latents: &latents,
-        };
-        if on_step(&first).is_break() {
-            return Ok(None);
-        }
-        let mut drawn = 0;
-        for i in 0..total {
-            let t = sampler.timesteps()[i];
-            let input = if do_cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = sampler.scale_model_input(&input, i)?;
-            let noise_pred = self.unet.forward(&input, t, &context, &text_embeds, &time_ids)?;
-            let noise_pred = if do_cfg {
-                let uncond = noise_pred.narrow(0, 0, k)?;
-                let text = noise_pred.narrow(0, k, k)?;
-                (&uncond + ((text - &uncond)? * params.guidance_scale)?)?
-            } else {
-                noise_pred
-            };
-            latents = step(sampler.as_mut(), &noise_pred, i, &latents, noise, &mut drawn, chw)?;
-            let state = StepState {
-                step: i + 1,
-                total_steps: total,
-                timestep: t,
-                latents: &latents,
-            };
-            if on_step(&state).is_break() {
-                return Ok(None);
-            }
-        }
-        Ok(Some(latents))
+        Ok((
+            per_image(&embeds.prompt_embeds)?,
+            per_image(&embeds.pooled_prompt_embeds)?,
+            time_ids,
+        ))
     }
 }
 
@@ -158,4 +311,20 @@ fn step(
         None
     };
     Ok(sampler.step(noise_pred, i, latents, fresh.as_ref())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_step_follows_diffusers_get_timesteps() {
+        assert_eq!(first_step(4, 0.6, 1).unwrap(), 2); // int(2.4) = 2 steps run
+        assert_eq!(first_step(4, 0.75, 1).unwrap(), 1);
+        assert_eq!(first_step(20, 0.6, 1).unwrap(), 8);
+        assert_eq!(first_step(4, 1.0, 1).unwrap(), 0);
+        let e = first_step(4, 0.2, 1).unwrap_err().to_string();
+        assert!(e.contains("0 steps"), "{e}");
+        assert!(first_step(4, 0.0, 1).is_err() && first_step(4, 1.5, 1).is_err());
+    }
 }

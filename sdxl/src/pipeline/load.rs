@@ -4,11 +4,12 @@
 //! by default SDXL base's, built into the binary.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::model::SdxlPipeline;
+use super::model::{Adaptable, Rebuild, SdxlPipeline, WeightSource};
 use crate::accel::Accel;
 use crate::checkpoint::layout::{Component, ModelLayout, VaePlan};
 use crate::checkpoint::single_file::{SingleFile, SingleFileError};
@@ -19,7 +20,7 @@ use crate::source::{HubOptions, ModelSource, SDXL_BASE_CONFIGS};
 use crate::taesd::TinyDecoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKLDecoder;
+use crate::vae::AutoencoderKL;
 use crate::{ModelError, WeightsContext};
 
 /// Where to load a pipeline from and how to run it.
@@ -88,12 +89,56 @@ fn var_builder(
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.component(component)
 }
 
-/// The weights of each model, wherever they come from.
-struct Weights {
-    text_encoder: VarBuilder<'static>,
-    text_encoder_2: VarBuilder<'static>,
-    unet: VarBuilder<'static>,
-    vae: VarBuilder<'static>,
+/// The weights of one adaptable component, from wherever the model's come.
+fn component_weights(
+    source: &WeightSource,
+    component: Component,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, ModelError> {
+    match source {
+        WeightSource::Folder {
+            text_encoder,
+            text_encoder_2,
+            unet,
+        } => {
+            let files = match component {
+                Component::TextEncoder => text_encoder,
+                Component::TextEncoder2 => text_encoder_2,
+                Component::Unet => unet,
+                Component::Vae => {
+                    return Err(ModelError::Input("the VAE is not rebuilt from the source".into()));
+                }
+            };
+            var_builder(files, dtype, device, component.name())
+        }
+        WeightSource::SingleFile(file) => file
+            .var_builder(component, dtype, device)
+            .ok_or_else(|| ModelError::Checkpoint(format!("the checkpoint has no {} weights", component.name()))),
+    }
+}
+
+/// What a component's weights pass through before the model reads them
+/// (identity, or LoRA updates merged in).
+pub(super) type WrapWeights<'a> =
+    dyn Fn(Component, VarBuilder<'static>) -> Result<VarBuilder<'static>, ModelError> + 'a;
+
+/// Builds both text encoders and the UNet from `rebuild`'s source, each
+/// component's weights passed through `wrap`.
+pub(super) fn build_adaptable(
+    rebuild: &Rebuild,
+    dtype: DType,
+    device: &Device,
+    wrap: &WrapWeights<'_>,
+) -> Result<Adaptable, ModelError> {
+    let weights = |c: Component| wrap(c, component_weights(&rebuild.source, c, dtype, device)?);
+    Ok(Adaptable {
+        text_encoder: ClipTextModel::new(&rebuild.te_config, false, weights(Component::TextEncoder)?)
+            .component("text_encoder")?,
+        text_encoder_2: ClipTextModel::new(&rebuild.te2_config, true, weights(Component::TextEncoder2)?)
+            .component("text_encoder_2")?,
+        unet: UNet2DConditionModel::new(&rebuild.unet_config, weights(Component::Unet)?)?,
+    })
 }
 
 fn single_file_error(path: &str, e: SingleFileError) -> ModelError {
@@ -132,13 +177,13 @@ impl SdxlPipeline {
         } else {
             opts.dtype
         };
-        let weights = if single {
-            let layout = ModelLayout::new(
-                &unet_config,
-                opts.vae.is_none().then_some(&vae_config),
-                &te_config,
-                &te2_config,
-            )?;
+        let layout = ModelLayout::new(
+            &unet_config,
+            opts.vae.is_none().then_some(&vae_config),
+            &te_config,
+            &te2_config,
+        )?;
+        let (source_weights, vae_vb) = if single {
             let file = SingleFile::open(Path::new(&opts.model), &layout).map_err(|e| match e {
                 SingleFileError::NoVae => ModelError::Checkpoint(format!(
                     "{}: no VAE in the checkpoint (it has no `first_stage_model.*` weights): give one with --vae",
@@ -146,58 +191,41 @@ impl SdxlPipeline {
                 )),
                 e => single_file_error(&opts.model, e),
             })?;
-            let vb = |c: Component, dtype: DType| {
-                file.var_builder(c, dtype, &opts.device)
-                    .ok_or_else(|| ModelError::Checkpoint(format!("{}: no {} weights", opts.model, c.name())))
+            let vae = match vae_weights {
+                Some(w) => w.build(vae_dtype, &opts.device)?,
+                None => file
+                    .var_builder(Component::Vae, vae_dtype, &opts.device)
+                    .ok_or_else(|| ModelError::Checkpoint(format!("{}: no VAE weights", opts.model)))?,
             };
-            Weights {
-                text_encoder: vb(Component::TextEncoder, opts.dtype)?,
-                text_encoder_2: vb(Component::TextEncoder2, opts.dtype)?,
-                unet: vb(Component::Unet, opts.dtype)?,
-                vae: match vae_weights {
-                    Some(w) => w.build(vae_dtype, &opts.device)?,
-                    None => vb(Component::Vae, vae_dtype)?,
-                },
-            }
+            (WeightSource::SingleFile(Arc::new(file)), vae)
         } else {
             let variant = opts.variant.as_deref();
             let files = |folder: &str, base: &str| source.safetensors(folder, base, variant);
-            Weights {
-                text_encoder: var_builder(
-                    &files("text_encoder", "model")?,
-                    opts.dtype,
+            let vae = match vae_weights {
+                Some(w) => w.build(vae_dtype, &opts.device)?,
+                None => var_builder(
+                    &files("vae", "diffusion_pytorch_model")?,
+                    vae_dtype,
                     &opts.device,
-                    "text_encoder",
+                    "vae",
                 )?,
-                text_encoder_2: var_builder(
-                    &files("text_encoder_2", "model")?,
-                    opts.dtype,
-                    &opts.device,
-                    "text_encoder_2",
-                )?,
-                unet: var_builder(
-                    &files("unet", "diffusion_pytorch_model")?,
-                    opts.dtype,
-                    &opts.device,
-                    "unet",
-                )?,
-                vae: match vae_weights {
-                    Some(w) => w.build(vae_dtype, &opts.device)?,
-                    None => var_builder(
-                        &files("vae", "diffusion_pytorch_model")?,
-                        vae_dtype,
-                        &opts.device,
-                        "vae",
-                    )?,
-                },
-            }
+            };
+            let weights = WeightSource::Folder {
+                text_encoder: files("text_encoder", "model")?,
+                text_encoder_2: files("text_encoder_2", "model")?,
+                unet: files("unet", "diffusion_pytorch_model")?,
+            };
+            (weights, vae)
         };
-
-        let text_encoder = ClipTextModel::new(&te_config, false, weights.text_encoder).component("text_encoder")?;
-        let text_encoder_2 =
-            ClipTextModel::new(&te2_config, true, weights.text_encoder_2).component("text_encoder_2")?;
-        let unet = UNet2DConditionModel::new(&unet_config, weights.unet)?;
-        let vae = AutoencoderKLDecoder::new(&vae_config, weights.vae)?;
+        let rebuild = Rebuild {
+            source: source_weights,
+            te_config,
+            te2_config,
+            unet_config,
+            layout,
+        };
+        let base = build_adaptable(&rebuild, opts.dtype, &opts.device, &|_, vb| Ok(vb))?;
+        let vae = AutoencoderKL::new(&vae_config, vae_vb)?;
         let taesd = match &opts.taesd {
             Some(name) => {
                 let taesd_source = ModelSource::resolve(name, &opts.hub)?;
@@ -214,10 +242,12 @@ impl SdxlPipeline {
         Ok(Self {
             tokenizer,
             tokenizer_2,
-            text_encoder,
-            text_encoder_2,
-            unet,
-            latent_channels: unet_config.in_channels,
+            latent_channels: rebuild.unet_config.in_channels,
+            base,
+            adapted: None,
+            cached: None,
+            merges: 0,
+            rebuild,
             vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
             vae,
             taesd,

@@ -11,15 +11,21 @@
 //!   folder, or a single-file checkpoint with a folder of configs);
 //! - `prompt.rs`: tokenizing and encoding the prompt and negative prompt;
 //! - `denoise.rs`: the denoising loop ([`DenoiseParams`], [`StepState`]);
+//! - `image.rs`: img2img's and inpainting's input image and mask;
+//! - `lora.rs`: LoRAs merged into a copy of the text encoders and the UNet;
 //! - `decode.rs`: the VAE decode and the TAESD previews.
 
 mod decode;
 mod denoise;
+mod image;
 mod load;
+mod lora;
 mod model;
 mod prompt;
 
 pub use self::decode::{preview_pool, PREVIEW_MAX_SIDE};
-pub use self::denoise::{draws, DenoiseParams, StepState};
+pub use self::denoise::{draws, first_step, DenoiseParams, Start, StepState};
+pub use self::image::{LatentScaling, Prepared, Source};
 pub use self::load::{is_single_file, LoadOptions};
+pub use self::lora::LoraWeights;
 pub use self::model::{PromptEmbeds, SdxlPipeline};

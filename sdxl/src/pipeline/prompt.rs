@@ -19,8 +19,9 @@ impl SdxlPipeline {
     /// both encoders `[1, 77, d1+d2]` and the projected pooled output `[1, p]`.
     pub fn encode_text(&self, text: &str) -> Result<(Tensor, Tensor), ModelError> {
         let (ids_1, ids_2) = self.tokenize(text)?;
-        let out_1 = self.text_encoder.forward(&[ids_1], &self.device, false)?;
-        let out_2 = self.text_encoder_2.forward(&[ids_2], &self.device, true)?;
+        let models = self.active();
+        let out_1 = models.text_encoder.forward(&[ids_1], &self.device, false)?;
+        let out_2 = models.text_encoder_2.forward(&[ids_2], &self.device, true)?;
         let embeds = Tensor::cat(&[&out_1.penultimate, &out_2.penultimate], 2)?;
         let pooled = out_2
             .pooled

@@ -11,7 +11,6 @@ pub mod fault;
 pub mod nccl;
 mod rank;
 
-use sdxl::scheduler::SamplerKind;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -143,7 +142,14 @@ impl RankGroup {
                         DeviceKind::Cpu => {
                             let collective = InProcessCollective::new(sync, rank);
                             let _ = ready.send((rank, Ok(())));
-                            serve(Rank { pipeline, collective }, jobs_rx);
+                            serve(
+                                Rank {
+                                    pipeline,
+                                    collective,
+                                    loras: Default::default(),
+                                },
+                                jobs_rx,
+                            );
                         }
                         #[cfg(feature = "cuda")]
                         DeviceKind::Cuda => {
@@ -151,7 +157,14 @@ impl RankGroup {
                             match nccl::NcclCollective::new(sync, rank, n, id, pipeline.device()) {
                                 Ok(collective) => {
                                     let _ = ready.send((rank, Ok(())));
-                                    serve(Rank { pipeline, collective }, jobs_rx);
+                                    serve(
+                                        Rank {
+                                            pipeline,
+                                            collective,
+                                            loras: Default::default(),
+                                        },
+                                        jobs_rx,
+                                    );
                                 }
                                 Err(e) => {
                                     let _ = ready.send((rank, Err(e.to_string())));
@@ -200,16 +213,9 @@ impl RankGroup {
     fn warm_up(&self, config: &RankGroupConfig) -> Result<(), EngineError> {
         let _ = config;
         let job = EngineJob {
-            prompt: "warm-up".into(),
             negative_prompt: Some("warm-up".into()),
-            width: 128,
-            height: 128,
-            num_inference_steps: 2,
-            guidance_scale: 5.0,
-            scheduler: SamplerKind::Euler,
-            seed: 0,
-            num_images: None,
             preview_every: 1,
+            ..EngineJob::text("warm-up", 128, 128, 2, 0)
         };
         self.generate(&job, &mut |_| {}, &Arc::new(AtomicBool::new(false)))
             .map(|_| ())

@@ -2,6 +2,7 @@
 //! share of each job. Rank 0 also assembles previews and the final grid from
 //! what the others send it, and is the only one that replies to the service.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -11,10 +12,12 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 
 use super::collective::{Abandon, Collective, CollectiveError};
-use crate::engine::{EngineError, EngineEvent, EngineJob, EngineOutput, GeneratedImage, StageTimings};
+use crate::engine::{EngineError, EngineEvent, EngineJob, EngineLora, EngineOutput, GeneratedImage, StageTimings};
 use sdxl::image_processor;
+use sdxl::lora::Lora;
 use sdxl::noise::ImageNoise;
-use sdxl::pipeline::{DenoiseParams, SdxlPipeline};
+use sdxl::pipeline::LoraWeights;
+use sdxl::pipeline::{DenoiseParams, SdxlPipeline, Source};
 
 #[cfg(any(test, feature = "fault-injection"))]
 use super::fault::Fault;
@@ -75,6 +78,43 @@ pub fn share_images(n: usize, world: usize) -> Vec<usize> {
 pub struct Rank<C: Collective> {
     pub collective: C,
     pub pipeline: SdxlPipeline,
+    pub loras: LoraFiles,
+}
+
+/// The LoRA files this rank has parsed, by id, so that a LoRA used again is
+/// not read again (at most [`LoraFiles::KEEP`] of them).
+#[derive(Debug, Default)]
+pub struct LoraFiles {
+    parsed: HashMap<String, Arc<Lora>>,
+}
+
+impl LoraFiles {
+    const KEEP: usize = 16;
+
+    /// The job's LoRAs, parsed against this rank's model.
+    fn weights(&mut self, pipeline: &SdxlPipeline, loras: &[EngineLora]) -> Result<Vec<LoraWeights>, EngineError> {
+        loras
+            .iter()
+            .map(|l| {
+                let lora = match self.parsed.get(&l.id) {
+                    Some(lora) => lora.clone(),
+                    None => {
+                        let lora = Arc::new(pipeline.read_lora(&l.path).map_err(model_error)?);
+                        if self.parsed.len() >= Self::KEEP {
+                            self.parsed.clear();
+                        }
+                        self.parsed.insert(l.id.clone(), lora.clone());
+                        lora
+                    }
+                };
+                Ok(LoraWeights {
+                    id: l.id.clone(),
+                    lora,
+                    scale: l.scale,
+                })
+            })
+            .collect()
+    }
 }
 
 impl<C: Collective> Rank<C> {
@@ -106,6 +146,9 @@ impl<C: Collective> Rank<C> {
 
     fn work(&mut self, rj: &RankJob) -> Result<Option<EngineOutput>, EngineError> {
         let job = &rj.job;
+        // The job's LoRAs (or none) change the models every image of it uses.
+        let loras = self.loras.weights(&self.pipeline, &job.loras)?;
+        self.pipeline.set_loras(&loras).map_err(model_error)?;
         let rank = self.rank();
         let counts = &rj.counts;
         let mine = counts[rank];
@@ -124,8 +167,25 @@ impl<C: Collective> Rank<C> {
             start.elapsed()
         };
         let mut timings = StageTimings::default();
+        let source = match (&job.init_image, &job.mask) {
+            (Some(image), Some(mask)) => Source::Inpaint {
+                image,
+                mask,
+                strength: job.strength,
+            },
+            (Some(image), None) => Source::Image {
+                image,
+                strength: job.strength,
+            },
+            _ => Source::Text,
+        };
+        let strength = job.init_image.as_ref().map(|_| job.strength);
+        // What every rank counts to (img2img runs only the last steps; some
+        // samplers' schedules are shorter than asked): the collectives at
+        // preview steps must be the same calls on every rank.
+        let steps = pipeline.steps_to_run(&params, strength).map_err(model_error)?;
         let previews = if job.preview_every > 0 && pipeline.has_previews() {
-            preview_steps(job.preview_every, job.num_inference_steps)
+            preview_steps(job.preview_every, steps)
         } else {
             Vec::new()
         };
@@ -145,13 +205,18 @@ impl<C: Collective> Rank<C> {
             let noise: Vec<ImageNoise> = (first..first + mine)
                 .map(|i| ImageNoise::from_seed(job.seed.wrapping_add(i as u64)))
                 .collect();
+            let t = Instant::now();
+            let prepared = pipeline
+                .prepare(&source, job.width, job.height, &noise)
+                .map_err(model_error)?;
+            timings.image_encode = sync(t);
 
             let t = Instant::now();
             let mut failure: Option<EngineError> = None;
             let mut preview_time = Duration::ZERO;
             let collective = &mut self.collective;
             let latents = pipeline
-                .denoise(&embeds, &noise, &params, &mut |state| {
+                .denoise(&embeds, &noise, &params, prepared.start(), &mut |state| {
                     let p0 = previews.contains(&state.step).then(Instant::now);
                     let step_result = on_step(rj, collective, pipeline, &previews, (slots, ph, pw), state);
                     if let Some(p0) = p0 {
@@ -192,7 +257,7 @@ impl<C: Collective> Rank<C> {
         let gathered = self
             .collective
             .gather(&padded)
-            .map_err(|e| collective_error(e, job.num_inference_steps))?;
+            .map_err(|e| collective_error(e, steps))?;
         let Some(all) = gathered else {
             return Ok(None);
         };

@@ -2,7 +2,6 @@
 //! shutdown signal stop consuming, finish the current job, settle it, return.
 //! A lost RabbitMQ connection is made again with backoff.
 
-use sdxl::scheduler::SamplerKind;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -195,18 +194,13 @@ async fn warm_up(engine: Arc<dyn Engine>, config: &WorkerConfig) -> Result<(), S
     if config.warmup_steps == 0 {
         return Ok(());
     }
-    let job = EngineJob {
-        prompt: "warm-up".into(),
-        negative_prompt: None,
-        width: config.warmup_size,
-        height: config.warmup_size,
-        num_inference_steps: config.warmup_steps,
-        guidance_scale: 5.0,
-        scheduler: SamplerKind::Euler,
-        seed: 0,
-        num_images: None,
-        preview_every: 0,
-    };
+    let job = EngineJob::text(
+        "warm-up",
+        config.warmup_size,
+        config.warmup_size,
+        config.warmup_steps,
+        0,
+    );
     let start = std::time::Instant::now();
     tokio::task::spawn_blocking(move || {
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -64,7 +64,6 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::engine::{GeneratedImage, StageTimings};
-    use sdxl::scheduler::SamplerKind;
 
     /// What the fake engine does with a job.
     #[derive(Debug, Clone, Copy)]
@@ -136,18 +135,7 @@ pub(crate) mod tests {
     }
 
     pub fn job() -> EngineJob {
-        EngineJob {
-            prompt: "a fake job".into(),
-            negative_prompt: None,
-            width: 8,
-            height: 8,
-            num_inference_steps: 3,
-            guidance_scale: 5.0,
-            scheduler: SamplerKind::Euler,
-            seed: 7,
-            num_images: None,
-            preview_every: 0,
-        }
+        EngineJob::text("a fake job", 8, 8, 3, 7)
     }
 
     async fn run(

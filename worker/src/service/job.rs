@@ -113,6 +113,10 @@ fn engine_job(job: &ValidJob) -> EngineJob {
         seed: job.seed,
         num_images: job.num_images.map(|n| n as usize),
         preview_every: job.preview_every as usize,
+        init_image: None,
+        mask: None,
+        strength: 1.0,
+        loras: Vec::new(),
     }
 }
 
