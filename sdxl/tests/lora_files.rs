@@ -3,12 +3,28 @@
 
 mod common;
 
+// The merged weights in `tests/fixtures/lora-reference` were made by diffusers
+// from exactly the project's fixture LoRAs and tiny model: these tests read
+// those, whatever SDXL_FEATURES_DIR / SDXL_REFERENCE_DIR say (another
+// reference folder's LoRAs are checked end to end by worker/tests/features_cli.rs).
+fn features_dir() -> std::path::PathBuf {
+    common::fixture("sdxl-features")
+}
+
+fn tiny_dir() -> std::path::PathBuf {
+    common::fixture("sdxl-reference/tiny-sdxl")
+}
+
+fn tiny_layout() -> sdxl::checkpoint::layout::ModelLayout {
+    common::layout(&tiny_dir())
+}
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use common::{base_configs_dir, component_file, layout};
 use sdxl::checkpoint::layout::{canonical_text_key, Component};
 use sdxl::lora::{delta, parse_lora, parse_lora_file, summarize, KohyaTable, Lora, LoraError, LoraFormat, LoraKind};
 

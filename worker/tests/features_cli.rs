@@ -246,12 +246,14 @@ fn the_single_file_checkpoint_gives_the_folders_images() {
 fn bad_noise_files_and_checkpoints_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_dir();
+    let top = features();
+    let (width, height) = (top["width"].to_string(), top["height"].to_string());
+    let wrong_width = (2 * top["width"].as_u64().unwrap()).to_string();
     let run = |extra: &[String]| {
-        let mut args: Vec<String> = ["generate", "--prompt", "x", "--height", "128", "--steps", "2"]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> = ["generate", "--prompt", "x", "--steps", "2"].map(String::from).to_vec();
+        args.extend(["--height".into(), height.clone()]);
         if !extra.iter().any(|a| a == "--width") {
-            args.extend(["--width".into(), "128".into()]);
+            args.extend(["--width".into(), width.clone()]);
         }
         args.extend(["--output".into(), dir.path().join("never.png").display().to_string()]);
         args.extend(extra.iter().cloned());
@@ -277,13 +279,13 @@ fn bad_noise_files_and_checkpoints_are_named() {
         "--model".into(),
         m.clone(),
         "--width".into(),
-        "256".into(),
+        wrong_width.clone(),
         "--scheduler".into(),
         "euler_a".into(),
         "--init-noise".into(),
         euler_a_noise,
     ]);
-    assert!(line.contains("has shape") && line.contains("for 256x128"), "{line}");
+    assert!(line.contains("has shape") && line.contains(&format!("for {wrong_width}x{height}")), "{line}");
     // an unknown sampler lists the allowed ones
     let line = run(&["--model".into(), m.clone(), "--scheduler".into(), "heun".into()]);
     assert!(line.contains("heun") && line.contains("dpmpp_2m_karras"), "{line}");

@@ -29,6 +29,12 @@ pub fn reference_dir() -> PathBuf {
     dir("SDXL_REFERENCE_DIR", "sdxl-reference")
 }
 
+/// The project's own fixture folder `name`, whatever the variables say (for
+/// tests whose expected values were made from exactly those files).
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
 /// `sdxl-features/` (the single file and the LoRAs).
 pub fn features_dir() -> PathBuf {
     dir("SDXL_FEATURES_DIR", "sdxl-features")
