@@ -1,10 +1,24 @@
 #!/usr/bin/env python3
 """The reference for `worker bench`: the same stages measured with diffusers
-(eager and under torch.compile) on the same GPU, from the same random-weight
-folder (`worker init-random --configs sdxl/configs/sdxl-base-1.0`).
+on the same GPU, from the same random-weight folder (`worker init-random
+--configs sdxl/configs/sdxl-base-1.0`), under each recipe of `--recipes`:
+
+- `eager`: diffusers as it ships (SDPA attention);
+- `compile`: the UNet under `torch.compile` (default mode);
+- `best`: what diffusers' own speed guide does ("Accelerate inference of
+  text-to-image diffusion models"): fused QKV projections, channels-last
+  UNet and VAE, the inductor flags `conv_1x1_as_mm`,
+  `coordinate_descent_tuning`, `epilogue_fusion=False`,
+  `coordinate_descent_check_all_directions`, and the UNet and the VAE
+  decode under `torch.compile(mode="reduce-overhead", fullgraph=True)`
+  (CUDA graphs);
+- `autotune`: as `best` with `mode="max-autotune-no-cudagraphs"` (its
+  compile takes many minutes: run it in its own process with a time limit).
+
+"diffusers best" in a table is the fastest of the compiled recipes per stage.
 
     python3 bench/diffusers_reference.py --model /tmp/sdxl --taesd /tmp/sdxl/taesdxl --dtype f16 \
-        --json out.json --unet-io unet_io.safetensors [--compile]
+        --json out.json --unet-io unet_io.safetensors --recipes eager,compile,best
     worker bench ... --unet-io unet_io.safetensors       # writes unet_io.candle.safetensors
     python3 bench/diffusers_reference.py --compare unet_io.safetensors
 
@@ -82,6 +96,44 @@ def timed(fn, iters):
     return statistics.median(xs)
 
 
+def apply_recipe(pipe, taesd, recipe):
+    """Turns `pipe` into the recipe's form (recipes only add: run them in order)."""
+    if recipe == "compile":
+        pipe.unet = torch.compile(pipe.unet)
+        return
+    if recipe in ("best", "autotune"):
+        import torch._inductor.config as inductor
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+        unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+        pipe.unet = unet
+        pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        mode = "reduce-overhead" if recipe == "best" else "max-autotune-no-cudagraphs"
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+        if taesd is not None:
+            taesd.to(memory_format=torch.channels_last)
+            taesd.decode = torch.compile(taesd.decode, mode=mode, fullgraph=True)
+
+
+def measure_throughput(pipe, args, batches, label):
+    """Images per second of whole 20-step images, `n` images per call."""
+    out = {}
+    with torch.inference_mode():
+        for n in batches:
+            run = lambda: pipe(PROMPT, negative_prompt=NEGATIVE, width=args.width, height=args.height,
+                               num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                               num_images_per_prompt=n, output_type="pt").images
+            s = timed(run, 1)
+            out[str(n)] = n / s
+            print(f"{label} throughput batch {n}: {n / s:.3f} images/s", flush=True)
+    return out
+
+
 def measure(pipe, taesd, args, dtype, label):
     w, h, steps, g = args.width, args.height, args.steps, args.guidance_scale
     lat = (1, pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
@@ -100,6 +152,8 @@ def measure(pipe, taesd, args, dtype, label):
         # what the pipeline does: the VAE in f32 when f16 and force_upcast
         vae_dtype = torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype
         pipe.vae.to(vae_dtype)
+        if label in ("best", "autotune"):
+            latents = latents.to(memory_format=torch.channels_last)
         out["vae_decode_ms"] = 1000 * timed(lambda: pipe.vae.decode(latents.to(vae_dtype) / pipe.vae.config.scaling_factor).sample, min(args.iters, 5))
         pipe.vae.to(dtype)
         if taesd is not None:
@@ -129,7 +183,9 @@ def main():
     ap.add_argument("--guidance-scale", type=float, default=5.0)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--images", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="also measure with the UNet under torch.compile")
+    ap.add_argument("--compile", action="store_true", help="the same as --recipes eager,compile")
+    ap.add_argument("--recipes", default="eager", help="comma-separated: eager, compile, best, autotune")
+    ap.add_argument("--throughput", default="", help="batch sizes for images/s (e.g. 1,2,4,8,16), under the last recipe")
     ap.add_argument("--unet-io", help="write random UNet inputs and diffusers' output for the cosine check")
     ap.add_argument("--compare", help="compare diffusers' and candle's UNet outputs for this --unet-io file")
     ap.add_argument("--json")
@@ -165,10 +221,22 @@ def main():
                             added_cond_kwargs={"text_embeds": io["text_embeds"].to(DEVICE, dtype),
                                                "time_ids": io["time_ids"].to(DEVICE, dtype)}).sample
         save_file({"unet_out": out.float().cpu()}, args.unet_io.replace(".safetensors", ".diffusers.safetensors"))
-    results["runs"].append(measure(pipe, taesd, args, dtype, "eager"))
-    if args.compile:
-        pipe.unet = torch.compile(pipe.unet)
-        results["runs"].append(measure(pipe, taesd, args, dtype, "torch.compile"))
+    recipes = args.recipes.split(",")
+    if args.compile and "compile" not in recipes:
+        recipes.append("compile")
+    for recipe in recipes:
+        t = time.perf_counter()
+        apply_recipe(pipe, taesd, recipe)
+        run = measure(pipe, taesd, args, dtype, recipe)
+        run["recipe_s"] = time.perf_counter() - t
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+    compiled = [r for r in results["runs"] if r["label"] != "eager"]
+    if compiled:
+        results["best"] = {k: min(r[k] for r in compiled if k in r)
+                           for k in compiled[0] if k not in ("label", "recipe_s")}
+    if args.throughput:
+        results["throughput"] = measure_throughput(pipe, args, [int(n) for n in args.throughput.split(",")], recipes[-1])
     if DEVICE == "cuda":
         results["peak_gpu_memory_mib"] = torch.cuda.max_memory_reserved() / 2**20
     text = json.dumps(results, indent=1)
