@@ -39,6 +39,7 @@ fn image(model: &Path, variant: Option<&str>) -> Vec<f32> {
         num_inference_steps: 2,
         guidance_scale: 5.0,
         sampler: SamplerKind::Euler,
+        unet_images: 0,
     };
     let embeds = p.encode_prompt("a lighthouse", Some("blurry"), true).unwrap();
     let (_, c, h, w) = p.latent_shape(64, 64);

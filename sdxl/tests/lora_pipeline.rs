@@ -20,6 +20,7 @@ fn latents(p: &SdxlPipeline) -> Tensor {
         num_inference_steps: 2,
         guidance_scale: 5.0,
         sampler: SamplerKind::Euler,
+        unet_images: 0,
     };
     let embeds = p.encode_prompt("a lighthouse", Some("blurry"), true).unwrap();
     p.denoise(&embeds, &[ImageNoise::from_seed(5)], &params, Start::Noise, &mut |_| {

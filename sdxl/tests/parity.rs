@@ -236,6 +236,7 @@ fn whole_pipeline_matches_latents_and_images() {
         num_inference_steps: g.steps,
         guidance_scale: g.guidance_scale,
         sampler: SamplerKind::Euler,
+        unet_images: 0,
     };
     let noise = f.tensor("pipeline_in_noise");
     for (i, prompt) in g.prompts.iter().enumerate() {
@@ -294,6 +295,7 @@ fn denoise_stops_when_the_callback_breaks() {
         num_inference_steps: g.steps,
         guidance_scale: g.guidance_scale,
         sampler: SamplerKind::Euler,
+        unet_images: 0,
     };
     let embeds = f.pipeline.encode_prompt(&g.prompts[0], None, true).unwrap();
     let noise = f.tensor("pipeline_in_noise").i(0..1).unwrap();

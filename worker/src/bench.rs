@@ -103,6 +103,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
         sampler: args.scheduler,
+        unet_images: 0,
     };
     let prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed";
     let negative = Some(rules::DEFAULT_NEGATIVE_PROMPT);

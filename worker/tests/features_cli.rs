@@ -285,7 +285,10 @@ fn bad_noise_files_and_checkpoints_are_named() {
         "--init-noise".into(),
         euler_a_noise,
     ]);
-    assert!(line.contains("has shape") && line.contains(&format!("for {wrong_width}x{height}")), "{line}");
+    assert!(
+        line.contains("has shape") && line.contains(&format!("for {wrong_width}x{height}")),
+        "{line}"
+    );
     // an unknown sampler lists the allowed ones
     let line = run(&["--model".into(), m.clone(), "--scheduler".into(), "heun".into()]);
     assert!(line.contains("heun") && line.contains("dpmpp_2m_karras"), "{line}");

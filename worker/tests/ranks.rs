@@ -211,10 +211,9 @@ fn cancel_stops_every_rank_between_steps() {
 
 /// An inpainting job with a LoRA and a stochastic sampler, its three images
 /// made by one rank (a batch of three) or by three (one each), gives the
-/// same images: every draw is the image's own. (Within 1 of 255: a batch of
-/// three and a batch of one sum some products in another order on the CPU.)
-/// Previews count the steps that run (strength 0.75 of 4 steps: 3), on every
-/// rank alike.
+/// same images, pixel for pixel: every draw is the image's own, and on the
+/// CPU each image has a UNet call of its own. Previews count the steps that
+/// run (strength 0.75 of 4 steps: 3), on every rank alike.
 #[test]
 fn img2img_inpainting_and_loras_are_the_same_on_any_number_of_ranks() {
     let features = fixture().join("../sdxl-features");

@@ -8,11 +8,24 @@ use super::model::SdxlPipeline;
 use crate::ModelError;
 
 impl SdxlPipeline {
-    /// VAE decode of final latents to images `[b, 3, H, W]` in [-1, 1] (f32).
+    /// VAE decode of final latents to images `[b, 3, H, W]` in [-1, 1]
+    /// (f32), one image at a time: the decoder's activations are the
+    /// largest of the pipeline (an f32 2048² image: several GB), and a
+    /// batch's peak would be the sum of them.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        let latents = latents.to_dtype(self.vae_dtype)?;
-        let z = self.vae.unscale_latents(&latents)?;
-        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
+        let b = latents.dim(0)?;
+        let images = (0..b)
+            .map(|i| {
+                let latents = latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)?;
+                let z = self.vae.unscale_latents(&latents)?;
+                self.vae.decode(&z)?.to_dtype(DType::F32)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(if b == 1 {
+            images.into_iter().next().expect("one image")
+        } else {
+            Tensor::cat(&images, 0)?
+        })
     }
 
     /// `AutoencoderTiny.decode` of latents at full resolution, in [-1, 1]

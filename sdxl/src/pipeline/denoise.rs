@@ -25,6 +25,20 @@ pub struct DenoiseParams {
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
     pub sampler: SamplerKind,
+    /// At most this many images per UNet call (0: all at once). Smaller
+    /// calls bound the activation memory; one image per call also makes an
+    /// image's result independent of what else is in the batch.
+    pub unet_images: usize,
+}
+
+/// One image of a batch: its prompt's conditioning, its guidance and its
+/// random draws. Images of several jobs (other prompts, other guidance)
+/// share one denoising loop when their size, steps and sampler agree.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageJob<'a> {
+    pub embeds: &'a PromptEmbeds,
+    pub guidance_scale: f64,
+    pub noise: &'a ImageNoise,
 }
 
 impl DenoiseParams {
@@ -138,10 +152,33 @@ impl SdxlPipeline {
         start: Start,
         on_step: &mut dyn FnMut(&StepState) -> ControlFlow<()>,
     ) -> Result<Option<Tensor>, ModelError> {
-        let k = noise.len();
+        let images: Vec<ImageJob> = noise
+            .iter()
+            .map(|noise| ImageJob {
+                embeds,
+                guidance_scale: params.guidance_scale,
+                noise,
+            })
+            .collect();
+        self.denoise_images(&images, params, start, on_step)
+    }
+
+    /// [`SdxlPipeline::denoise`] for images with their own conditioning and
+    /// guidance (the jobs of a batch). Guidance must be on for all of them
+    /// or for none (`params.guidance_scale` says which).
+    pub fn denoise_images(
+        &self,
+        images: &[ImageJob],
+        params: &DenoiseParams,
+        start: Start,
+        on_step: &mut dyn FnMut(&StepState) -> ControlFlow<()>,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let k = images.len();
         if k == 0 {
             return Err(ModelError::Input("no image to denoise".into()));
         }
+        let noise: Vec<ImageNoise> = images.iter().map(|i| i.noise.clone()).collect();
+        let noise = noise.as_slice();
         let (_, c, h, w) = self.latent_shape(params.width, params.height);
         let chw = (c, h, w);
         let mut sampler = scheduler::build(params.sampler, &self.scheduler_config, params.num_inference_steps)?;
@@ -151,14 +188,30 @@ impl SdxlPipeline {
         };
         let do_cfg = params.do_cfg();
         let halves = if do_cfg { 2 } else { 1 };
-        if embeds.prompt_embeds.dim(0)? != halves {
-            return Err(ModelError::Input(format!(
-                "prompt embeddings have batch {}, expected {halves} (guidance {})",
-                embeds.prompt_embeds.dim(0)?,
-                if do_cfg { "on" } else { "off" }
-            )));
+        for image in images {
+            if (image.guidance_scale > 1.0) != do_cfg || image.embeds.prompt_embeds.dim(0)? != halves {
+                return Err(ModelError::Input(format!(
+                    "an image has guidance {} and prompt embeddings of batch {}, but the batch's guidance is {}",
+                    image.guidance_scale,
+                    image.embeds.prompt_embeds.dim(0)?,
+                    if do_cfg { "on (batch 2)" } else { "off (batch 1)" }
+                )));
+            }
         }
-        let (context, text_embeds, time_ids) = self.conditioning(embeds, params, k, halves)?;
+        let unet_images = if params.unet_images == 0 {
+            k
+        } else {
+            params.unet_images.min(k)
+        };
+        let chunks: Vec<(usize, usize)> = (0..k)
+            .step_by(unet_images)
+            .map(|a| (a, (a + unet_images).min(k)))
+            .collect();
+        let conditioning = chunks
+            .iter()
+            .map(|&(a, b)| self.conditioning(&images[a..b], params, halves))
+            .collect::<Result<Vec<_>, _>>()?;
+        let guidance = self.guidance(images)?;
         let init = draw_batch(noise, Draw::Init, chw)?
             .to_device(&self.device)?
             .to_dtype(self.dtype)?;
@@ -222,19 +275,30 @@ impl SdxlPipeline {
         let mut drawn = 0;
         for i in begin..total {
             let t = sampler.timesteps()[i];
-            let input = if do_cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
+            // The UNet in chunks of images; guidance per image.
+            let mut preds = Vec::with_capacity(chunks.len());
+            for (&(a, b), (context, text_embeds, time_ids)) in chunks.iter().zip(&conditioning) {
+                let part = latents.narrow(0, a, b - a)?;
+                let input = if do_cfg { Tensor::cat(&[&part, &part], 0)? } else { part };
+                let input = sampler.scale_model_input(&input, i)?;
+                let pred = unet.forward(&input, t, context, text_embeds, time_ids)?;
+                preds.push(if do_cfg {
+                    let n = b - a;
+                    let uncond = pred.narrow(0, 0, n)?;
+                    let text = pred.narrow(0, n, n)?;
+                    let scaled = match &guidance {
+                        Guidance::One(g) => ((text - &uncond)? * *g)?,
+                        Guidance::Each(g) => (text - &uncond)?.broadcast_mul(&g.narrow(0, a, n)?)?,
+                    };
+                    (&uncond + scaled)?
+                } else {
+                    pred
+                });
+            }
+            let noise_pred = if preds.len() == 1 {
+                preds.pop().expect("one chunk")
             } else {
-                latents.clone()
-            };
-            let input = sampler.scale_model_input(&input, i)?;
-            let noise_pred = unet.forward(&input, t, &context, &text_embeds, &time_ids)?;
-            let noise_pred = if do_cfg {
-                let uncond = noise_pred.narrow(0, 0, k)?;
-                let text = noise_pred.narrow(0, k, k)?;
-                (&uncond + ((text - &uncond)? * params.guidance_scale)?)?
-            } else {
-                noise_pred
+                Tensor::cat(&preds, 0)?
             };
             latents = step(sampler.as_mut(), &noise_pred, i, &latents, noise, &mut drawn, chw)?;
             if let Some((image, mask)) = &keep {
@@ -259,24 +323,32 @@ impl SdxlPipeline {
         Ok(Some(latents))
     }
 
-    /// The UNet's conditioning for `k` images: each row of the prompt's
-    /// embeddings (negative, then positive) repeated `k` times, and SDXL's
-    /// `time_ids` (original size, crop top-left (0, 0), target size).
+    /// The guidance of each image: one scale for all (a scalar product, as
+    /// diffusers), or a `[k, 1, 1, 1]` tensor when the jobs of a batch differ.
+    fn guidance(&self, images: &[ImageJob]) -> Result<Guidance, ModelError> {
+        let first = images[0].guidance_scale;
+        if images.iter().all(|i| i.guidance_scale == first) {
+            return Ok(Guidance::One(first));
+        }
+        let g: Vec<f32> = images.iter().map(|i| i.guidance_scale as f32).collect();
+        Ok(Guidance::Each(
+            Tensor::from_vec(g, (images.len(), 1, 1, 1), &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// The UNet's conditioning for a chunk of images: each image's
+    /// negative row, then each image's positive row (guidance on), and
+    /// SDXL's `time_ids` (original size, crop top-left (0, 0), target size).
     fn conditioning(
         &self,
-        embeds: &PromptEmbeds,
+        images: &[ImageJob],
         params: &DenoiseParams,
-        k: usize,
         halves: usize,
     ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
-        let per_image = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let k = images.len();
+        let rows = |pick: fn(&PromptEmbeds) -> &Tensor| -> candle_core::Result<Tensor> {
             let rows = (0..halves)
-                .map(|i| {
-                    let row = t.narrow(0, i, 1)?;
-                    let mut reps = vec![1; row.rank()];
-                    reps[0] = k;
-                    row.repeat(reps)
-                })
+                .flat_map(|half| images.iter().map(move |i| pick(i.embeds).narrow(0, half, 1)))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?.to_dtype(self.dtype)
         };
@@ -285,11 +357,17 @@ impl SdxlPipeline {
             .repeat((halves * k, 1))?
             .to_dtype(self.dtype)?;
         Ok((
-            per_image(&embeds.prompt_embeds)?,
-            per_image(&embeds.pooled_prompt_embeds)?,
+            rows(|e| &e.prompt_embeds)?,
+            rows(|e| &e.pooled_prompt_embeds)?,
             time_ids,
         ))
     }
+}
+
+/// The guidance of the images of a loop.
+enum Guidance {
+    One(f64),
+    Each(Tensor),
 }
 
 /// One sampler step, with the next of each image's step draws when the

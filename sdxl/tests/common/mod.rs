@@ -32,7 +32,9 @@ pub fn reference_dir() -> PathBuf {
 /// The project's own fixture folder `name`, whatever the variables say (for
 /// tests whose expected values were made from exactly those files).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 /// `sdxl-features/` (the single file and the LoRAs).

@@ -28,6 +28,7 @@ pub fn run(args: GenerateArgs, resolved: Resolved) -> anyhow::Result<()> {
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
         sampler: args.scheduler,
+        unet_images: 0,
     };
 
     let t0 = Instant::now();
