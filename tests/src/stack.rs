@@ -284,6 +284,7 @@ impl Stack {
             aws_region: get("AWS_REGION")?,
             aws_access_key_id: Some(Secret(get("AWS_ACCESS_KEY_ID")?)),
             aws_secret_access_key: Some(Secret(get("AWS_SECRET_ACCESS_KEY")?)),
+            aws_session_token: None,
             s3_virtual_host_style: false,
             s3_multipart_threshold: 8 * 1024 * 1024,
             s3_presign_ttl: Duration::from_secs(3600),
