@@ -294,7 +294,8 @@ impl Stack {
 
     /// Every object stored for job `id`.
     pub async fn objects_of(&self, id: Uuid) -> anyhow::Result<Vec<String>> {
-        let mut keys = self.result_store()?.list(&format!("jobs/{id}/")).await?;
+        let objects = self.result_store()?.list(&format!("jobs/{id}/")).await?;
+        let mut keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
         keys.sort();
         Ok(keys)
     }

@@ -1,14 +1,16 @@
 //! The S3 client against the real S3 server (s3s-fs, which checks request
 //! signatures): bucket creation, multipart uploads above the threshold,
-//! content types, presigned URLs (on the public endpoint too), refusal of a
-//! wrong secret, a quick transient error from a server that is down, and
-//! the default credential chain when no keys are given.
+//! content types, listing across pages, stat and deletes (one key, a
+//! prefix), presigned URLs (on the public endpoint too), refusal of a wrong
+//! secret, a quick transient error from a server that is down, and the
+//! default credential chain when no keys are given.
 
 use std::time::Duration;
 
 use common::config::{S3Args, Secret};
 use common::result_store::ResultStore;
 use e2e_tests::stack::services_env;
+use futures_util::StreamExt;
 use uuid::Uuid;
 
 fn args(bucket: &str, secret: Option<&str>) -> S3Args {
@@ -68,6 +70,66 @@ async fn a_wrong_secret_is_refused_and_not_retried_as_transient() -> anyhow::Res
     let err = store.put("k", b"v".to_vec(), "text/plain").await.unwrap_err();
     assert!(!err.is_transient(), "{err}");
     assert!(err.to_string().contains("403"), "{err}");
+    Ok(())
+}
+
+/// A store on the test's own bucket, created.
+async fn fresh_store(test: &str) -> anyhow::Result<ResultStore> {
+    let bucket = format!("e2e-{test}-{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let store = ResultStore::new(&args(&bucket, None))?;
+    store.ensure_bucket().await?;
+    Ok(store)
+}
+
+#[tokio::test]
+async fn objects_are_listed_across_pages_statted_and_deleted() -> anyhow::Result<()> {
+    let store = fresh_store("objects").await?;
+    // More than one ListObjectsV2 page (1,000 keys) and one DeleteObjects batch.
+    let keys: Vec<String> = (0..1005).map(|i| format!("jobs/many/{i:04}.png")).collect();
+    let uploads = futures_util::stream::iter(keys.iter().map(|key| {
+        let store = &store;
+        async move { store.put(key, key.as_bytes().to_vec(), "image/png").await }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    uploads.into_iter().collect::<Result<Vec<_>, _>>()?;
+    store
+        .put("jobs/other/result.json", b"{}".to_vec(), "application/json")
+        .await?;
+
+    let started = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let listed = store.list("jobs/many/").await?;
+    let mut names: Vec<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names,
+        keys.iter().map(String::as_str).collect::<Vec<_>>(),
+        "every key, once"
+    );
+    for object in &listed {
+        assert_eq!(object.size, object.key.len() as u64, "{object:?}");
+        assert!(object.last_modified.is_some_and(|t| t > started), "{object:?}");
+    }
+
+    let info = store.stat("jobs/many/0007.png").await?.expect("stored");
+    assert_eq!((info.key.as_str(), info.size), ("jobs/many/0007.png", 18));
+    assert!(info.last_modified.is_some_and(|t| t > started), "{info:?}");
+    assert_eq!(store.stat("jobs/many/missing.png").await?, None);
+
+    store.delete("jobs/many/0007.png").await?;
+    assert_eq!(store.stat("jobs/many/0007.png").await?, None);
+    assert_eq!(store.get("jobs/many/0007.png").await?, None);
+    store.delete("jobs/many/0007.png").await?; // already gone: no error
+
+    assert_eq!(store.delete_prefix("jobs/many/").await?, 1004);
+    assert!(store.list("jobs/many/").await?.is_empty());
+    assert_eq!(store.list("jobs/other/").await?.len(), 1, "another prefix is untouched");
+    assert_eq!(store.delete_prefix("jobs/many/").await?, 0);
+    let refused = store.delete_prefix("").await.unwrap_err();
+    assert!(!refused.is_transient(), "{refused}");
+    assert_eq!(store.list("").await?.len(), 1, "an empty prefix deletes nothing");
     Ok(())
 }
 

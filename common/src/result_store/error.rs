@@ -42,6 +42,22 @@ pub enum ResultStoreError {
         code: Option<String>,
         message: String,
     },
+    /// Some objects of a `DeleteObjects` batch were not deleted.
+    #[error("S3 kept {count} object(s) of {op} under `{key}`, e.g. `{first}`: {code}")]
+    NotDeleted {
+        op: &'static str,
+        key: String,
+        count: usize,
+        first: String,
+        code: String,
+    },
+    /// We asked for something the store refuses to do (e.g. delete a whole bucket).
+    #[error("{op} of `{key}` refused: {reason}")]
+    Refused {
+        op: &'static str,
+        key: String,
+        reason: &'static str,
+    },
     #[error("S3 sent an unexpected answer to {op} of `{key}`: {detail}")]
     Protocol {
         op: &'static str,
@@ -67,7 +83,8 @@ impl ResultStoreError {
             ResultStoreError::Status { status, code, .. } => {
                 *status >= 500 || *status == 429 || *status == 408 || code.as_deref().is_some_and(code_is_transient)
             }
-            ResultStoreError::Config(_) | ResultStoreError::Protocol { .. } => false,
+            ResultStoreError::NotDeleted { code, .. } => code_is_transient(code),
+            ResultStoreError::Config(_) | ResultStoreError::Refused { .. } | ResultStoreError::Protocol { .. } => false,
         }
     }
 

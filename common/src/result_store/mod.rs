@@ -1,6 +1,6 @@
 //! Results in S3 (AWS, MinIO, s3s-fs) through the AWS SDK: the bucket,
-//! uploads (multipart above a threshold), reads, listings and presigned GET
-//! URLs.
+//! uploads (multipart above a threshold), reads, listings, deletes and
+//! presigned GET URLs.
 //!
 //! [`client`] builds the SDK's clients (credentials, endpoint, retries,
 //! timeouts, TLS), [`multipart`] uploads in parts, and [`error`] says what
@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::presigning::PresigningConfig;
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration, Delete, ObjectIdentifier};
+use chrono::{DateTime as ChronoDateTime, Utc};
 
 use crate::config::S3Args;
 
@@ -24,6 +25,17 @@ pub use self::multipart::MIN_PART_SIZE;
 
 /// S3 presigns for at most a week.
 const MAX_PRESIGN_TTL: Duration = Duration::from_secs(7 * 86400);
+/// `DeleteObjects` takes at most this many keys.
+const DELETE_BATCH: usize = 1000;
+
+/// One stored object, as a listing or a `HEAD` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    pub last_modified: Option<ChronoDateTime<Utc>>,
+}
 
 #[derive(Clone)]
 pub struct ResultStore {
@@ -50,6 +62,10 @@ impl std::fmt::Debug for ResultStore {
 /// `HEAD`, which has no body to say more); a missing bucket is an error.
 fn not_found<E: ProvideErrorMetadata>(err: &aws_sdk_s3::error::SdkError<E>) -> bool {
     err.raw_response().is_some_and(|r| r.status().as_u16() == 404) && err.code() != Some("NoSuchBucket")
+}
+
+fn to_chrono(t: Option<&DateTime>) -> Option<ChronoDateTime<Utc>> {
+    t.and_then(|t| ChronoDateTime::from_timestamp(t.secs(), t.subsec_nanos()))
 }
 
 impl ResultStore {
@@ -150,8 +166,17 @@ impl ResultStore {
             .map(|head| head.content_type().unwrap_or_default().to_string()))
     }
 
-    /// The keys under `prefix` (all pages), e.g. every object of a job.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ResultStoreError> {
+    /// The size and age of the object under `key`, or `None` when there is none.
+    pub async fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, ResultStoreError> {
+        Ok(self.head_object(key).await?.map(|head| ObjectInfo {
+            key: key.to_string(),
+            size: head.content_length().and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+            last_modified: to_chrono(head.last_modified()),
+        }))
+    }
+
+    /// Every object under `prefix` (all pages), e.g. every object of a job.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, ResultStoreError> {
         let mut pages = self
             .s3
             .list_objects_v2()
@@ -162,9 +187,69 @@ impl ResultStore {
         let mut objects = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| ResultStoreError::from_sdk("ListObjectsV2", prefix, e))?;
-            objects.extend(page.contents().iter().filter_map(|o| o.key()).map(str::to_string));
+            objects.extend(page.contents().iter().filter_map(|object| {
+                Some(ObjectInfo {
+                    key: object.key()?.to_string(),
+                    size: object.size().and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+                    last_modified: to_chrono(object.last_modified()),
+                })
+            }));
         }
         Ok(objects)
+    }
+
+    /// Deletes the object under `key`; a missing one is no error.
+    pub async fn delete(&self, key: &str) -> Result<(), ResultStoreError> {
+        self.s3
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| ResultStoreError::from_sdk("DeleteObject", key, e))?;
+        Ok(())
+    }
+
+    /// Deletes every object under `prefix` (e.g. `jobs/{id}/`, a job's
+    /// objects), a thousand a request; returns how many there were. An empty
+    /// prefix, the whole bucket, is refused.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, ResultStoreError> {
+        const OP: &str = "DeleteObjects";
+        if prefix.is_empty() {
+            return Err(ResultStoreError::Refused {
+                op: OP,
+                key: String::new(),
+                reason: "an empty prefix would delete the whole bucket",
+            });
+        }
+        let objects = self.list(prefix).await?;
+        for batch in objects.chunks(DELETE_BATCH) {
+            let identifiers = batch
+                .iter()
+                .map(|o| ObjectIdentifier::builder().key(&o.key).build())
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|ids| Delete::builder().set_objects(Some(ids)).quiet(true).build())
+                .map_err(|e| ResultStoreError::Config(format!("{OP} of `{prefix}`: {e}")))?;
+            let deleted = self
+                .s3
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(identifiers)
+                .send()
+                .await
+                .map_err(|e| ResultStoreError::from_sdk(OP, prefix, e))?;
+            // Quiet mode: only the keys that could not be deleted come back.
+            if let Some(first) = deleted.errors().first() {
+                return Err(ResultStoreError::NotDeleted {
+                    op: OP,
+                    key: prefix.to_string(),
+                    count: deleted.errors().len(),
+                    first: first.key().unwrap_or_default().to_string(),
+                    code: first.code().unwrap_or("unknown").to_string(),
+                });
+            }
+        }
+        Ok(objects.len())
     }
 
     /// A presigned GET URL of `key` on the public endpoint, valid for the
