@@ -113,7 +113,7 @@ impl ServiceArgs {
 /// Where results are stored.
 #[derive(Debug, Clone, Args)]
 pub struct S3Args {
-    /// S3 endpoint (AWS, MinIO, s3s-fs...).
+    /// S3 endpoint (AWS, MinIO, s3s-fs...); empty: AWS's own endpoint for the region.
     #[arg(long, env = "S3_ENDPOINT", default_value = "http://127.0.0.1:8014")]
     pub s3_endpoint: String,
     /// The endpoint clients reach S3 at, when it differs from `S3_ENDPOINT`
@@ -126,12 +126,17 @@ pub struct S3Args {
     /// Region used to sign requests.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub aws_region: String,
-    /// Access key id (required by whatever touches S3).
+    /// Access key id. With the secret key, it takes precedence; without
+    /// either, credentials come from the AWS default chain (profile, web
+    /// identity / IRSA, container or instance metadata).
     #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
     pub aws_access_key_id: Option<Secret>,
-    /// Secret access key (required by whatever touches S3).
+    /// Secret access key (goes with the access key id).
     #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
     pub aws_secret_access_key: Option<Secret>,
+    /// Session token of temporary keys (goes with the access key id).
+    #[arg(long, env = "AWS_SESSION_TOKEN", hide_env_values = true)]
+    pub aws_session_token: Option<Secret>,
     /// Virtual-host-style addressing (`bucket.host`) instead of path style
     /// (`host/bucket`, what MinIO and s3s-fs expect).
     #[arg(long, env = "S3_VIRTUAL_HOST_STYLE")]

@@ -312,6 +312,7 @@ impl Stack {
             aws_region: get("AWS_REGION")?,
             aws_access_key_id: Some(Secret(get("AWS_ACCESS_KEY_ID")?)),
             aws_secret_access_key: Some(Secret(get("AWS_SECRET_ACCESS_KEY")?)),
+            aws_session_token: None,
             s3_virtual_host_style: false,
             s3_multipart_threshold: 8 * 1024 * 1024,
             s3_presign_ttl: Duration::from_secs(3600),
@@ -321,7 +322,8 @@ impl Stack {
 
     /// Every object stored for job `id`.
     pub async fn objects_of(&self, id: Uuid) -> anyhow::Result<Vec<String>> {
-        let mut keys = self.result_store()?.list(&format!("jobs/{id}/")).await?;
+        let objects = self.result_store()?.list(&format!("jobs/{id}/")).await?;
+        let mut keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
         keys.sort();
         Ok(keys)
     }

@@ -7,6 +7,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use common::result_store::ResultStoreError;
 use common::status::JobStatus;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -15,7 +16,7 @@ use uuid::Uuid;
 use crate::jobs::JobsError;
 
 /// How long a client should wait before retrying when a service behind the
-/// API (Redis, RabbitMQ) is unreachable or the queue is full.
+/// API (Redis, RabbitMQ, S3) is unreachable or the queue is full.
 pub const RETRY_UNAVAILABLE_SECS: u64 = 5;
 
 /// Every refusal of the API.
@@ -37,6 +38,9 @@ pub enum ApiError {
     QueueFull { depth: u64, cap: u64 },
     #[error("no route {0}")]
     NoRoute(String),
+    /// Presigning a result's URL failed (S3's credentials could not be had).
+    #[error("the result's URL could not be signed: {0}")]
+    Results(#[from] ResultStoreError),
 }
 
 /// The body of every refusal: `error` always, the rest where it applies.
@@ -83,6 +87,7 @@ impl ApiError {
             ApiError::RateLimited { .. } | ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::Results(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -103,6 +108,7 @@ impl ApiError {
             ApiError::Busy => "busy",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::NoRoute(_) => "no_route",
+            ApiError::Results(_) => "storage_unavailable",
         }
     }
 

@@ -228,7 +228,7 @@ pub async fn events(State(state): State<AppState>, caller: Caller, JobId(id): Jo
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such job (or another key's)", body = ErrorBody),
         (status = 409, description = "The job has not succeeded (its record is in `status`)", body = ErrorBody),
-        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+        (status = 503, description = "Redis is unreachable, or S3 credentials could not be had to sign the URL", body = ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
     security(("bearer" = []))
@@ -237,7 +237,8 @@ pub async fn result(State(state): State<AppState>, caller: Caller, JobId(id): Jo
     let status = state.jobs.visible_status(id, &caller).await?;
     match (&status.state, &status.result) {
         (JobState::Succeeded, Some(result)) => {
-            Ok(Redirect::temporary(&state.results.presign_get(&result.grid.key)).into_response())
+            let url = state.results.presign_get(&result.grid.key).await?;
+            Ok(Redirect::temporary(&url).into_response())
         }
         _ => Err(JobsError::NoResult(Box::new(status)).into()),
     }
@@ -256,7 +257,7 @@ pub async fn result(State(state): State<AppState>, caller: Caller, JobId(id): Jo
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such job (or another key's)", body = ErrorBody),
         (status = 409, description = "The job has not succeeded (its record is in `status`)", body = ErrorBody),
-        (status = 503, description = "Redis is unreachable", body = ErrorBody,
+        (status = 503, description = "Redis is unreachable, or S3 credentials could not be had to sign the URL", body = ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
     security(("bearer" = []))
@@ -271,12 +272,10 @@ pub async fn images(
         (JobState::Succeeded, Some(result)) => result.clone(),
         _ => return Err(JobsError::NoResult(Box::new(status)).into()),
     };
-    let presigned = |mut image: ImageRef| {
-        image.url = state.results.presign_get(&image.key);
-        image
-    };
-    Ok(Json(ResultImages {
-        grid: presigned(result.grid),
-        images: result.images.into_iter().map(presigned).collect(),
-    }))
+    let mut grid = result.grid;
+    let mut images = result.images;
+    for image in std::iter::once(&mut grid).chain(images.iter_mut()) {
+        image.url = state.results.presign_get(&image.key).await?;
+    }
+    Ok(Json(ResultImages { grid, images }))
 }

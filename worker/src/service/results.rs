@@ -84,15 +84,15 @@ pub fn encode(
     Ok(EncodedResult { format, grid, images })
 }
 
-fn image_ref(store: &ResultStore, e: &EncodedImage) -> ImageRef {
-    ImageRef {
+async fn image_ref(store: &ResultStore, e: &EncodedImage) -> Result<ImageRef, JobError> {
+    Ok(ImageRef {
         bucket: store.bucket_name().to_string(),
         key: e.key.clone(),
-        url: store.presign_get(&e.key),
+        url: store.presign_get(&e.key).await?,
         width: e.width,
         height: e.height,
         seed: e.seed,
-    }
+    })
 }
 
 /// Uploads the images, then the grid (each retried while S3 is unreachable).
@@ -109,7 +109,7 @@ pub async fn upload(
             store.put(&image.key, image.bytes.clone(), content_type)
         })
         .await?;
-        images.push(image_ref(store, image));
+        images.push(image_ref(store, image).await?);
     }
     let grid = images.pop().ok_or_else(|| JobError::Poison("no grid".into()))?;
     Ok((images, grid))
@@ -145,7 +145,7 @@ pub async fn load_manifest(store: &ResultStore, id: Uuid, backoff: Backoff) -> R
         }
     };
     for image in std::iter::once(&mut result.grid).chain(result.images.iter_mut()) {
-        image.url = store.presign_get(&image.key);
+        image.url = store.presign_get(&image.key).await?;
     }
     Ok(Some(result))
 }
