@@ -79,6 +79,30 @@ impl Names {
         format!("jobs/{id}/{index}.{}", format.extension())
     }
 
+    /// A job's input image, stored by the dispatcher: `jobs/{id}/input.png`.
+    pub fn input_object(id: Uuid) -> String {
+        format!("jobs/{id}/input.png")
+    }
+
+    /// A job's inpainting mask: `jobs/{id}/mask.png`.
+    pub fn mask_object(id: Uuid) -> String {
+        format!("jobs/{id}/mask.png")
+    }
+
+    /// Where the LoRA registry keeps its files and their records.
+    pub const LORA_PREFIX: &'static str = "loras/";
+
+    /// A registered LoRA's file: `loras/{name}.safetensors`.
+    pub fn lora_object(name: &str) -> String {
+        format!("{}{name}.safetensors", Self::LORA_PREFIX)
+    }
+
+    /// Its record (size, sha256, format, …): `loras/{name}.json`, written
+    /// after the file, so that a LoRA is listed only once it is whole.
+    pub fn lora_record_object(name: &str) -> String {
+        format!("{}{name}.json", Self::LORA_PREFIX)
+    }
+
     /// The result manifest, written after the images: `jobs/{id}/result.json`.
     /// A redelivered job whose manifest exists is not generated or stored again.
     pub fn manifest_object(id: Uuid) -> String {

@@ -75,6 +75,22 @@ pub fn decode_message(payload: &[u8]) -> Result<JobMessage<ValidJob>, DecodeErro
     };
     let request = JobRequest::from_value(message.request).map_err(invalid)?;
     let job = validate(&request, random_seed).map_err(invalid)?;
+    // A job reads its inputs from its own prefix only: a message pointing at
+    // another job's objects (or anywhere else in the bucket) is refused.
+    let own = [
+        ("image", job.image.as_ref(), Names::input_object(message.id)),
+        ("mask", job.mask.as_ref(), Names::mask_object(message.id)),
+    ];
+    for (field, stored, expected) in own {
+        if let Some(stored) = stored {
+            if stored.key != expected {
+                return Err(DecodeError {
+                    id: Some(message.id),
+                    reason: format!("`{field}` must be the job's own `{expected}`, got `{}`", stored.key),
+                });
+            }
+        }
+    }
     Ok(JobMessage {
         id: message.id,
         created_at: message.created_at,
@@ -248,6 +264,31 @@ mod tests {
         assert_eq!(decoded.id, message.id);
         assert_eq!(decoded.created_at, message.created_at);
         assert_eq!(decoded.request, message.request);
+    }
+
+    #[test]
+    fn inputs_travel_as_keys_of_the_job_own_prefix() {
+        let mut message = valid_message();
+        let stored = |key: String| crate::rules::StoredImage {
+            key,
+            width: 512,
+            height: 512,
+        };
+        message.request.image = Some(stored(Names::input_object(message.id)));
+        message.request.mask = Some(stored(Names::mask_object(message.id)));
+        message.request.strength = Some(0.5);
+        let decoded = decode_message(&serde_json::to_vec(&message).unwrap()).unwrap();
+        assert_eq!(decoded.request, message.request);
+        // Another job's input is refused.
+        message.request.image = Some(stored(Names::input_object(Uuid::new_v4())));
+        let e = decode_message(&serde_json::to_vec(&message).unwrap()).unwrap_err();
+        assert_eq!(e.id, Some(message.id));
+        assert!(e.reason.contains("`image` must be the job's own"), "{e}");
+        // Image data on the queue is refused.
+        let mut value = serde_json::to_value(&message).unwrap();
+        value["request"]["image"] = serde_json::json!("iVBORw0KGgo=");
+        let e = decode_message(&serde_json::to_vec(&value).unwrap()).unwrap_err();
+        assert!(e.reason.contains("inline data"), "{e}");
     }
 
     #[test]

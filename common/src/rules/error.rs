@@ -3,8 +3,8 @@
 //! [`ValidationError::field`] gives the field alone for API clients.
 
 use super::{
-    Scheduler, GUIDANCE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE,
-    SIZE_RANGE, STEPS_RANGE,
+    Scheduler, GUIDANCE_RANGE, LORA_NAME_MAX_CHARS, LORA_SCALE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE,
+    PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
 };
 
 /// One variant per rule; the message names the field, the value and the bound.
@@ -50,6 +50,50 @@ pub enum ValidationError {
     PixelsOverCap { width: u64, height: u64, cap: u64 },
     #[error("`num_images` must be at most {cap} on this server, got {value}")]
     NumImagesOverCap { value: i64, cap: u32 },
+    #[error("`{field}` must be a PNG, JPEG or WebP image, base64 or a `data:` URL: {reason}")]
+    ImageUndecodable { field: &'static str, reason: String },
+    #[error("`{field}` must be at most {cap} bytes once decoded from base64, got {bytes}")]
+    ImageTooLarge {
+        field: &'static str,
+        bytes: usize,
+        cap: usize,
+    },
+    #[error("`{field}` must be sent as image data (base64 or a `data:` URL), not as a stored object")]
+    ImageStoredByClient { field: &'static str },
+    #[error("`{field}` reached validation as inline data: inputs are stored under the job's prefix first, and a queue message carries only their keys")]
+    ImageNotStored { field: &'static str },
+    #[error("`{field}` is the image's {value} pixels (its size rounded down to a multiple of {SIZE_MULTIPLE}), outside {lo}–{hi}: give `width` and `height` to resize it", lo = SIZE_RANGE.0, hi = SIZE_RANGE.1)]
+    ImageSize { field: &'static str, value: i64 },
+    #[error("`mask` needs an `image` to repaint")]
+    MaskWithoutImage,
+    #[error("`mask` must be the image's size, {}×{}, got {}×{}", image.0, image.1, mask.0, mask.1)]
+    MaskSize { mask: (u32, u32), image: (u32, u32) },
+    #[error("`strength` applies to img2img and inpainting only: give an `image`, or leave `strength` out (got {0})")]
+    StrengthWithoutImage(f64),
+    #[error("`strength` must be above 0 and at most 1, got {0}")]
+    Strength(f64),
+    #[error("`strength` {strength} of {steps} steps runs int({steps} × {strength}) = 0 steps: raise `strength` to at least 1/{steps} or raise `num_inference_steps`")]
+    StrengthNoSteps { strength: f64, steps: i64 },
+    #[error("`loras` may name at most {cap} LoRAs on this server, got {count}")]
+    TooManyLoras { count: usize, cap: u32 },
+    #[error("`loras[{index}]` {reason}")]
+    LoraEntry { index: usize, reason: String },
+    #[error("`loras[{index}].name` must be 1 to {LORA_NAME_MAX_CHARS} of A-Z a-z 0-9 . _ - (not starting with `.`), got `{name}`")]
+    LoraName { index: usize, name: String },
+    #[error("`loras[{index}].name` `{name}` is named twice: give it once, with one scale")]
+    LoraTwice { index: usize, name: String },
+    #[error("`loras[{index}].scale` must be between {lo} and {hi}, got {value}", lo = LORA_SCALE_RANGE.0, hi = LORA_SCALE_RANGE.1)]
+    LoraScale { index: usize, value: f64 },
+    #[error("`loras[{index}].sha256` must be 64 hexadecimal digits, got `{value}`")]
+    LoraDigest { index: usize, value: String },
+    #[error("`loras[{index}].name` `{name}` is not in the LoRA registry; it has: {known}")]
+    UnknownLora { index: usize, name: String, known: String },
+    #[error("`loras[{index}].sha256` does not match `{name}` in the registry (its sha256 is {current})")]
+    LoraChanged {
+        index: usize,
+        name: String,
+        current: String,
+    },
 }
 
 impl ValidationError {
@@ -71,6 +115,23 @@ impl ValidationError {
             ValidationError::Scheduler(_) => "scheduler",
             ValidationError::OutputFormat(_) => "output_format",
             ValidationError::Priority(_) => "priority",
+            ValidationError::ImageUndecodable { field, .. }
+            | ValidationError::ImageTooLarge { field, .. }
+            | ValidationError::ImageStoredByClient { field }
+            | ValidationError::ImageNotStored { field } => field,
+            ValidationError::ImageSize { .. } => "image",
+            ValidationError::MaskWithoutImage | ValidationError::MaskSize { .. } => "mask",
+            ValidationError::StrengthWithoutImage(_)
+            | ValidationError::Strength(_)
+            | ValidationError::StrengthNoSteps { .. } => "strength",
+            ValidationError::TooManyLoras { .. }
+            | ValidationError::LoraEntry { .. }
+            | ValidationError::LoraName { .. }
+            | ValidationError::LoraTwice { .. }
+            | ValidationError::LoraScale { .. }
+            | ValidationError::LoraDigest { .. }
+            | ValidationError::UnknownLora { .. }
+            | ValidationError::LoraChanged { .. } => "loras",
         }
     }
 }

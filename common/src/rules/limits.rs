@@ -11,6 +11,10 @@ use super::{
     DEFAULT_PRIORITY, DEFAULT_SCHEDULER, DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
     PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
 };
+use super::{
+    DEFAULT_INPAINT_STRENGTH, DEFAULT_LORA_SCALE, DEFAULT_STRENGTH, LORA_NAME_MAX_CHARS, LORA_SCALE_RANGE,
+    STRENGTH_RANGE,
+};
 
 /// A text field: its length in characters (not bytes).
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
@@ -65,6 +69,31 @@ pub struct RequestLimits {
     pub seed: IntegerLimit,
     /// Width × height of one image may not exceed this (the deployment's cap).
     pub max_pixels: u64,
+    /// img2img and inpainting.
+    pub strength: StrengthLimit,
+    pub loras: LorasLimit,
+    /// An input image's encoded size (after base64 decoding).
+    pub max_image_bytes: usize,
+}
+
+/// `strength`: above `min` (exclusive), at most `max`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct StrengthLimit {
+    /// Exclusive: at least one step must run (`int(steps × strength)` ≥ 1).
+    pub min_exclusive: f64,
+    pub max: f64,
+    /// With an image and no mask.
+    pub default_img2img: f64,
+    /// With a mask.
+    pub default_inpainting: f64,
+}
+
+/// `loras`: how many, and each one's scale.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct LorasLimit {
+    pub max_count: u32,
+    pub scale: NumberLimit,
+    pub name_max_chars: usize,
 }
 
 fn integer((lo, hi): (i64, i64), default: Option<i64>) -> IntegerLimit {
@@ -134,6 +163,22 @@ impl RequestLimits {
                 default: None,
             },
             max_pixels: caps.max_pixels,
+            strength: StrengthLimit {
+                min_exclusive: STRENGTH_RANGE.0,
+                max: STRENGTH_RANGE.1,
+                default_img2img: DEFAULT_STRENGTH,
+                default_inpainting: DEFAULT_INPAINT_STRENGTH,
+            },
+            loras: LorasLimit {
+                max_count: caps.max_loras,
+                scale: NumberLimit {
+                    min: LORA_SCALE_RANGE.0,
+                    max: LORA_SCALE_RANGE.1,
+                    default: DEFAULT_LORA_SCALE,
+                },
+                name_max_chars: LORA_NAME_MAX_CHARS,
+            },
+            max_image_bytes: caps.max_image_bytes,
         }
     }
 }
@@ -246,6 +291,8 @@ mod tests {
             max_steps: 25,
             max_pixels: 768 * 768,
             max_images: 3,
+            max_loras: 2,
+            max_image_bytes: 1 << 20,
         };
         let limits = RequestLimits::within(&caps);
         let with = |req: JobRequest| crate::rules::validate_within(&req, &caps, || 1).is_ok();

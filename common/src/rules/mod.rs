@@ -22,10 +22,10 @@ mod scheduler;
 mod valid;
 
 pub use error::ValidationError;
-pub use limits::{ChoiceLimit, IntegerLimit, NumberLimit, RequestLimits, TextLimit};
-pub use request::{JobRequest, OutputFormat};
+pub use limits::{ChoiceLimit, IntegerLimit, LorasLimit, NumberLimit, RequestLimits, StrengthLimit, TextLimit};
+pub use request::{ImageInput, JobRequest, LoraRequest, OutputFormat, StoredImage};
 pub use scheduler::Scheduler;
-pub use valid::{random_seed, validate, validate_within, ValidJob};
+pub use valid::{random_seed, valid_lora_name, validate, validate_within, JobLora, ValidJob};
 
 /// Default negative prompt; an empty string means none.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "blurry, low quality";
@@ -60,6 +60,13 @@ pub const LORA_SCALE_RANGE: (f64, f64) = (-4.0, 4.0);
 pub const DEFAULT_LORA_SCALE: f64 = 1.0;
 /// LoRAs per job unless the operator says otherwise (`SDXL_MAX_LORAS`).
 pub const DEFAULT_MAX_LORAS: u32 = 4;
+/// The most LoRAs `SDXL_MAX_LORAS` may allow.
+pub const MAX_LORAS_LIMIT: u32 = 16;
+/// A LoRA's registry name: 1 to this many of `A-Z a-z 0-9 . _ -`.
+pub const LORA_NAME_MAX_CHARS: usize = 64;
+/// An input image's encoded size unless the operator says otherwise
+/// (`SDXL_MAX_IMAGE_BYTES`), decoded from base64.
+pub const DEFAULT_MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 
 /// What one job may ask of the GPUs on this deployment: the operator's caps
 /// (`SDXL_MAX_STEPS`, `SDXL_MAX_PIXELS`, `SDXL_MAX_IMAGES`), at most the
@@ -70,6 +77,10 @@ pub struct Caps {
     /// Width × height of one image.
     pub max_pixels: u64,
     pub max_images: u32,
+    /// LoRAs per job (`SDXL_MAX_LORAS`).
+    pub max_loras: u32,
+    /// An input image's encoded bytes (`SDXL_MAX_IMAGE_BYTES`).
+    pub max_image_bytes: usize,
 }
 
 impl Default for Caps {
@@ -79,6 +90,8 @@ impl Default for Caps {
             max_steps: STEPS_RANGE.1 as u32,
             max_pixels: (SIZE_RANGE.1 * SIZE_RANGE.1) as u64,
             max_images: NUM_IMAGES_RANGE.1 as u32,
+            max_loras: MAX_LORAS_LIMIT,
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
         }
     }
 }
@@ -105,6 +118,15 @@ impl Caps {
             return Err(format!(
                 "max images must be between {} and {}, got {}",
                 NUM_IMAGES_RANGE.0, hard.max_images, self.max_images
+            ));
+        }
+        if self.max_image_bytes == 0 {
+            return Err("max image bytes must be above 0".into());
+        }
+        if self.max_loras > MAX_LORAS_LIMIT {
+            return Err(format!(
+                "max LoRAs must be at most {MAX_LORAS_LIMIT}, got {}",
+                self.max_loras
             ));
         }
         Ok(self)

@@ -70,6 +70,99 @@ pub struct JobRequest {
     #[serde(default)]
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i64>,
+    /// img2img: the image to start from, base64 or a `data:` URL (PNG, JPEG
+    /// or WebP, at most 10 MiB unless the server says otherwise; an alpha
+    /// channel is dropped). `width` and `height` default to its size rounded
+    /// down to a multiple of 8; given, the image is resized to them. CLI: a file.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    #[arg(long, value_name = "FILE", value_parser = inline_image_file)]
+    pub image: Option<ImageInput>,
+    /// Inpainting: white where the image is repainted, black where it is
+    /// kept (grey levels in between are thresholded at half), the image's
+    /// size; needs `image`. Base64 or a `data:` URL; CLI: a file.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    #[arg(long, value_name = "FILE", value_parser = inline_image_file)]
+    pub mask: Option<ImageInput>,
+    /// How much of the image is repainted, above 0 up to 1: the last
+    /// `int(num_inference_steps × strength)` steps run (default 0.3 for
+    /// img2img, 0.9999 for inpainting); needs `image`.
+    #[serde(default)]
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// LoRAs from the server's registry (`GET /v1/loras`), each with its
+    /// scale (-4 to 4, default 1), at most 4 unless the server says
+    /// otherwise. CLI: `--lora NAME[:SCALE]`, repeatable.
+    #[serde(default)]
+    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = lora_arg)]
+    pub loras: Option<Vec<LoraRequest>>,
+}
+
+/// An input image (`image`, `mask`) as a request carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ImageInput {
+    /// The encoded file, base64 or a `data:` URL: what clients send. The
+    /// dispatcher decodes it, stores it under the job's prefix and replaces
+    /// it with [`ImageInput::Stored`] before validation.
+    Inline(String),
+    /// An object the dispatcher stored: what the queue carries (images never
+    /// ride on it). Refused from clients.
+    Stored(StoredImage),
+}
+
+/// An input image in the object store, under its job's prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoredImage {
+    /// `jobs/{id}/input.png` or `jobs/{id}/mask.png`.
+    pub key: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A LoRA a job asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    /// Its name in the registry.
+    pub name: String,
+    /// -4 to 4 (default 1); negative scales push away from the LoRA's style.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// Pins the file: the job is refused if the registry holds another
+    /// (filled in by the dispatcher when absent, so that a worker runs the
+    /// file the job was accepted with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `--image FILE`: the file's bytes, base64-encoded as the HTTP API takes them.
+fn inline_image_file(path: &str) -> Result<ImageInput, String> {
+    use base64::Engine as _;
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    Ok(ImageInput::Inline(
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    ))
+}
+
+/// `--lora NAME[:SCALE]`.
+fn lora_arg(arg: &str) -> Result<LoraRequest, String> {
+    let (name, scale) = match arg.rsplit_once(':') {
+        Some((name, scale)) => {
+            let scale = scale
+                .parse::<f64>()
+                .map_err(|_| format!("`{arg}`: the scale after `:` must be a number, got `{scale}`"))?;
+            (name, Some(scale))
+        }
+        None => (arg, None),
+    };
+    Ok(LoraRequest {
+        name: name.to_string(),
+        scale,
+        sha256: None,
+    })
 }
 
 /// The encodings a result can be stored in.
@@ -201,11 +294,91 @@ impl JobRequest {
                 "preview_every" => req.preview_every = integer("preview_every", INT, value)?,
                 "output_format" => req.output_format = typed("output_format", "a string", value)?,
                 "priority" => req.priority = integer("priority", INT, value)?,
+                "image" => req.image = image_input("image", value)?,
+                "mask" => req.mask = image_input("mask", value)?,
+                "strength" => req.strength = typed("strength", "a number", value)?,
+                "loras" => req.loras = loras(value)?,
                 _ => return Err(ValidationError::UnknownField(key)),
             }
         }
         Ok(req)
     }
+}
+
+/// `image` / `mask`: a string (inline data) or a stored object's reference.
+fn image_input(field: &'static str, value: Value) -> Result<Option<ImageInput>, ValidationError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(ImageInput::Inline(s))),
+        Value::Object(_) => typed(field, "a base64 string or a `data:` URL", value).map(|s| s.map(ImageInput::Stored)),
+        other => Err(ValidationError::WrongType {
+            field,
+            expected: "a base64 string or a `data:` URL",
+            got: kind(&other).to_string(),
+        }),
+    }
+}
+
+/// `loras`: an array of `{"name": …, "scale": …}`, each member checked by
+/// name so that an error says which entry and which key.
+fn loras(value: Value) -> Result<Option<Vec<LoraRequest>>, ValidationError> {
+    const EXPECTED: &str = "an array of {\"name\": string, \"scale\": number}";
+    let items = match value {
+        Value::Null => return Ok(None),
+        Value::Array(items) => items,
+        other => {
+            return Err(ValidationError::WrongType {
+                field: "loras",
+                expected: EXPECTED,
+                got: kind(&other).to_string(),
+            })
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let Value::Object(map) = item else {
+            return Err(ValidationError::LoraEntry {
+                index,
+                reason: format!("must be an object, got {}", kind(&item)),
+            });
+        };
+        let mut lora = LoraRequest {
+            name: String::new(),
+            scale: None,
+            sha256: None,
+        };
+        let mut named = false;
+        for (key, value) in map {
+            let wrong = |expected: &str| ValidationError::LoraEntry {
+                index,
+                reason: format!("`{key}` must be {expected}, got {}", kind(&value)),
+            };
+            match key.as_str() {
+                "name" => {
+                    lora.name = value.as_str().ok_or_else(|| wrong("a string"))?.to_string();
+                    named = true;
+                }
+                "scale" if value.is_null() => {}
+                "scale" => lora.scale = Some(value.as_f64().ok_or_else(|| wrong("a number"))?),
+                "sha256" if value.is_null() => {}
+                "sha256" => lora.sha256 = Some(value.as_str().ok_or_else(|| wrong("a string"))?.to_string()),
+                _ => {
+                    return Err(ValidationError::LoraEntry {
+                        index,
+                        reason: format!("unknown key `{key}` (name, scale and sha256 are)"),
+                    })
+                }
+            }
+        }
+        if !named {
+            return Err(ValidationError::LoraEntry {
+                index,
+                reason: "`name` is required".into(),
+            });
+        }
+        out.push(lora);
+    }
+    Ok(Some(out))
 }
 
 fn kind(value: &Value) -> &'static str {

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    Caps, JobRequest, OutputFormat, Scheduler, ValidationError, DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY, DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
-    PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
+    Caps, ImageInput, JobRequest, LoraRequest, OutputFormat, Scheduler, StoredImage, ValidationError,
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_LORA_SCALE, DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, GUIDANCE_RANGE,
+    LORA_NAME_MAX_CHARS, LORA_SCALE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS,
+    SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, STRENGTH_RANGE,
 };
 
 /// A request that passed every rule, with every default filled in.
@@ -37,6 +39,38 @@ pub struct ValidJob {
     pub preview_every: u32,
     pub output_format: OutputFormat,
     pub priority: u8,
+    /// img2img / inpainting: the starting image, stored under the job's prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<StoredImage>,
+    /// Inpainting: the mask, of the image's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<StoredImage>,
+    /// Set exactly when `image` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<JobLora>,
+}
+
+/// A LoRA of a valid job, its scale filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobLora {
+    pub name: String,
+    pub scale: f64,
+    /// The registry file's digest (hex), once the dispatcher has looked it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl ValidJob {
+    /// What kind of job this is, for logs and the page.
+    pub fn mode(&self) -> &'static str {
+        match (&self.image, &self.mask) {
+            (None, _) => "text-to-image",
+            (Some(_), None) => "img2img",
+            (Some(_), Some(_)) => "inpainting",
+        }
+    }
 }
 
 impl ValidJob {
@@ -55,6 +89,19 @@ impl ValidJob {
             preview_every: Some(self.preview_every.into()),
             output_format: Some(self.output_format.to_string()),
             priority: Some(self.priority.into()),
+            image: self.image.clone().map(ImageInput::Stored),
+            mask: self.mask.clone().map(ImageInput::Stored),
+            strength: self.strength,
+            loras: (!self.loras.is_empty()).then(|| {
+                self.loras
+                    .iter()
+                    .map(|l| LoraRequest {
+                        name: l.name.clone(),
+                        scale: Some(l.scale),
+                        sha256: l.sha256.clone(),
+                    })
+                    .collect()
+            }),
         }
     }
 }
@@ -63,8 +110,19 @@ fn in_range(value: i64, (lo, hi): (i64, i64)) -> bool {
     (lo..=hi).contains(&value)
 }
 
-fn size(field: &'static str, value: Option<i64>) -> Result<u32, ValidationError> {
-    let value = value.unwrap_or(DEFAULT_SIZE);
+fn size(field: &'static str, value: Option<i64>, image_side: Option<u32>) -> Result<u32, ValidationError> {
+    let value = match (value, image_side) {
+        (Some(v), _) => v,
+        // diffusers' image processor: the image's size rounded down to the VAE's factor.
+        (None, Some(side)) => {
+            let side = i64::from(side) / SIZE_MULTIPLE * SIZE_MULTIPLE;
+            if !in_range(side, SIZE_RANGE) {
+                return Err(ValidationError::ImageSize { field, value: side });
+            }
+            side
+        }
+        (None, None) => DEFAULT_SIZE,
+    };
     if !in_range(value, SIZE_RANGE) {
         return Err(ValidationError::SizeRange { field, value });
     }
@@ -109,8 +167,10 @@ pub fn validate_within(
             cap: caps.max_steps,
         });
     }
-    let width = size("width", req.width)?;
-    let height = size("height", req.height)?;
+    let image = stored("image", req.image.as_ref())?;
+    let mask = stored("mask", req.mask.as_ref())?;
+    let width = size("width", req.width, image.map(|i| i.width))?;
+    let height = size("height", req.height, image.map(|i| i.height))?;
     if u64::from(width) * u64::from(height) > caps.max_pixels {
         return Err(ValidationError::PixelsOverCap {
             width: width.into(),
@@ -150,6 +210,8 @@ pub fn validate_within(
     if !in_range(priority, PRIORITY_RANGE) {
         return Err(ValidationError::Priority(priority));
     }
+    let strength = inputs(image, mask, req.strength, steps)?;
+    let loras = loras(req.loras.as_deref().unwrap_or_default(), caps)?;
     let seed = match req.seed {
         Some(seed) => seed,
         None => draw_seed(),
@@ -167,7 +229,115 @@ pub fn validate_within(
         preview_every: preview_every as u32,
         output_format,
         priority: priority as u8,
+        image: image.cloned(),
+        mask: mask.cloned(),
+        strength,
+        loras,
     })
+}
+
+/// An input image as validation sees it: stored by the dispatcher (inline
+/// data never gets this far: the dispatcher decodes and stores it first, and
+/// the queue must not carry it).
+fn stored<'a>(field: &'static str, input: Option<&'a ImageInput>) -> Result<Option<&'a StoredImage>, ValidationError> {
+    match input {
+        None => Ok(None),
+        Some(ImageInput::Stored(image)) => Ok(Some(image)),
+        Some(ImageInput::Inline(_)) => Err(ValidationError::ImageNotStored { field }),
+    }
+}
+
+/// The image, mask and strength rules; the strength a job runs with
+/// (`None`: text-to-image).
+fn inputs(
+    image: Option<&StoredImage>,
+    mask: Option<&StoredImage>,
+    strength: Option<f64>,
+    steps: i64,
+) -> Result<Option<f64>, ValidationError> {
+    let Some(image) = image else {
+        if mask.is_some() {
+            return Err(ValidationError::MaskWithoutImage);
+        }
+        if let Some(value) = strength {
+            return Err(ValidationError::StrengthWithoutImage(value));
+        }
+        return Ok(None);
+    };
+    if let Some(mask) = mask {
+        if (mask.width, mask.height) != (image.width, image.height) {
+            return Err(ValidationError::MaskSize {
+                mask: (mask.width, mask.height),
+                image: (image.width, image.height),
+            });
+        }
+    }
+    let default = if mask.is_some() {
+        DEFAULT_INPAINT_STRENGTH
+    } else {
+        DEFAULT_STRENGTH
+    };
+    let strength = strength.unwrap_or(default);
+    // `contains` is false for NaN; 0 itself is refused (no step would run).
+    if !(strength > STRENGTH_RANGE.0 && strength <= STRENGTH_RANGE.1) {
+        return Err(ValidationError::Strength(strength));
+    }
+    // diffusers: `int(num_inference_steps * strength)` steps run.
+    if (steps as f64 * strength) as i64 == 0 {
+        return Err(ValidationError::StrengthNoSteps { strength, steps });
+    }
+    Ok(Some(strength))
+}
+
+/// A registry name: 1–64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn valid_lora_name(name: &str) -> bool {
+    (1..=LORA_NAME_MAX_CHARS).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn loras(requested: &[LoraRequest], caps: &Caps) -> Result<Vec<JobLora>, ValidationError> {
+    if requested.len() > caps.max_loras as usize {
+        return Err(ValidationError::TooManyLoras {
+            count: requested.len(),
+            cap: caps.max_loras,
+        });
+    }
+    let mut out: Vec<JobLora> = Vec::with_capacity(requested.len());
+    for (index, lora) in requested.iter().enumerate() {
+        if !valid_lora_name(&lora.name) {
+            return Err(ValidationError::LoraName {
+                index,
+                name: lora.name.chars().take(80).collect(),
+            });
+        }
+        if out.iter().any(|l| l.name == lora.name) {
+            return Err(ValidationError::LoraTwice {
+                index,
+                name: lora.name.clone(),
+            });
+        }
+        let scale = lora.scale.unwrap_or(DEFAULT_LORA_SCALE);
+        if !(LORA_SCALE_RANGE.0..=LORA_SCALE_RANGE.1).contains(&scale) {
+            return Err(ValidationError::LoraScale { index, value: scale });
+        }
+        if let Some(sha) = &lora.sha256 {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ValidationError::LoraDigest {
+                    index,
+                    value: sha.chars().take(80).collect(),
+                });
+            }
+        }
+        out.push(JobLora {
+            name: lora.name.clone(),
+            scale,
+            sha256: lora.sha256.as_ref().map(|s| s.to_ascii_lowercase()),
+        });
+    }
+    Ok(out)
 }
 
 /// A seed from the operating system's generator, for requests without one.
@@ -242,6 +412,8 @@ mod tests {
             max_steps: 30,
             max_pixels: 512 * 512,
             max_images: 4,
+            max_loras: 2,
+            max_image_bytes: 1 << 20,
         }
         .checked()
         .unwrap();
@@ -296,6 +468,191 @@ mod tests {
 
     fn err(req: JobRequest) -> ValidationError {
         check(req).unwrap_err()
+    }
+
+    fn stored(key: &str, width: u32, height: u32) -> Option<ImageInput> {
+        Some(ImageInput::Stored(StoredImage {
+            key: key.into(),
+            width,
+            height,
+        }))
+    }
+
+    #[test]
+    fn img2img_takes_the_image_size_and_diffusers_strengths() {
+        let job = check(JobRequest {
+            image: stored("jobs/x/input.png", 1023, 517),
+            ..ok()
+        })
+        .unwrap();
+        assert_eq!((job.width, job.height), (1016, 512), "rounded down to 8");
+        assert_eq!((job.strength, job.mode()), (Some(DEFAULT_STRENGTH), "img2img"));
+        let job = check(JobRequest {
+            image: stored("jobs/x/input.png", 600, 600),
+            mask: stored("jobs/x/mask.png", 600, 600),
+            width: Some(1024),
+            ..ok()
+        })
+        .unwrap();
+        assert_eq!((job.width, job.height), (1024, 600), "a given side resizes");
+        assert_eq!(
+            (job.strength, job.mode()),
+            (Some(DEFAULT_INPAINT_STRENGTH), "inpainting")
+        );
+        assert_eq!(validate(&job.to_request(), || unreachable!()).unwrap(), job);
+    }
+
+    #[test]
+    fn image_mask_and_strength_rules() {
+        let image = stored("jobs/x/input.png", 512, 512);
+        let e = err(JobRequest {
+            image: Some(ImageInput::Inline("aGVsbG8=".into())),
+            ..ok()
+        });
+        assert_eq!(e.field(), "image");
+        let e = err(JobRequest {
+            image: stored("k", 100, 900),
+            ..ok()
+        });
+        assert_eq!(
+            e,
+            ValidationError::ImageSize {
+                field: "width",
+                value: 96
+            }
+        );
+        assert_eq!(e.field(), "image");
+        assert!(check(JobRequest {
+            image: stored("k", 100, 900),
+            width: Some(512),
+            ..ok()
+        })
+        .is_ok());
+        let e = err(JobRequest {
+            mask: stored("m", 512, 512),
+            ..ok()
+        });
+        assert_eq!(e, ValidationError::MaskWithoutImage);
+        let e = err(JobRequest {
+            image: image.clone(),
+            mask: stored("m", 512, 504),
+            ..ok()
+        });
+        assert_eq!(e.field(), "mask");
+        assert!(e.to_string().contains("512×512, got 512×504"), "{e}");
+        let e = err(JobRequest {
+            strength: Some(0.5),
+            ..ok()
+        });
+        assert_eq!(e.field(), "strength");
+        for bad in [0.0, -0.1, 1.01, f64::NAN] {
+            let e = err(JobRequest {
+                image: image.clone(),
+                strength: Some(bad),
+                ..ok()
+            });
+            assert_eq!(e.field(), "strength", "{bad}");
+        }
+        // 20 steps × 0.04 = 0.8: no step would run.
+        let e = err(JobRequest {
+            image: image.clone(),
+            strength: Some(0.04),
+            ..ok()
+        });
+        assert_eq!(
+            e,
+            ValidationError::StrengthNoSteps {
+                strength: 0.04,
+                steps: 20
+            }
+        );
+        assert!(check(JobRequest {
+            image,
+            strength: Some(0.05),
+            ..ok()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn lora_rules() {
+        let lora = |name: &str, scale: Option<f64>| LoraRequest {
+            name: name.into(),
+            scale,
+            sha256: None,
+        };
+        let job = check(JobRequest {
+            loras: Some(vec![lora("pixel-art_v2.1", None), lora("b", Some(-0.5))]),
+            ..ok()
+        })
+        .unwrap();
+        assert_eq!(job.loras[0].scale, DEFAULT_LORA_SCALE);
+        assert_eq!(job.loras[1].scale, -0.5);
+        assert_eq!(validate(&job.to_request(), || unreachable!()).unwrap(), job);
+        let cases = [
+            (vec![lora("a", Some(4.5))], "loras[0].scale"),
+            (vec![lora("a", Some(f64::NAN))], "loras[0].scale"),
+            (vec![lora("a", None), lora("../x", None)], "loras[1].name"),
+            (vec![lora(".hidden", None)], "loras[0].name"),
+            (vec![lora("", None)], "loras[0].name"),
+            (vec![lora("a", None), lora("a", Some(0.5))], "named twice"),
+        ];
+        for (loras, says) in cases {
+            let e = err(JobRequest {
+                loras: Some(loras),
+                ..ok()
+            });
+            assert_eq!(e.field(), "loras");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        let caps = Caps {
+            max_loras: 1,
+            ..Caps::default()
+        };
+        let e = validate_within(
+            &JobRequest {
+                loras: Some(vec![lora("a", None), lora("b", None)]),
+                ..ok()
+            },
+            &caps,
+            || 1,
+        )
+        .unwrap_err();
+        assert_eq!(e, ValidationError::TooManyLoras { count: 2, cap: 1 });
+        let e = err(JobRequest {
+            loras: Some(vec![LoraRequest {
+                sha256: Some("abc".into()),
+                ..lora("a", None)
+            }]),
+            ..ok()
+        });
+        assert!(e.to_string().contains("64 hexadecimal"), "{e}");
+    }
+
+    #[test]
+    fn lora_entries_are_parsed_by_name() {
+        let parse = |body: &str| JobRequest::from_json(body.as_bytes());
+        let req = parse(r#"{"prompt":"p","loras":[{"name":"a","scale":0.8},{"name":"b"}]}"#).unwrap();
+        assert_eq!(req.loras.unwrap().len(), 2);
+        for (body, says) in [
+            (r#"{"prompt":"p","loras":"a"}"#, "`loras` must be an array"),
+            (r#"{"prompt":"p","loras":[3]}"#, "`loras[0]` must be an object"),
+            (r#"{"prompt":"p","loras":[{"scale":1}]}"#, "`name` is required"),
+            (
+                r#"{"prompt":"p","loras":[{"name":"a","weight":1}]}"#,
+                "unknown key `weight`",
+            ),
+            (
+                r#"{"prompt":"p","loras":[{"name":"a","scale":"x"}]}"#,
+                "`scale` must be a number",
+            ),
+            (r#"{"prompt":"p","image":5}"#, "`image` must be a base64 string"),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert!(e.to_string().contains(says), "{body}: {e}");
+        }
+        let req = parse(r#"{"prompt":"p","image":"data:image/png;base64,AAAA"}"#).unwrap();
+        assert!(matches!(req.image, Some(ImageInput::Inline(_))));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use common::queue::{decode_message, DecodeError, JobMessage};
-use common::rules::{validate, ValidJob, ValidationError};
+use common::rules::{validate, JobLora, ValidJob, ValidationError};
 use common::rules::{IntegerLimit, RequestLimits};
 use common::rules::{JobRequest, OutputFormat, Scheduler};
 
@@ -242,11 +242,13 @@ fn any_valid_job() -> impl Strategy<Value = ValidJob> {
             0u8..=9,
             prop::sample::select(Scheduler::ALL.to_vec()),
         ),
+        prop::collection::vec(("[A-Za-z0-9_-]{1,20}", -4.0f64..=4.0), 0..=4),
     )
         .prop_map(
             |(
                 (prompt, negative_prompt, steps, w, h, guidance_scale),
                 (seed, num_images, preview_every, output_format, priority, scheduler),
+                loras,
             )| {
                 ValidJob {
                     prompt,
@@ -261,6 +263,19 @@ fn any_valid_job() -> impl Strategy<Value = ValidJob> {
                     preview_every,
                     output_format,
                     priority,
+                    image: None,
+                    mask: None,
+                    strength: None,
+                    // Numbered, so that no name comes twice.
+                    loras: loras
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (name, scale))| JobLora {
+                            name: format!("{i}{name}"),
+                            scale,
+                            sha256: None,
+                        })
+                        .collect(),
                 }
             },
         )

@@ -20,12 +20,14 @@
 //! into `up`. The update to add is [`delta`]: `scale · alpha/rank · up @ down`.
 
 mod delta;
+mod header;
 mod names;
 mod parse;
 mod summary;
 mod update;
 
 pub use self::delta::{delta, fit};
+pub use self::header::{inspect_header, LoraHeader};
 pub use self::names::{is_lora_target, KohyaTable};
 pub use self::parse::{parse_lora, parse_lora_file};
 pub use self::summary::{summarize, LoraSummary};
