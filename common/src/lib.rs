@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod event;
+pub mod lora_record;
 pub mod names;
 pub mod queue;
 pub mod result_store;

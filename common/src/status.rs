@@ -90,6 +90,9 @@ pub struct Timings {
     /// The whole model call: text encode + denoise + decode + grid.
     pub model_ms: u64,
     pub text_encode_ms: u64,
+    /// img2img and inpainting: the VAE encoding the input image.
+    #[serde(default)]
+    pub image_encode_ms: u64,
     /// The whole denoising loop, previews included.
     pub denoise_ms: u64,
     /// Of `denoise_ms`: making and handing over previews.

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use common::config::ServiceArgs;
-use common::rules::Caps;
 use common::rules::JobRequest;
+use common::rules::{Caps, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_LORAS};
 use uuid::Uuid;
+
+use crate::loras::DEFAULT_MAX_LORA_BYTES;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +35,9 @@ pub enum Command {
     Watch(WatchArgs),
     /// Cancel a queued or running job; prints the status record as JSON.
     Cancel(JobArgs),
+    /// The LoRA registry: upload, list, remove.
+    #[command(subcommand)]
+    Loras(LorasCommand),
     /// Print `sha256:<hex>` of the API key read from stdin, for an
     /// `SDXL_API_KEYS_FILE` that holds no key in clear.
     HashKey,
@@ -65,6 +70,9 @@ pub struct ServeArgs {
     /// Submits are refused (503) while this many jobs wait in the queue; 0: no cap.
     #[arg(long, env = "SDXL_MAX_QUEUE_DEPTH", default_value_t = 10_000)]
     pub max_queue_depth: u64,
+    /// Most bytes of an uploaded LoRA file.
+    #[arg(long, env = "SDXL_MAX_LORA_BYTES", default_value_t = DEFAULT_MAX_LORA_BYTES)]
+    pub max_lora_bytes: usize,
     #[command(flatten)]
     pub caps: CapsArgs,
     #[command(flatten)]
@@ -84,6 +92,12 @@ pub struct CapsArgs {
     /// Most images a job may ask for (1–16).
     #[arg(long, env = "SDXL_MAX_IMAGES", default_value_t = Caps::default().max_images)]
     pub max_images: u32,
+    /// Most LoRAs a job may name (0–16).
+    #[arg(long, env = "SDXL_MAX_LORAS", default_value_t = DEFAULT_MAX_LORAS)]
+    pub max_loras: u32,
+    /// Most bytes of one input image (`image`, `mask`), once decoded from base64.
+    #[arg(long, env = "SDXL_MAX_IMAGE_BYTES", default_value_t = DEFAULT_MAX_IMAGE_BYTES)]
+    pub max_image_bytes: usize,
 }
 
 impl CapsArgs {
@@ -92,6 +106,8 @@ impl CapsArgs {
             max_steps: self.max_steps,
             max_pixels: self.max_pixels,
             max_images: self.max_images,
+            max_loras: self.max_loras,
+            max_image_bytes: self.max_image_bytes,
         }
         .checked()
         .map_err(anyhow::Error::msg)
@@ -116,6 +132,28 @@ pub struct SubmitArgs {
     pub caps: CapsArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LorasCommand {
+    /// Check a LoRA file and register it under NAME (replacing one of that name).
+    Put {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Print every registered LoRA's record as JSON.
+    List {
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Remove a LoRA.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -20,15 +20,44 @@ use uuid::Uuid;
 
 use crate::admission::{QueueCap, RateLimit};
 use crate::auth::{ApiKeys, Caller};
-use crate::cli::{JobArgs, ServeArgs, SubmitArgs, WatchArgs};
-use crate::http::server::{self, AppState};
-use crate::jobs::{Followed, Jobs};
+use crate::cli::{JobArgs, LorasCommand, ServeArgs, SubmitArgs, WatchArgs};
+use crate::http::server::{self, AppState, BodyLimits};
+use crate::jobs::{Followed, Jobs, Storage};
+use crate::loras::{LoraRegistry, DEFAULT_MAX_LORA_BYTES};
 use crate::metrics::Metrics;
 
 async fn store(service: &ServiceArgs) -> anyhow::Result<StatusStore> {
     StatusStore::connect(&service.redis_url.0, service.names(), service.status_ttl)
         .await
         .context("connecting to Redis")
+}
+
+/// The object store for input images, and the LoRA registry on it.
+fn storage(service: &ServiceArgs) -> anyhow::Result<Storage> {
+    let results = Arc::new(ResultStore::new(&service.s3)?);
+    Ok(Storage {
+        loras: LoraRegistry::new(results.clone(), DEFAULT_MAX_LORA_BYTES),
+        results,
+    })
+}
+
+/// `loras put|list|delete`.
+pub async fn loras(command: LorasCommand) -> anyhow::Result<()> {
+    match command {
+        LorasCommand::Put { name, file, service } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let storage = storage(&service)?;
+            storage.results.ensure_bucket().await?;
+            print_json(&storage.loras.put(&name, bytes, None).await?)
+        }
+        LorasCommand::List { service } => print_json(&storage(&service)?.loras.list().await?),
+        LorasCommand::Delete { name, service } => {
+            if !storage(&service)?.loras.delete(&name).await? {
+                bail!("no LoRA `{name}` in the registry");
+            }
+            Ok(())
+        }
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -52,16 +81,21 @@ pub async fn serve(
     }
     let caps = args.caps.caps()?;
     let status = store(&args.service).await?;
-    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, caps)
-        .await
-        .context("connecting to RabbitMQ")?;
-    let queue_cap = QueueCap::new(args.max_queue_depth);
-    queue_cap.spawn_poller(args.service.amqp_url.0.clone(), args.service.names());
-    let results = ResultStore::new(&args.service.s3)?;
-    // Best effort: the worker creates the bucket too; the API only presigns.
+    let results = Arc::new(ResultStore::new(&args.service.s3)?);
+    // Best effort: the worker creates the bucket too.
     if let Err(e) = results.ensure_bucket().await {
         tracing::warn!(error = %e, "could not check the bucket");
     }
+    let storage = Storage {
+        results: results.clone(),
+        loras: LoraRegistry::new(results.clone(), args.max_lora_bytes),
+    };
+    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, caps)
+        .await
+        .context("connecting to RabbitMQ")?
+        .with_storage(storage);
+    let queue_cap = QueueCap::new(args.max_queue_depth);
+    queue_cap.spawn_poller(args.service.amqp_url.0.clone(), args.service.names());
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let rate_limit = Arc::new(RateLimit::new(args.rate_limit, args.rate_burst));
     let forget = rate_limit.clone();
@@ -73,7 +107,7 @@ pub async fn serve(
     });
     let state = AppState {
         jobs: Arc::new(jobs),
-        results: Arc::new(results),
+        results,
         metrics: Metrics::new()?,
         submit_permits: Arc::new(Semaphore::new(args.max_pending_submits.max(1))),
         stopping,
@@ -81,6 +115,7 @@ pub async fn serve(
         rate_limit,
         queue_cap,
         metrics_here: args.metrics_listen.is_none(),
+        body_limits: BodyLimits::new(caps.max_image_bytes, args.max_lora_bytes),
     };
     let listener = TcpListener::bind(args.listen)
         .await
@@ -114,7 +149,8 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<JobState>> {
     let status = store(&args.service).await?;
     let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, args.caps.caps()?)
         .await
-        .context("connecting to RabbitMQ")?;
+        .context("connecting to RabbitMQ")?
+        .with_storage(storage(&args.service)?);
     // The CLI talks to RabbitMQ and Redis with the service's own credentials:
     // an operator's tool, whose jobs belong to no API key.
     let submitted = jobs

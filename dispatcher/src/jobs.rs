@@ -3,11 +3,13 @@
 //! events. One implementation, two front ends.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use common::event::{EventKind, JobEvent};
 use common::queue::{self, JobMessage, JobPublisher, QueueError};
+use common::result_store::{ResultStore, ResultStoreError};
 use common::rules::JobRequest;
 use common::rules::{random_seed, validate_within, Caps, ValidJob, ValidationError};
 use common::status::{JobState, JobStatus};
@@ -18,6 +20,8 @@ use tokio::sync::{mpsc, Mutex};
 use uuid::Uuid;
 
 use crate::auth::Caller;
+use crate::inputs::Inputs;
+use crate::loras::{LoraRegistry, RegistryError, ResolveError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -42,6 +46,28 @@ pub enum JobsError {
     },
     #[error("this front end cannot submit (no RabbitMQ connection)")]
     NoPublisher,
+    #[error("this front end has no object store for input images and LoRAs")]
+    NoObjectStore,
+    #[error("object store: {0}")]
+    Objects(#[from] ResultStoreError),
+    #[error("LoRA registry: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+impl From<ResolveError> for JobsError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Invalid(e) => JobsError::Invalid(e),
+            ResolveError::Registry(e) => JobsError::Registry(e),
+        }
+    }
+}
+
+/// Where a submitting front end keeps input images and finds LoRAs.
+#[derive(Clone)]
+pub struct Storage {
+    pub results: Arc<ResultStore>,
+    pub loras: LoraRegistry,
 }
 
 /// A submitted job: its `queued` record, and whether an earlier submit with
@@ -71,6 +97,7 @@ pub struct Jobs {
     status: StatusStore,
     publishing: Option<Mutex<Publishing>>,
     caps: Caps,
+    storage: Option<Storage>,
 }
 
 impl Jobs {
@@ -80,6 +107,7 @@ impl Jobs {
             status,
             publishing: None,
             caps: Caps::default(),
+            storage: None,
         }
     }
 
@@ -94,7 +122,18 @@ impl Jobs {
                 publisher: Some(publisher),
             })),
             caps,
+            storage: None,
         })
+    }
+
+    /// With `storage`: jobs may carry input images and name LoRAs.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    pub fn storage(&self) -> Option<&Storage> {
+        self.storage.as_ref()
     }
 
     /// The caps requests are validated within.
@@ -128,9 +167,17 @@ impl Jobs {
         idempotency_key: Option<&str>,
         owner: Option<&str>,
     ) -> Result<Submitted, JobsError> {
-        let job = validate_within(request, &self.caps, random_seed)?;
-        let publishing = self.publishing.as_ref().ok_or(JobsError::NoPublisher)?;
         let id = Uuid::new_v4();
+        // Inputs are decoded first (a bad image is the first thing to hear
+        // about) and replaced by their keys under the job's prefix.
+        let mut request = request.clone();
+        let inputs = Inputs::take(&mut request, id, self.caps.max_image_bytes)?;
+        let mut job = validate_within(&request, &self.caps, random_seed)?;
+        if !inputs.is_empty() || !job.loras.is_empty() {
+            let storage = self.storage.as_ref().ok_or(JobsError::NoObjectStore)?;
+            storage.loras.resolve(&mut job.loras).await?;
+        }
+        let publishing = self.publishing.as_ref().ok_or(JobsError::NoPublisher)?;
         let idempotency_key = idempotency_key.map(|key| match owner {
             Some(owner) => format!("{owner}:{key}"),
             None => key.to_string(),
@@ -139,6 +186,16 @@ impl Jobs {
             if let Some(existing) = self.status.claim_idempotency_key(key, id).await? {
                 let status = self.status.get(existing).await?.ok_or(JobsError::NotFound(existing))?;
                 return Ok(Submitted { status, replayed: true });
+            }
+        }
+        // Stored before the record exists and the message is published: a
+        // worker that takes the job finds its inputs.
+        if let Some(storage) = self.storage.as_ref().filter(|_| !inputs.is_empty()) {
+            if let Err(e) = inputs.store(&storage.results).await {
+                if let Some(key) = idempotency_key.as_deref() {
+                    let _ = self.status.release_idempotency_key(key).await;
+                }
+                return Err(e.into());
             }
         }
         let mut status = JobStatus::queued(id, job.clone(), Utc::now());

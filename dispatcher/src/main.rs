@@ -8,7 +8,9 @@ mod auth;
 mod cli;
 mod commands;
 mod http;
+mod inputs;
 mod jobs;
+mod loras;
 mod metrics;
 
 use std::process::ExitCode;
@@ -64,6 +66,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => ok(commands::watch(args).await? == EventKind::Succeeded),
         Command::Cancel(args) => {
             commands::cancel(args).await?;
+            ExitCode::SUCCESS
+        }
+        Command::Loras(command) => {
+            commands::loras(command).await?;
             ExitCode::SUCCESS
         }
         Command::HashKey => {

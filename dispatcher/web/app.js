@@ -2,19 +2,23 @@
 // stream, show the final grid and images, keep this browser's recent jobs.
 // Plain JavaScript, no build step; it uses only the public API:
 //   GET  /v1/limits                the form's ranges and defaults
-//   POST /v1/jobs                  submit (errors: 422 {error, field})
+//   GET  /v1/loras                 the LoRA picker's choices
+//   POST /v1/jobs                  submit (errors: 422 {error, field}); an
+//                                  uploaded image and mask go as data: URLs
 //   GET  /v1/jobs/{id}/events      SSE: status, progress/preview, a terminal event
 //   GET  /v1/jobs/{id}             the status record (timings, error)
 //   GET  /v1/jobs/{id}/images      the grid and images with fresh presigned URLs
 //   DELETE /v1/jobs/{id}           cancel
 // The API client (fetch with the saved key, the SSE reader) is in api.js,
-// loaded before this file.
+// the image, mask and LoRA inputs in inputs.js, both loaded before this file.
 'use strict';
 
 const RECENT_STORE = 'sdxl-queue.recent-jobs';
 const RECENT_MAX = 25;
 const INTEGER_FIELDS = ['width', 'height', 'num_inference_steps', 'num_images', 'preview_every', 'priority'];
-const NUMBER_FIELDS = [...INTEGER_FIELDS, 'guidance_scale'];
+const NUMBER_FIELDS = [...INTEGER_FIELDS, 'guidance_scale', 'strength'];
+// Chosen as files: sent as data: URLs, never as the input's value.
+const FILE_FIELDS = ['image', 'mask'];
 // Fields chosen from the limits' `one_of` list.
 const CHOICE_FIELDS = ['scheduler', 'output_format'];
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
@@ -46,6 +50,10 @@ function hintFor(name, limit) {
     case 'output_format':
     case 'scheduler':
       return limit.one_of.join(', ');
+    case 'strength':
+      return `above ${limit.min_exclusive}, at most ${limit.max}; empty: ${limit.default_img2img} (img2img), ${limit.default_inpainting} (inpainting)`;
+    case 'loras':
+      return `at most ${limit.max_count}, each with a scale from ${limit.scale.min} to ${limit.scale.max}`;
     default: {
       let text = `${limit.min}–${limit.max}`;
       if (limit.multiple_of) text += `, a multiple of ${limit.multiple_of}`;
@@ -62,7 +70,7 @@ function applyLimits() {
   for (const [name, limit] of Object.entries(limits)) {
     const input = form.elements[name];
     if (!input) continue;
-    if (NUMBER_FIELDS.includes(name)) {
+    if (NUMBER_FIELDS.includes(name) && limit.min !== undefined) {
       input.min = limit.min;
       input.max = limit.max;
       input.step = limit.multiple_of ?? (INTEGER_FIELDS.includes(name) ? 1 : 'any');
@@ -71,14 +79,21 @@ function applyLimits() {
     const hint = form.querySelector(`[data-hint="${name}"]`);
     if (hint) hint.textContent = hintFor(name, limit);
   }
+  const bytes = `PNG, JPEG or WebP, at most ${(limits.max_image_bytes / 1048576).toFixed(0)} MiB`;
+  form.querySelector('[data-hint="image"]').textContent = `${bytes}; the size defaults to the image's`;
+  form.querySelector('[data-hint="mask"]').textContent = `${bytes}, the image's size; needs an image`;
+  if (limits.strength) form.elements.strength.max = limits.strength.max;
+  if (limits.loras) form.querySelector('[data-hint="loras"]').textContent = hintFor('loras', limits.loras);
 }
 
 function fillDefaults() {
   for (const [name, limit] of Object.entries(limits ?? {})) {
     const input = form.elements[name];
-    if (!input || name === 'prompt') continue;
+    if (!input || name === 'prompt' || FILE_FIELDS.includes(name)) continue;
     input.value = limit.default ?? '';
   }
+  for (const field of FILE_FIELDS) clearUpload(field);
+  $('loras').replaceChildren();
 }
 
 async function loadLimits() {
@@ -90,6 +105,7 @@ async function loadLimits() {
   }
   hideFormError();
   applyLimits();
+  loadLoras();
   if (!form.dataset.filled) {
     fillDefaults();
     form.dataset.filled = 'yes';
@@ -104,7 +120,7 @@ function requestBody() {
   let seed = null;
   for (const element of form.elements) {
     const { name } = element;
-    if (!name) continue;
+    if (!name || FILE_FIELDS.includes(name)) continue;
     const raw = element.value;
     if (name === 'prompt' || name === 'negative_prompt') {
       body[name] = raw;
@@ -119,6 +135,11 @@ function requestBody() {
       body[name] = raw;
     }
   }
+  for (const field of FILE_FIELDS) {
+    if (uploads[field]) body[field] = uploads[field].dataUrl;
+  }
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   let json = JSON.stringify(body);
   if (seed !== null) json = `${json.slice(0, -1)}${json.length > 2 ? ',' : ''}"seed":${seed}}`;
   return json;
@@ -134,7 +155,9 @@ function showFormError(error) {
   box.textContent = error.message;
   box.hidden = false;
   clearFieldErrors();
-  const input = error.field ? form.elements[error.field] : null;
+  const input = error.field
+    ? form.elements[error.field] ?? form.querySelector(`[data-field="${error.field}"]`)
+    : null;
   if (input) {
     input.setAttribute('aria-invalid', 'true');
     form.querySelector(`[data-error="${error.field}"]`).textContent = error.message;
@@ -163,11 +186,16 @@ async function submitJob(event) {
   }
 }
 
+// A job's settings back in the form (its stored image and mask are not
+// files of this browser: choose them again).
 function fillForm(request) {
   for (const [name, value] of Object.entries(request)) {
     const input = form.elements[name];
-    if (input) input.value = value ?? '';
+    if (input && !FILE_FIELDS.includes(name) && typeof value !== 'object') input.value = value ?? '';
   }
+  form.elements.strength.value = request.strength ?? '';
+  $('loras').replaceChildren();
+  for (const lora of request.loras ?? []) addLora(lora.name, lora.scale);
   form.elements.num_images.value = request.num_images ?? '';
   hideFormError();
 }
@@ -294,8 +322,11 @@ function renderStatus(job, status) {
   setState(status.state);
   $('job-prompt').textContent = status.request.prompt;
   const r = status.request;
-  $('job-settings').textContent =
-    `${r.width}×${r.height}, ${r.num_inference_steps} steps, guidance ${r.guidance_scale}, sampler ${r.scheduler ?? 'euler'}`;
+  const mode = r.mask ? 'inpainting' : r.image ? 'img2img' : 'text to image';
+  let settings = `${mode}, ${r.width}×${r.height}, ${r.num_inference_steps} steps, guidance ${r.guidance_scale}, sampler ${r.scheduler ?? 'euler'}`;
+  if (r.strength !== undefined && r.strength !== null) settings += `, strength ${r.strength}`;
+  if (r.loras?.length) settings += `, LoRAs ${r.loras.map((l) => `${l.name}:${l.scale}`).join(', ')}`;
+  $('job-settings').textContent = settings;
   setProgress(status.progress.step, status.progress.total_steps);
   $('job-actions').hidden = false;
   rememberState(status.id, status.state);
@@ -320,6 +351,7 @@ function renderTimings(status) {
     ['queue wait', t.queue_wait_ms],
     ['model (all stages)', t.model_ms],
     ['text encode', t.text_encode_ms],
+    ...(t.image_encode_ms ? [['image encode', t.image_encode_ms]] : []),
     ['denoise', t.denoise_ms],
     ['of which previews', t.preview_ms],
     ['decode', t.decode_ms],
@@ -535,6 +567,13 @@ function start() {
     hideFormError();
   });
   $('cancel').addEventListener('click', cancelShown);
+  for (const field of FILE_FIELDS) {
+    form.elements[field].addEventListener('change', () => readUpload(field));
+  }
+  for (const button of form.querySelectorAll('.clear-input')) {
+    button.addEventListener('click', () => clearUpload(button.dataset.clear));
+  }
+  $('add-lora').addEventListener('click', () => addLora(registry[0]?.name));
   $('reuse-settings').addEventListener('click', () => {
     if (shown?.status) fillForm(shown.status.request);
   });

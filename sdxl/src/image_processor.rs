@@ -108,16 +108,38 @@ pub fn mask_to_latents(mask: &Tensor, h: usize, w: usize) -> candle_core::Result
 
 /// Decodes PNG, JPEG or WebP bytes to RGB (an alpha channel is dropped).
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, image::ImageError> {
-    Ok(image::load_from_memory(bytes)?.to_rgb8())
+    Ok(rgb_of(image::load_from_memory(bytes)?))
 }
 
 /// Decodes a mask (PNG, JPEG or WebP) to grey levels as PIL's "L".
 pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, image::ImageError> {
-    let image = image::load_from_memory(bytes)?;
-    Ok(match image {
+    Ok(mask_of(image::load_from_memory(bytes)?))
+}
+
+/// Decodes PNG, JPEG or WebP bytes of untrusted origin: refused when a side
+/// is over `max_side` pixels, before the pixels are allocated (a small file
+/// can declare a huge image).
+pub fn decode_untrusted(bytes: &[u8], max_side: u32) -> Result<image::DynamicImage, image::ImageError> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    reader.limits(limits);
+    reader.decode()
+}
+
+/// An input image as the pipeline takes it: 8-bit RGB, alpha dropped.
+pub fn rgb_of(image: image::DynamicImage) -> RgbImage {
+    image.to_rgb8()
+}
+
+/// A mask as the pipeline takes it: grey levels as PIL's "L" (a grey image
+/// as it is, a colour one converted).
+pub fn mask_of(image: image::DynamicImage) -> GrayImage {
+    match image {
         image::DynamicImage::ImageLuma8(g) => g,
         other => to_grayscale(&other.to_rgb8()),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //   node web_page.mjs SCENARIO BASE_URL OUT_DIR
 //
 // SCENARIO: `submit` (a job from the form: previews, the final grid and
-// images, reuse seed, reopen from the recent jobs, cancel a running job) or
+// images, reuse seed, reopen from the recent jobs, cancel a running job),
+// `img2img` (an uploaded image, a strength and a LoRA from the picker) or
 // `bad-width`. Prints one JSON line of what the page showed on stdout; exits
 // non-zero, with the reason on stderr, when the page did not get there.
 // Screenshots go to OUT_DIR.
@@ -14,7 +15,7 @@ import { chromium } from 'playwright-core';
 
 const [scenario, base, out] = process.argv.slice(2);
 if (!scenario || !base || !out) {
-  console.error('usage: node web_page.mjs submit|bad-width BASE_URL OUT_DIR');
+  console.error('usage: node web_page.mjs submit|img2img|bad-width BASE_URL OUT_DIR');
   process.exit(2);
 }
 // The job of the `submit` scenario, chosen by the Rust test.
@@ -156,6 +157,44 @@ async function submit(page) {
   };
 }
 
+// img2img from an uploaded file, with a LoRA from the picker.
+async function img2img(page) {
+  await open(page);
+  await page.waitForFunction(() => !document.querySelector('#add-lora').disabled);
+  await page.fill('#f-prompt', PROMPT);
+  await page.setInputFiles('#f-image', process.env.WEB_IMAGE);
+  await page.waitForSelector('#image-thumb:not([hidden])');
+  const caption = (await text(page, '#image-caption')).trim();
+  await page.fill('#f-width', '256');
+  await page.fill('#f-height', '256');
+  await page.fill('#f-num_inference_steps', STEPS);
+  await page.fill('#f-preview_every', '0');
+  await page.fill('#f-strength', process.env.WEB_STRENGTH ?? '0.6');
+  await page.fill('#f-seed', SEED);
+  await page.click('#add-lora');
+  await page.selectOption('#loras .lora-name', process.env.WEB_LORA);
+  await page.fill('#loras .lora-scale', process.env.WEB_LORA_SCALE ?? '0.8');
+  await page.click('#submit');
+  await page.waitForFunction(() => document.querySelector('#job-id').textContent.trim() !== '', null, {
+    timeout: JOB_TIMEOUT,
+  });
+  await waitGridLoaded(page);
+  const id = (await text(page, '#job-id')).trim();
+  await page.locator('#grid').screenshot({ path: `${out}/grid.png` });
+  await page.screenshot({ path: `${out}/web-img2img.png`, fullPage: true });
+  return {
+    id,
+    image_caption: caption,
+    settings: (await text(page, '#job-settings')).trim(),
+    state: (await text(page, '#job-state')).trim(),
+    grid: await page.evaluate(() => ({
+      width: document.querySelector('#grid').naturalWidth,
+      height: document.querySelector('#grid').naturalHeight,
+    })),
+    lora_options: await page.evaluate(() => [...document.querySelectorAll('#loras .lora-name option')].map((o) => o.value)),
+  };
+}
+
 async function badWidth(page) {
   await open(page);
   const widthInput = await page.evaluate(() => {
@@ -178,7 +217,7 @@ async function badWidth(page) {
   };
 }
 
-const scenarios = { submit, 'bad-width': badWidth };
+const scenarios = { submit, img2img, 'bad-width': badWidth };
 if (!scenarios[scenario]) {
   console.error(`unknown scenario ${scenario}`);
   process.exit(2);

@@ -12,4 +12,4 @@ pub mod stack;
 pub use ledger::{reconcile, Ledger};
 pub use process::Proc;
 pub use server::Server;
-pub use stack::{EventRecorder, JobParams, Stack};
+pub use stack::{features_dir, EventRecorder, JobParams, Stack};

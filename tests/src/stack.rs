@@ -26,6 +26,11 @@ pub fn tiny_model() -> PathBuf {
     workspace_root().join("tests/fixtures/sdxl-reference/tiny-sdxl")
 }
 
+/// The shared feature goldens (img2img input, mask, LoRAs) of the tiny model.
+pub fn features_dir() -> PathBuf {
+    workspace_root().join("tests/fixtures/sdxl-features")
+}
+
 pub fn tiny_taesd() -> PathBuf {
     workspace_root().join("tests/fixtures/sdxl-reference/tiny-taesdxl")
 }
@@ -206,6 +211,8 @@ impl Stack {
                 "--worker-name",
                 name,
             ])
+            .arg("--lora-cache")
+            .arg(self.dir.path().join(format!("lora-cache-{name}")))
             .args(extra);
         let mut proc = Proc::spawn(name, cmd, self.dir.path().join(format!("{name}.log")))?;
         proc.wait_for_log("consuming", Duration::from_secs(120)).await?;
@@ -341,7 +348,16 @@ impl Stack {
 
     /// What `worker generate` makes for these parameters.
     pub async fn reference_image(&self, params: &JobParams) -> anyhow::Result<RgbImage> {
-        let out = self.dir.path().join(format!("reference-{}.png", params.seed));
+        self.reference_image_with(params, &[]).await
+    }
+
+    /// As [`Stack::reference_image`], with more `worker generate` flags
+    /// (`--image FILE`, `--lora PATH:SCALE`, …).
+    pub async fn reference_image_with(&self, params: &JobParams, more: &[String]) -> anyhow::Result<RgbImage> {
+        let out = self
+            .dir
+            .path()
+            .join(format!("reference-{}-{}.png", params.seed, Uuid::new_v4()));
         let mut cmd = self.command(&binaries().worker);
         cmd.arg("generate")
             .arg("--model")
@@ -356,6 +372,7 @@ impl Stack {
             ])
             .args(["--steps", &params.steps.to_string(), "--seed", &params.seed.to_string()])
             .args(params.extra_flags())
+            .args(more)
             .arg("--output")
             .arg(&out);
         let status = tokio::process::Command::from(cmd).status().await?;

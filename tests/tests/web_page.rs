@@ -7,6 +7,8 @@
 //!   checked not to be blank, and the grid on screen is the stored grid); its
 //!   seed reaches the server with every digit; "reuse seed", reopening from
 //!   the recent jobs, and cancelling a running job work;
+//! - an img2img job from an uploaded file, with a LoRA from the picker,
+//!   shows its result, which equals `worker generate` on the same file;
 //! - a bad width shows the API's own message, by the field.
 
 use std::time::Duration;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use common::rules::ValidationError;
 use common::status::JobState;
 use e2e_tests::browser::{best_window_diff, kept_screenshots_dir, luma_spread, run_page};
-use e2e_tests::Stack;
+use e2e_tests::{features_dir, JobParams, Stack};
 use uuid::Uuid;
 
 const PAGE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -129,6 +131,89 @@ async fn a_job_submitted_from_the_page_shows_previews_then_the_final_grid() -> a
     for name in ["web-ui.png", "preview.png", "grid.png"] {
         std::fs::copy(out.join(name), kept.join(name))?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_img2img_job_from_an_uploaded_file_shows_its_result() -> anyhow::Result<()> {
+    let stack = Stack::new("web_img2img").await?;
+    let _worker = stack.spawn_worker("web-img2img-worker", &[]).await?;
+    let (dispatcher, base) = stack.spawn_dispatcher().await?;
+    let features = features_dir();
+    let lora = std::fs::read(features.join("lora_kohya.safetensors"))?;
+    let put = reqwest::Client::new()
+        .put(format!("{base}/v1/loras/watercolour"))
+        .body(lora)
+        .send()
+        .await?;
+    assert_eq!(put.status(), 201);
+    let input = features.join("img2img_input.png");
+    let out = stack.dir.path().join("browser-img2img");
+    let params = [
+        ("WEB_PROMPT", PROMPT.to_string()),
+        ("WEB_SEED", "1234".to_string()),
+        ("WEB_STEPS", "5".to_string()),
+        ("WEB_IMAGE", input.display().to_string()),
+        ("WEB_STRENGTH", "0.6".to_string()),
+        ("WEB_LORA", "watercolour".to_string()),
+        ("WEB_LORA_SCALE", "0.8".to_string()),
+    ];
+    let report = match run_page("img2img", &base, &params, &out, PAGE_TIMEOUT).await {
+        Ok(r) => r,
+        Err(e) => panic!("{e:#}\n--- dispatcher log:\n{}", dispatcher.log_text()),
+    };
+    println!("{report:#}");
+    assert_eq!(report["page_errors"], serde_json::json!([]));
+    assert_eq!(
+        report["image_caption"], "img2img_input.png, 128×128",
+        "the upload is previewed"
+    );
+    assert_eq!(
+        report["lora_options"],
+        serde_json::json!(["watercolour"]),
+        "the picker lists the registry"
+    );
+    let id: Uuid = report["id"].as_str().unwrap_or_default().parse()?;
+    let status = stack.status(id).await?;
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    assert_eq!(status.request.mode(), "img2img");
+    assert_eq!(status.request.strength, Some(0.6));
+    assert_eq!(status.request.loras[0].name, "watercolour");
+    assert_eq!(status.request.loras[0].scale, 0.8);
+    let settings = report["settings"].as_str().unwrap_or_default();
+    assert!(
+        settings.starts_with("img2img, 256×256")
+            && settings.contains("strength 0.6")
+            && settings.contains("watercolour:0.8"),
+        "{settings}"
+    );
+    // The grid on screen is the job's stored result, which is what
+    // `worker generate` makes from the same file.
+    let shown = image::open(out.join("grid.png"))?.to_rgb8();
+    let stored = stack.stored_grid(&status).await?;
+    assert!(luma_spread(&shown) > BLANK_SPREAD);
+    let diff = best_window_diff(&shown, &stored).expect("the grid is shown whole");
+    assert!(
+        diff < 3.0,
+        "the grid on screen differs from the stored one by {diff:.2}"
+    );
+    let reference = stack
+        .reference_image_with(
+            &JobParams::new(PROMPT, 5, 1234).with("strength", serde_json::json!(0.6)),
+            &[
+                "--image".into(),
+                input.display().to_string(),
+                "--lora".into(),
+                format!("{}:0.8", features.join("lora_kohya.safetensors").display()),
+            ],
+        )
+        .await?;
+    assert!(stored == reference, "the page's job equals worker generate");
+    std::fs::create_dir_all(kept_screenshots_dir())?;
+    std::fs::copy(
+        out.join("web-img2img.png"),
+        kept_screenshots_dir().join("web-img2img.png"),
+    )?;
     Ok(())
 }
 

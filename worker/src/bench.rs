@@ -49,6 +49,11 @@ pub struct BenchArgs {
     /// Skip the whole-image timing (for quick A/B runs of single stages).
     #[arg(long)]
     no_image: bool,
+    /// Images per second for these batch sizes (comma-separated, e.g.
+    /// 1,2,4,8,16): one prompt, each image its own seed, denoised together
+    /// (the UNet in chunks that fit the free memory) and decoded.
+    #[arg(long, value_delimiter = ',')]
+    throughput: Vec<usize>,
 }
 
 /// Median milliseconds of each stage.
@@ -67,7 +72,22 @@ struct Report {
     preview_decode_ms: Option<f64>,
     image_s: f64,
     taesd_decode_ms: Option<f64>,
+    /// Of `image_s`: encoding the image as PNG.
+    png_encode_ms: f64,
+    /// The first UNet step of this process (driver JIT of the kernels included).
+    first_unet_step_ms: f64,
+    throughput: Vec<Throughput>,
     peak_gpu_memory_mib: Option<f64>,
+}
+
+/// One batch size's rate.
+#[derive(Debug, Serialize)]
+struct Throughput {
+    batch: usize,
+    /// Images denoised in one UNet call.
+    unet_images: usize,
+    seconds: f64,
+    images_per_s: f64,
 }
 
 fn median(mut xs: Vec<Duration>) -> Duration {
@@ -131,6 +151,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let latents = Tensor::randn(0f32, 1f32, (1, c, h, w), &device)?.to_dtype(dtype)?;
         return profile(&device, || Ok(pipeline.decode(&latents)?));
     }
+    let first = Instant::now();
+    pipeline.unet().forward(&sample, 500.0, &context, &pooled, &time_ids)?;
+    device.synchronize()?;
+    let first_unet = first.elapsed();
     let unet = time(&device, args.iters, || {
         Ok(pipeline.unet().forward(&sample, 500.0, &context, &pooled, &time_ids)?)
     })?;
@@ -162,8 +186,47 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 std::ops::ControlFlow::Continue(())
             })?
             .context("denoising stopped")?;
-        Ok(Some(pipeline.decode(&latents)?))
+        let decoded = pipeline.decode(&latents)?;
+        let rgb = sdxl::image_processor::from_signed_unit(&decoded)?;
+        Ok(Some(png(&rgb[0])?))
     })?;
+    let reference_rgb = {
+        let latents = Tensor::randn(0f32, 1f32, (1, c, h, w), &device)?.to_dtype(dtype)?;
+        sdxl::image_processor::from_signed_unit(&pipeline.decode(&latents)?)?
+    };
+    let png_time = time(&device, 3, || png(&reference_rgb[0]))?;
+
+    let mut throughput = Vec::new();
+    for &batch in &args.throughput {
+        let unet_images = worker::ranks::unet_images(&pipeline, args.width, args.height).min(batch);
+        let batch_params = DenoiseParams {
+            unet_images,
+            ..params
+        };
+        let noise: Vec<ImageNoise> = (0..batch as u64).map(ImageNoise::from_seed).collect();
+        let run = || -> anyhow::Result<()> {
+            let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
+            let latents = pipeline
+                .denoise(&embeds, &noise, &batch_params, Start::Noise, &mut |_| {
+                    std::ops::ControlFlow::Continue(())
+                })?
+                .context("denoising stopped")?;
+            let decoded = pipeline.decode(&latents)?;
+            sdxl::image_processor::from_signed_unit(&decoded)?;
+            Ok(())
+        };
+        let seconds = time(&device, 1, run)?.as_secs_f64();
+        println!(
+            "throughput batch {batch} (UNet {unet_images} at a time): {seconds:.2} s, {:.3} images/s",
+            batch as f64 / seconds
+        );
+        throughput.push(Throughput {
+            batch,
+            unet_images,
+            seconds,
+            images_per_s: batch as f64 / seconds,
+        });
+    }
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let report = Report {
@@ -180,6 +243,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         preview_decode_ms: preview.map(ms),
         taesd_decode_ms: taesd.map(ms),
         image_s: image.as_secs_f64(),
+        png_encode_ms: ms(png_time),
+        first_unet_step_ms: ms(first_unet),
+        throughput,
         peak_gpu_memory_mib: memory.and_then(|m| m.stop()),
     };
     println!("| stage | {} {:?} |", report.device, dtype);
@@ -187,6 +253,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("| model load (local safetensors) | {:.2} s |", report.load_s);
     println!("| text encode (prompt + negative) | {:.1} ms |", report.text_encode_ms);
     println!("| UNet step (batch {batch}) | {:.1} ms |", report.unet_step_ms);
+    println!(
+        "| first UNet step of the process (kernel JIT included) | {:.1} ms |",
+        report.first_unet_step_ms
+    );
     println!("| VAE decode (1 image) | {:.1} ms |", report.vae_decode_ms);
     if let Some(p) = report.taesd_decode_ms {
         println!("| TAESD decode (1 image, full size) | {p:.1} ms |");
@@ -194,7 +264,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(p) = report.preview_decode_ms {
         println!("| preview decode as the worker does it (1 image, pooled to 512 px) | {p:.1} ms |");
     }
-    println!("| whole image ({} steps) | {:.2} s |", args.steps, report.image_s);
+    println!(
+        "| whole image ({} steps, text encode to PNG bytes) | {:.2} s |",
+        args.steps, report.image_s
+    );
+    println!("| of which PNG encode | {:.1} ms |", report.png_encode_ms);
+    for t in &report.throughput {
+        println!(
+            "| throughput, batch {} (UNet {} images at a time) | {:.3} images/s |",
+            t.batch, t.unet_images, t.images_per_s
+        );
+    }
     if let Some(m) = report.peak_gpu_memory_mib {
         println!("| peak GPU memory (device-wide, sampled) | {m:.0} MiB |");
     }
@@ -204,6 +284,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// PNG bytes of an image, as the worker stores it.
+fn png(image: &image::RgbImage) -> anyhow::Result<Vec<u8>> {
+    use image::ImageEncoder as _;
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out).write_image(
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        image::ExtendedColorType::Rgb8,
+    )?;
+    Ok(out)
 }
 
 /// Runs `f` twice to warm up, then once with the CUDA profiler on.

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::jobs::JobsError;
+use crate::loras::RegistryError;
 
 /// How long a client should wait before retrying when a service behind the
 /// API (Redis, RabbitMQ, S3) is unreachable or the queue is full.
@@ -26,6 +27,10 @@ pub enum ApiError {
     Jobs(#[from] JobsError),
     #[error("a valid API key is required: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("the request body must be at most {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("the request body could not be read: {0}")]
@@ -77,10 +82,15 @@ impl ApiError {
                 JobsError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
                 JobsError::NotFound(_) | JobsError::NotAJobId(_) => StatusCode::NOT_FOUND,
                 JobsError::AlreadyFinished(_) | JobsError::NoResult(_) => StatusCode::CONFLICT,
-                JobsError::Store(_) | JobsError::Publish { .. } | JobsError::NoPublisher => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                JobsError::Store(_)
+                | JobsError::Publish { .. }
+                | JobsError::NoPublisher
+                | JobsError::NoObjectStore
+                | JobsError::Objects(_) => StatusCode::SERVICE_UNAVAILABLE,
+                JobsError::Registry(e) => registry_status(e),
             },
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Registry(e) => registry_status(e),
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
@@ -98,9 +108,13 @@ impl ApiError {
                 JobsError::Invalid(_) => "invalid",
                 JobsError::NotFound(_) | JobsError::NotAJobId(_) => "not_found",
                 JobsError::AlreadyFinished(_) | JobsError::NoResult(_) => "conflict",
-                JobsError::Store(_) | JobsError::NoPublisher => "unavailable",
+                JobsError::Store(_) | JobsError::NoPublisher | JobsError::NoObjectStore => "unavailable",
+                JobsError::Objects(_) => "storage_unavailable",
                 JobsError::Publish { .. } => "publish_failed",
+                JobsError::Registry(e) => registry_reason(e),
             },
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Registry(e) => registry_reason(e),
             ApiError::Unauthorized => "unauthorized",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BadBody(_) => "bad_body",
@@ -152,6 +166,26 @@ impl ApiError {
             reason: self.reason(),
             field,
         }
+    }
+}
+
+fn registry_status(e: &RegistryError) -> StatusCode {
+    match e {
+        RegistryError::BadName(_) | RegistryError::NotALora(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        RegistryError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::BadRecord { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        RegistryError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn registry_reason(e: &RegistryError) -> &'static str {
+    match e {
+        RegistryError::BadName(_) | RegistryError::NotALora(_) => "invalid_lora",
+        RegistryError::TooLarge { .. } => "body_too_large",
+        RegistryError::NotFound(_) => "not_found",
+        RegistryError::BadRecord { .. } => "bad_record",
+        RegistryError::Store(_) => "storage_unavailable",
     }
 }
 

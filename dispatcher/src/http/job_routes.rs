@@ -64,7 +64,7 @@ pub struct ResultImages {
         )),
         (status = 400, description = "The body could not be read", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
-        (status = 413, description = "The body is over 64 KiB", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB (over 64 KiB plus two base64 images of the image cap, with `image` or `mask`)", body = ErrorBody),
         (status = 422, description = "A field breaks a rule (the body names it)", body = ErrorBody),
         (status = 429, description = "Over the key's rate limit or too many submits in flight", body = ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
@@ -80,7 +80,9 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge { limit: MAX_BODY_BYTES },
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
+            limit: state.body_limits.submit,
+        },
         _ => ApiError::BadBody(rejection.body_text()),
     })?;
     state
@@ -98,6 +100,10 @@ pub async fn submit(
     }
     let _permit = state.submit_permits.try_acquire().map_err(|_| ApiError::Busy)?;
     let request = JobRequest::from_json(&body).map_err(JobsError::Invalid)?;
+    // The larger limit is for images only.
+    if body.len() > MAX_BODY_BYTES && request.image.is_none() && request.mask.is_none() {
+        return Err(ApiError::BodyTooLarge { limit: MAX_BODY_BYTES });
+    }
     let key = headers.get(IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok());
     let owner = (!state.keys.is_open()).then_some(caller.name.as_str());
     let submitted = state.jobs.submit(&request, key, owner).await.inspect_err(|e| {

@@ -1,5 +1,5 @@
 //! The HTTP API (`dispatcher serve`): the routes and their middleware
-//! (`server`), the state they share (`state`), the job handlers (`job_routes`), the one mapping of errors to
+//! (`server`), the state they share (`state`), the job handlers (`job_routes`), the LoRA registry's (`lora_routes`), the one mapping of errors to
 //! answers (`error`), the extractors they share (`extract`), the generated
 //! OpenAPI document (`openapi`), `/v1/limits` and the web page.
 
@@ -7,6 +7,7 @@ pub mod error;
 pub mod extract;
 pub mod job_routes;
 pub mod limits;
+pub mod lora_routes;
 pub mod openapi;
 pub mod page;
 pub mod server;

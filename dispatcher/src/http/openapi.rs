@@ -19,6 +19,7 @@ use utoipa::Modify;
     ),
     tags(
         (name = "jobs", description = "Generation jobs (need an API key when the server has keys)"),
+        (name = "loras", description = "The LoRA registry (listing needs an API key; changes an admin key)"),
         (name = "limits", description = "What a request may ask"),
         (name = "page", description = "The web page"),
         (name = "operations", description = "Health, metrics and this document"),
@@ -56,6 +57,15 @@ pub fn finish(doc: OpenApi, caps: &Caps) -> Value {
     let limits = RequestLimits::within(caps);
     if let Some(props) = value.pointer_mut("/components/schemas/JobRequest/properties") {
         apply_limits(props, &limits);
+    }
+    if let Some(props) = value.pointer_mut("/components/schemas/LoraRequest/properties") {
+        props["name"]["pattern"] = json!(format!(
+            "^[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{}}}$",
+            limits.loras.name_max_chars - 1
+        ));
+        props["scale"]["minimum"] = json!(limits.loras.scale.min);
+        props["scale"]["maximum"] = json!(limits.loras.scale.max);
+        props["sha256"]["pattern"] = json!("^[0-9a-fA-F]{64}$");
     }
     if let Some(content) = value.pointer_mut("/paths/~1v1~1jobs~1{id}~1events/get/responses/200/content") {
         content["text/event-stream"] = json!({ "itemSchema": sse_item_schema() });
@@ -115,6 +125,15 @@ fn apply_limits(props: &mut Value, l: &RequestLimits) {
     let mut samplers: Vec<Value> = l.scheduler.one_of.iter().map(|s| json!(s)).collect();
     samplers.push(Value::Null);
     props["scheduler"]["enum"] = Value::Array(samplers);
+    props["strength"]["exclusiveMinimum"] = json!(l.strength.min_exclusive);
+    props["strength"]["maximum"] = json!(l.strength.max);
+    props["loras"]["maxItems"] = json!(l.loras.max_count);
+    let bytes = format!(" At most {} bytes once decoded on this server.", l.max_image_bytes);
+    for input in ["image", "mask"] {
+        if let Some(Value::String(d)) = props[input].get_mut("description") {
+            d.push_str(&bytes);
+        }
+    }
     let pixels = format!(" Width × height may be at most {} pixels on this server.", l.max_pixels);
     for side in ["width", "height"] {
         if let Some(Value::String(d)) = props[side].get_mut("description") {
@@ -151,6 +170,7 @@ mod tests {
         documented.sort();
         let expected = [
             "DELETE /v1/jobs/{id}",
+            "DELETE /v1/loras/{name}",
             "GET /",
             "GET /healthz",
             "GET /metrics",
@@ -160,8 +180,11 @@ mod tests {
             "GET /v1/jobs/{id}/images",
             "GET /v1/jobs/{id}/result",
             "GET /v1/limits",
+            "GET /v1/loras",
+            "GET /v1/loras/{name}",
             "GET /web/{file}",
             "POST /v1/jobs",
+            "PUT /v1/loras/{name}",
         ];
         assert_eq!(documented, expected);
     }

@@ -24,6 +24,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../web/app.js"),
     ),
     (
+        "inputs.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/inputs.js"),
+    ),
+    (
         "style.css",
         "text/css; charset=utf-8",
         include_str!("../../web/style.css"),
@@ -71,7 +76,7 @@ pub async fn index() -> Response {
     get,
     path = "/web/{file}",
     tag = "page",
-    params(("file" = String, Path, description = "`api.js`, `app.js` or `style.css`")),
+    params(("file" = String, Path, description = "`api.js`, `inputs.js`, `app.js` or `style.css`")),
     responses(
         (status = 200, description = "The file", content_type = "text/javascript", body = String),
         (status = 404, description = "No such file", content_type = "text/plain", body = String),

@@ -21,19 +21,32 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, Refusal, RETRY_UNAVAILABLE_SECS};
-pub use super::state::{AppState, MAX_BODY_BYTES};
-use super::{job_routes, limits, openapi, page};
+pub use super::state::{AppState, BodyLimits, MAX_BODY_BYTES};
+use super::{job_routes, limits, lora_routes, openapi, page};
 
-/// Every documented route: the `/v1/jobs*` ones, which need an API key
-/// (when keys are configured), and the open ones: the page, `/v1/limits`,
-/// `/healthz`, `/openapi.json` and `/metrics` (unless it has its own listener).
-fn routers(metrics_here: bool) -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
-    let jobs = OpenApiRouter::new()
+/// Every documented route: the `/v1/jobs*` and `/v1/loras*` ones, which
+/// need an API key (when keys are configured), and the open ones: the page,
+/// `/v1/limits`, `/healthz`, `/openapi.json` and `/metrics` (unless it has
+/// its own listener).
+fn routers(metrics_here: bool, limits: BodyLimits) -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
+    let submit = OpenApiRouter::new()
         .routes(routes!(job_routes::submit))
+        .layer(DefaultBodyLimit::max(limits.submit));
+    let upload = OpenApiRouter::new()
+        .routes(routes!(
+            lora_routes::put_lora,
+            lora_routes::get_lora,
+            lora_routes::delete_lora
+        ))
+        .layer(DefaultBodyLimit::max(limits.lora));
+    let jobs = OpenApiRouter::new()
+        .merge(submit)
         .routes(routes!(job_routes::status, job_routes::cancel))
         .routes(routes!(job_routes::events))
         .routes(routes!(job_routes::result))
-        .routes(routes!(job_routes::images));
+        .routes(routes!(job_routes::images))
+        .routes(routes!(lora_routes::list_loras))
+        .merge(upload);
     let mut open = OpenApiRouter::new()
         .routes(routes!(limits::limits))
         .routes(routes!(page::index))
@@ -50,7 +63,7 @@ fn routers(metrics_here: bool) -> (OpenApiRouter<AppState>, OpenApiRouter<AppSta
 /// are filled in ([`openapi::finish`]).
 #[cfg(test)]
 pub fn document(metrics_here: bool) -> utoipa::openapi::OpenApi {
-    let (jobs, open) = routers(metrics_here);
+    let (jobs, open) = routers(metrics_here, BodyLimits::new(1, 1));
     let mut doc = openapi::base();
     doc.merge(jobs.into_openapi());
     doc.merge(open.into_openapi());
@@ -58,7 +71,7 @@ pub fn document(metrics_here: bool) -> utoipa::openapi::OpenApi {
 }
 
 pub fn router(state: AppState) -> Router {
-    let (jobs, open) = routers(state.metrics_here);
+    let (jobs, open) = routers(state.metrics_here, state.body_limits);
     let (jobs, jobs_doc) = jobs.split_for_parts();
     let (open, open_doc) = open.split_for_parts();
     let mut doc = openapi::base();

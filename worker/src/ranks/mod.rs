@@ -21,7 +21,7 @@ use candle_core::Device;
 use self::collective::{HostSync, InProcessCollective};
 #[cfg(any(test, feature = "fault-injection"))]
 pub use self::fault::{Fault, FaultKind};
-pub use self::rank::share_images;
+pub use self::rank::{share_images, unet_images};
 use self::rank::{Rank, RankJob, RankReply};
 use crate::engine::{Engine, EngineError, EngineEvent, EngineJob, EngineOutput};
 use sdxl::pipeline::{LoadOptions, SdxlPipeline};

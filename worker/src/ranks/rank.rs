@@ -286,7 +286,7 @@ impl<C: Collective> Rank<C> {
 /// exactly the one it has alone, whatever else shares the job or the
 /// batch); on a GPU as many as the free memory holds, from an estimate of
 /// one image's activations at this size.
-fn unet_images(pipeline: &SdxlPipeline, width: usize, height: usize) -> usize {
+pub fn unet_images(pipeline: &SdxlPipeline, width: usize, height: usize) -> usize {
     let Some(free) = free_memory(pipeline.device()) else {
         return 1;
     };

@@ -1,6 +1,7 @@
 //! `worker run`'s service flags, each with its environment variable. The
 //! model flags (`--model`, `--device`, ...) belong to the engine side.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -38,9 +39,26 @@ pub struct WorkerConfig {
     /// This worker's name in status records (default: host name and process id).
     #[arg(long, env = "SDXL_WORKER_NAME")]
     pub worker_name: Option<String>,
+    /// Where LoRAs from the registry are kept between jobs (default:
+    /// `$XDG_CACHE_HOME/sdxl-queue/loras`, else `~/.cache/sdxl-queue/loras`).
+    #[arg(long, env = "SDXL_LORA_CACHE")]
+    pub lora_cache: Option<PathBuf>,
+    /// Most bytes the LoRA cache holds; the least recently used files go first.
+    #[arg(long, env = "SDXL_LORA_CACHE_BYTES", default_value_t = 10 << 30)]
+    pub lora_cache_bytes: u64,
 }
 
 impl WorkerConfig {
+    pub fn lora_cache_dir(&self) -> PathBuf {
+        self.lora_cache.clone().unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir);
+            cache.join("sdxl-queue").join("loras")
+        })
+    }
+
     pub fn worker_name(&self) -> String {
         self.worker_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

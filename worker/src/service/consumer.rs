@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use super::config::WorkerConfig;
 use super::error::ServiceError;
+use super::inputs::LoraCache;
 use super::job::{self, Disposition, JobContext};
 use super::retry::{retry, Backoff};
 use crate::engine::{Engine, EngineJob};
@@ -48,12 +49,16 @@ pub async fn run(
 
     warm_up(engine.clone(), &config).await?;
 
+    let loras = LoraCache::new(config.lora_cache_dir(), config.lora_cache_bytes)
+        .map_err(|e| ServiceError::LoraCache(format!("{}: {e}", config.lora_cache_dir().display())))?;
+    tracing::info!(dir = %loras.dir().display(), max_bytes = config.lora_cache_bytes, "LoRA cache");
     let ctx = JobContext {
         engine,
         status,
         results,
         config,
         worker_name,
+        loras,
     };
     // RabbitMQ restarts and network cuts end a session; the worker connects
     // again with backoff. It gives up (exits non-zero, for its supervisor to

@@ -46,6 +46,8 @@ pub enum ServiceError {
     Status(#[from] StatusStoreError),
     #[error(transparent)]
     Results(#[from] ResultStoreError),
+    #[error("the LoRA cache directory cannot be used: {0}")]
+    LoraCache(String),
     #[error("warm-up generation failed: {0}")]
     Warmup(String),
     #[error("the consumer stream ended: RabbitMQ closed the channel")]

@@ -25,9 +25,10 @@ use super::config::WorkerConfig;
 use super::error::JobError;
 use super::events::PreviewSink;
 use super::generation::{generate, Generation};
+use super::inputs::{fetch_images, JobInputs, LoraCache};
 use super::results;
 use super::retry::{retry, Backoff};
-use crate::engine::{Engine, EngineJob};
+use crate::engine::{Engine, EngineJob, EngineLora};
 
 /// What to tell RabbitMQ about a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,7 @@ pub struct JobContext {
     pub results: ResultStore,
     pub config: WorkerConfig,
     pub worker_name: String,
+    pub loras: LoraCache,
 }
 
 impl JobContext {
@@ -101,7 +103,7 @@ pub fn disposition(outcome: &Result<(), JobError>) -> Disposition {
     }
 }
 
-fn engine_job(job: &ValidJob) -> EngineJob {
+fn engine_job(job: &ValidJob, inputs: JobInputs, loras: Vec<EngineLora>) -> EngineJob {
     EngineJob {
         prompt: job.prompt.clone(),
         negative_prompt: (!job.negative_prompt.is_empty()).then(|| job.negative_prompt.clone()),
@@ -113,10 +115,10 @@ fn engine_job(job: &ValidJob) -> EngineJob {
         seed: job.seed,
         num_images: job.num_images.map(|n| n as usize),
         preview_every: job.preview_every as usize,
-        init_image: None,
-        mask: None,
-        strength: 1.0,
-        loras: Vec::new(),
+        init_image: inputs.image,
+        mask: inputs.mask,
+        strength: job.strength.unwrap_or(1.0),
+        loras,
     }
 }
 
@@ -174,6 +176,9 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
     };
     tracing::info!(attempt = status.attempt, worker = %ctx.worker_name, "running");
 
+    let inputs = fetch_images(&ctx.results, &job, backoff).await?;
+    let loras = ctx.loras.fetch_all(&ctx.results, &job.loras, backoff).await?;
+
     // The engine runs on a blocking thread; the cancel flag is polled from
     // Redis, and the deadline stops the engine the same way.
     let cancel = Arc::new(AtomicBool::new(false));
@@ -186,7 +191,14 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
     let sink = PreviewSink::start(ctx.status.clone(), id);
     let deadline = ctx.config.job_deadline;
     let model_start = Instant::now();
-    let generated = generate(ctx.engine.clone(), engine_job(&job), cancel, deadline, sink.callback()).await;
+    let generated = generate(
+        ctx.engine.clone(),
+        engine_job(&job, inputs, loras),
+        cancel,
+        deadline,
+        sink.callback(),
+    )
+    .await;
     let model_time = model_start.elapsed();
     poller.abort();
     sink.finish().await;
@@ -215,6 +227,7 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
         queue_wait_ms: (started_at - message.created_at).num_milliseconds().max(0) as u64,
         model_ms: millis(model_time),
         text_encode_ms: millis(stage.text_encode),
+        image_encode_ms: millis(stage.image_encode),
         denoise_ms: millis(stage.denoise),
         preview_ms: millis(stage.preview),
         decode_ms: millis(stage.decode),
@@ -478,9 +491,11 @@ mod tests {
     fn empty_negative_prompt_means_none() {
         let mut j = job();
         j.negative_prompt.clear();
-        assert_eq!(engine_job(&j).negative_prompt, None);
+        assert_eq!(engine_job(&j, JobInputs::default(), Vec::new()).negative_prompt, None);
         assert_eq!(
-            engine_job(&job()).negative_prompt.as_deref(),
+            engine_job(&job(), JobInputs::default(), Vec::new())
+                .negative_prompt
+                .as_deref(),
             Some("blurry, low quality")
         );
     }

@@ -7,6 +7,7 @@
 //! - [`consumer`]: the consume loop (prefetch 1, manual acks, graceful shutdown);
 //! - [`job`]: one job from delivery to ack/reject/nack;
 //! - [`generation`]: the engine call itself (blocking thread, cancel, deadline);
+//! - [`inputs`]: a job's input images and LoRAs (the on-disk LoRA cache);
 //! - [`events`]: engine events to the Redis channel and the status record;
 //! - [`results`]: encoding and storing the grid, the images and the manifest;
 //! - [`retry`]: backoff for transient failures;
@@ -18,6 +19,7 @@ pub mod consumer;
 pub mod error;
 pub mod events;
 pub mod generation;
+pub mod inputs;
 pub mod job;
 pub mod results;
 pub mod retry;
