@@ -341,8 +341,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     attention_candle(q, k, v, heads)
 }
 
-/// [`attention`] with candle's ops: heads split out, scores materialised.
+/// Above this many attention scores (batch × heads × queries × keys) the
+/// scores are made a block of queries at a time. The VAE's mid-block
+/// attention at 2048² has 65536² = 2³² scores: one tensor of them overflows
+/// the 32-bit element counts of candle's CUDA launches (and takes 16 GiB in
+/// f32). Every size up to 1024² stays one block, as before.
+const MAX_SCORES_AT_ONCE: usize = 1 << 31;
+/// The scores of one block of queries when they are split.
+const SCORES_PER_BLOCK: usize = 1 << 28;
+
+/// [`attention`] with candle's ops: heads split out, scores materialised
+/// (a block of queries at a time past [`MAX_SCORES_AT_ONCE`]).
 pub fn attention_candle(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, heads, MAX_SCORES_AT_ONCE, SCORES_PER_BLOCK)
+}
+
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    max_at_once: usize,
+    per_block: usize,
+) -> Result<Tensor> {
     let (b, n_q, inner) = q.dims3()?;
     let n_kv = k.dim(1)?;
     let head_dim = inner / heads;
@@ -351,12 +372,29 @@ pub fn attention_candle(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
     let (q, k, v) = (split(q, n_q)?, split(k, n_kv)?, split(v, n_kv)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let dtype = q.dtype();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let probs = match dtype {
-        DType::F16 | DType::BF16 => candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
-        _ => candle_nn::ops::softmax_last_dim(&scores)?,
+    let kt = k.t()?;
+    let block = |q: &Tensor| -> Result<Tensor> {
+        let scores = (q.matmul(&kt)? * scale)?;
+        let probs = match dtype {
+            DType::F16 | DType::BF16 => {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+            _ => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
+        probs.matmul(&v)
     };
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n_q, inner))
+    let scores_per_query = b * heads * n_kv;
+    let out = if scores_per_query * n_q <= max_at_once {
+        block(&q)?
+    } else {
+        let rows = (per_block / scores_per_query).max(1);
+        let parts = (0..n_q)
+            .step_by(rows)
+            .map(|start| block(&q.narrow(2, start, rows.min(n_q - start))?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 2)?
+    };
+    out.transpose(1, 2)?.reshape((b, n_q, inner))
 }
 
 /// Adds a causal mask (no token attends to later ones) for CLIP's text encoder.
@@ -373,4 +411,29 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
     let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::attention_in_blocks;
+
+    #[test]
+    fn attention_in_blocks_of_queries_equals_attention_at_once() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, n_q, n_kv, heads, dim) = (2, 37, 29, 3, 8);
+        let q = Tensor::randn(0f32, 1., (b, n_q, heads * dim), &dev)?;
+        let k = Tensor::randn(0f32, 1., (b, n_kv, heads * dim), &dev)?;
+        let v = Tensor::randn(0f32, 1., (b, n_kv, heads * dim), &dev)?;
+        let once = attention_in_blocks(&q, &k, &v, heads, usize::MAX, usize::MAX)?;
+        // Blocks of 5 queries (the last one shorter), and of a single query.
+        for per_block in [5 * b * heads * n_kv, 1] {
+            let blocks = attention_in_blocks(&q, &k, &v, heads, 0, per_block)?;
+            assert_eq!(blocks.dims(), once.dims());
+            let diff = (&blocks - &once)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "blocks of {per_block} scores differ by {diff}");
+        }
+        Ok(())
+    }
 }

@@ -199,10 +199,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut throughput = Vec::new();
     for &batch in &args.throughput {
         let unet_images = worker::ranks::unet_images(&pipeline, args.width, args.height).min(batch);
-        let batch_params = DenoiseParams {
-            unet_images,
-            ..params
-        };
+        let batch_params = DenoiseParams { unet_images, ..params };
         let noise: Vec<ImageNoise> = (0..batch as u64).map(ImageNoise::from_seed).collect();
         let run = || -> anyhow::Result<()> {
             let embeds = pipeline.encode_prompt(prompt, negative, params.do_cfg())?;
