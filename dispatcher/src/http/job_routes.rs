@@ -85,6 +85,17 @@ pub async fn submit(
         },
         _ => ApiError::BadBody(rejection.body_text()),
     })?;
+    // The larger limit is for images only, and a body over the plain one
+    // without them is refused before it counts against the rate limit.
+    let large = if body.len() > MAX_BODY_BYTES {
+        let request = JobRequest::from_json(&body).map_err(JobsError::Invalid)?;
+        if request.image.is_none() && request.mask.is_none() {
+            return Err(ApiError::BodyTooLarge { limit: MAX_BODY_BYTES });
+        }
+        Some(request)
+    } else {
+        None
+    };
     state
         .rate_limit
         .check(&caller.name)
@@ -99,11 +110,10 @@ pub async fn submit(
         });
     }
     let _permit = state.submit_permits.try_acquire().map_err(|_| ApiError::Busy)?;
-    let request = JobRequest::from_json(&body).map_err(JobsError::Invalid)?;
-    // The larger limit is for images only.
-    if body.len() > MAX_BODY_BYTES && request.image.is_none() && request.mask.is_none() {
-        return Err(ApiError::BodyTooLarge { limit: MAX_BODY_BYTES });
-    }
+    let request = match large {
+        Some(request) => request,
+        None => JobRequest::from_json(&body).map_err(JobsError::Invalid)?,
+    };
     let key = headers.get(IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok());
     let owner = (!state.keys.is_open()).then_some(caller.name.as_str());
     let submitted = state.jobs.submit(&request, key, owner).await.inspect_err(|e| {
