@@ -293,6 +293,35 @@ impl Jobs {
         }
     }
 
+    /// Waits at most `timeout` for the job to end: its final record, or
+    /// `None` while it has not ended. It follows the job's events (and the
+    /// record every 2 s, see [`Jobs::follow`]) rather than polling.
+    pub async fn wait_finished(
+        &self,
+        id: Uuid,
+        caller: &Caller,
+        timeout: Duration,
+    ) -> Result<Option<JobStatus>, JobsError> {
+        let mut followed = self.follow(id, caller).await?;
+        let ended = tokio::time::timeout(timeout, async {
+            while let Some(f) = followed.next().await {
+                if matches!(&f, Followed::Event(e) if e.kind.is_terminal()) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !ended {
+            return Ok(None);
+        }
+        // The worker writes the terminal record before it publishes the
+        // terminal event: the record read now is the final one.
+        let status = self.status(id).await?;
+        Ok(status.state.is_terminal().then_some(status))
+    }
+
     /// The status, then every event until the terminal one (which ends the
     /// stream). A terminal state seen in the record ends it too, so a missed
     /// event cannot make a follower wait forever.

@@ -3,6 +3,7 @@
 //! is its entry in the OpenAPI document, every answer it can give included.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -20,6 +21,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::JobId;
+use super::prefer;
 use super::state::{AppState, MAX_BODY_BYTES};
 use crate::auth::Caller;
 use crate::jobs::{Followed, JobsError};
@@ -47,7 +49,9 @@ pub struct ResultImages {
 }
 
 /// Submit a job: validated, recorded `queued`, then published to RabbitMQ
-/// with a publisher confirm.
+/// with a publisher confirm. With `Prefer: wait[=N]` the answer waits for
+/// the job to end, at most N seconds (60 at most and by default): `200` with
+/// the final status record if it ended by then, else `202` as without it.
 #[utoipa::path(
     post,
     path = "/v1/jobs",
@@ -56,10 +60,18 @@ pub struct ResultImages {
     params(
         ("Idempotency-Key" = Option<String>, Header,
          description = "A retried submit with the same key (of the same API key) returns the same job"),
+        ("Prefer" = Option<String>, Header,
+         description = "RFC 7240 preferences; `wait[=N]` (N seconds, at most 60, 60 when not given) waits for the job to end: 200 with its final record if it ends in time, else 202. Other preferences are ignored"),
     ),
     responses(
-        (status = 202, description = "Queued", body = Submitted, headers(
+        (status = 200, description = "`Prefer: wait` and the job ended in time: its final status record", body = JobStatus, headers(
             ("Location" = String, description = "The status URL"),
+            ("Preference-Applied" = String, description = "`wait=N`, the seconds waited at most"),
+            ("Idempotent-Replayed" = String, description = "`true` when an earlier submit with this Idempotency-Key made the job"),
+        )),
+        (status = 202, description = "Queued (with `Prefer: wait`: not ended within the wait)", body = Submitted, headers(
+            ("Location" = String, description = "The status URL"),
+            ("Preference-Applied" = String, description = "With `Prefer: wait`: `wait=N`, the seconds waited"),
             ("Idempotent-Replayed" = String, description = "`true` when an earlier submit with this Idempotency-Key made the job"),
         )),
         (status = 400, description = "The body could not be read", body = ErrorBody),
@@ -109,7 +121,7 @@ pub async fn submit(
             cap: state.queue_cap.cap(),
         });
     }
-    let _permit = state.submit_permits.try_acquire().map_err(|_| ApiError::Busy)?;
+    let permit = state.submit_permits.try_acquire().map_err(|_| ApiError::Busy)?;
     let request = match large {
         Some(request) => request,
         None => JobRequest::from_json(&body).map_err(JobsError::Invalid)?,
@@ -126,24 +138,54 @@ pub async fn submit(
     } else {
         state.metrics.jobs_submitted.inc();
     }
+    // A permit counts submits in flight, not jobs being waited for.
+    drop(permit);
     let id = submitted.status.id;
     let status_url = format!("/v1/jobs/{id}");
-    let body = Submitted {
-        id,
-        status_url: status_url.clone(),
-        events_url: format!("/v1/jobs/{id}/events"),
-        status: submitted.status,
+    let wait = prefer::wait(&headers);
+    let mut response = match wait {
+        Some(secs) => match wait_finished(&state, id, &caller, secs).await? {
+            Some(finished) => (StatusCode::OK, Json(finished)).into_response(),
+            None => {
+                // The record as it is now (running, most likely), not as submitted.
+                let status = state.jobs.status(id).await.unwrap_or(submitted.status);
+                accepted(id, &status_url, status)
+            }
+        },
+        None => accepted(id, &status_url, submitted.status),
     };
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&status_url) {
-        response.headers_mut().insert(header::LOCATION, location);
+        headers.insert(header::LOCATION, location);
+    }
+    if let Some(applied) = wait.and_then(|secs| HeaderValue::from_str(&prefer::applied(secs)).ok()) {
+        headers.insert("preference-applied", applied);
     }
     if submitted.replayed {
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+fn accepted(id: Uuid, status_url: &str, status: JobStatus) -> Response {
+    let body = Submitted {
+        id,
+        status_url: status_url.to_string(),
+        events_url: format!("{status_url}/events"),
+        status,
+    };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// `Prefer: wait=secs`: the job's final record if it ends within `secs`;
+/// `None` after that, or at once when the server begins to shut down (its
+/// graceful shutdown must not wait for jobs).
+async fn wait_finished(state: &AppState, id: Uuid, caller: &Caller, secs: u64) -> Result<Option<JobStatus>, ApiError> {
+    let mut stopping = state.stopping.clone();
+    tokio::select! {
+        finished = state.jobs.wait_finished(id, caller, Duration::from_secs(secs)) => Ok(finished?),
+        _ = stopping.wait_for(|s| *s) => Ok(None),
+    }
 }
 
 /// The job's status record.

@@ -1,7 +1,8 @@
 //! The HTTP API (`dispatcher serve`): the routes and their middleware
 //! (`server`), the state they share (`state`), the job handlers (`job_routes`), the LoRA registry's (`lora_routes`), the one mapping of errors to
 //! answers (`error`), the extractors they share (`extract`), the generated
-//! OpenAPI document (`openapi`), `/v1/limits` and the web page.
+//! OpenAPI document (`openapi`), the `Prefer` header (`prefer`), `/v1/limits`
+//! and the web page.
 
 pub mod error;
 pub mod extract;
@@ -10,5 +11,6 @@ pub mod limits;
 pub mod lora_routes;
 pub mod openapi;
 pub mod page;
+pub mod prefer;
 pub mod server;
 pub mod state;
