@@ -68,8 +68,6 @@ pub enum ValidationError {
     MaskWithoutImage,
     #[error("`mask` must be the image's size, {}×{}, got {}×{}", image.0, image.1, mask.0, mask.1)]
     MaskSize { mask: (u32, u32), image: (u32, u32) },
-    #[error("`strength` applies to img2img and inpainting only: give an `image`, or leave `strength` out (got {0})")]
-    StrengthWithoutImage(f64),
     #[error("`strength` must be above 0 and at most 1, got {0}")]
     Strength(f64),
     #[error("`strength` {strength} of {steps} steps runs int({steps} × {strength}) = 0 steps: raise `strength` to at least 1/{steps} or raise `num_inference_steps`")]
@@ -121,9 +119,7 @@ impl ValidationError {
             | ValidationError::ImageNotStored { field } => field,
             ValidationError::ImageSize { .. } => "image",
             ValidationError::MaskWithoutImage | ValidationError::MaskSize { .. } => "mask",
-            ValidationError::StrengthWithoutImage(_)
-            | ValidationError::Strength(_)
-            | ValidationError::StrengthNoSteps { .. } => "strength",
+            ValidationError::Strength(_) | ValidationError::StrengthNoSteps { .. } => "strength",
             ValidationError::TooManyLoras { .. }
             | ValidationError::LoraEntry { .. }
             | ValidationError::LoraName { .. }

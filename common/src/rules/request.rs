@@ -87,7 +87,7 @@ pub struct JobRequest {
     pub mask: Option<ImageInput>,
     /// How much of the image is repainted, above 0 up to 1: the last
     /// `int(num_inference_steps × strength)` steps run (default 0.3 for
-    /// img2img, 0.9999 for inpainting); needs `image`.
+    /// img2img, 0.9999 for inpainting); ignored without `image`.
     #[serde(default)]
     #[arg(long)]
     pub strength: Option<f64>,

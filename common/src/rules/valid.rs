@@ -259,9 +259,8 @@ fn inputs(
         if mask.is_some() {
             return Err(ValidationError::MaskWithoutImage);
         }
-        if let Some(value) = strength {
-            return Err(ValidationError::StrengthWithoutImage(value));
-        }
+        // Text to image: a strength is ignored (A1111's txt2img ignores its
+        // denoising strength), so a client may send one form for both modes.
         return Ok(None);
     };
     if let Some(mask) = mask {

@@ -193,11 +193,13 @@ fn image_mask_and_strength_rules() {
     });
     assert_eq!(e.field(), "mask");
     assert!(e.to_string().contains("512×512, got 512×504"), "{e}");
-    let e = err(JobRequest {
+    // Without an image a strength is ignored: text to image.
+    let job = check(JobRequest {
         strength: Some(0.5),
         ..ok()
-    });
-    assert_eq!(e.field(), "strength");
+    })
+    .unwrap();
+    assert_eq!((job.strength, job.mode()), (None, "text-to-image"));
     for bad in [0.0, -0.1, 1.01, f64::NAN] {
         let e = err(JobRequest {
             image: image.clone(),
