@@ -45,6 +45,6 @@ done
 # The coverage phase walks every documented value and boundary; fuzzing
 # draws 50 more cases per operation. Events of a queued job stream until the
 # request timeout (no worker runs here): 1 s keeps the run short.
-schemathesis run "http://127.0.0.1:$PORT/openapi.json" \
+schemathesis --config-file scripts/schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" \
   --checks all --phases coverage,fuzzing --max-examples 50 --workers 4 \
   --request-timeout 1 -H "Authorization: Bearer $KEY" --seed 1 "$@"

@@ -255,11 +255,16 @@ fn inputs(
     strength: Option<f64>,
     steps: i64,
 ) -> Result<Option<f64>, ValidationError> {
+    // `contains` is false for NaN; 0 itself is refused (no step would run).
+    let in_range = |s: f64| s > STRENGTH_RANGE.0 && s <= STRENGTH_RANGE.1;
+    if let Some(s) = strength.filter(|s| !in_range(*s)) {
+        return Err(ValidationError::Strength(s));
+    }
     let Some(image) = image else {
         if mask.is_some() {
             return Err(ValidationError::MaskWithoutImage);
         }
-        // Text to image: a strength is ignored (A1111's txt2img ignores its
+        // Text to image: a strength in range is ignored (A1111's txt2img ignores its
         // denoising strength), so a client may send one form for both modes.
         return Ok(None);
     };
@@ -277,10 +282,6 @@ fn inputs(
         DEFAULT_STRENGTH
     };
     let strength = strength.unwrap_or(default);
-    // `contains` is false for NaN; 0 itself is refused (no step would run).
-    if !(strength > STRENGTH_RANGE.0 && strength <= STRENGTH_RANGE.1) {
-        return Err(ValidationError::Strength(strength));
-    }
     // diffusers: `int(num_inference_steps * strength)` steps run.
     if (steps as f64 * strength) as i64 == 0 {
         return Err(ValidationError::StrengthNoSteps { strength, steps });
