@@ -146,7 +146,10 @@ def measure(pipe, taesd, args, dtype, label):
         te = torch.cat([nppe, ppe]).to(dtype)
         tid = torch.tensor([[h, w, 0, 0, h, w]] * 2, device=DEVICE, dtype=dtype)
         sample = torch.randn((2,) + lat[1:], device=DEVICE, dtype=dtype)
-        unet = lambda: pipe.unet(sample, 500.0, encoder_hidden_states=ehs,
+        # a 0-d tensor on the device, as the pipeline's loop passes it (a Python
+        # float makes torch.compile build and run another, slower graph)
+        t = torch.tensor(500.0, device=DEVICE)
+        unet = lambda: pipe.unet(sample, t, encoder_hidden_states=ehs,
                                  added_cond_kwargs={"text_embeds": te, "time_ids": tid}).sample
         out["unet_step_ms"] = 1000 * timed(unet, args.iters)
         latents = torch.randn(lat, device=DEVICE, dtype=dtype)

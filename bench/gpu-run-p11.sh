@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# P11 on one GPU, in two parts (each under the device's 10-minute call):
+# P11 on one GPU, in parts (each under the device's 10-minute call):
 #   bench/gpu-run-p11.sh ours        cold start, check-kernels, worker bench (+ throughput)
 #   bench/gpu-run-p11.sh diffusers   diffusers eager / compile / best, throughput, UNet cosine
+#   bench/gpu-run-p11.sh same        one call for the comparison tables: cold and warm
+#                                    starts, worker bench, diffusers eager and compile
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Results go to $OUT (default /tmp/p11-out).
@@ -56,6 +58,28 @@ if [ "$PART" = ours ]; then
   echo "bench exit $?"
   grep '^|' "$OUT/candle-$DTYPE.log"
   for f in "$OUT"/cold-start.log "$OUT"/warm-start.log "$OUT"/big-job-*.log; do echo "== $f"; tail -n 4 "$f"; done
+fi
+
+if [ "$PART" = same ]; then
+  export CUDA_CACHE_PATH=$(mktemp -d)
+  for run in cold warm; do
+    /usr/bin/time -f "wall %e s, max RSS %M KB" "$WORKER" generate --model "$MODEL" --taesd "$MODEL/taesdxl" \
+      --device cuda --dtype "$DTYPE" --ranks 1 --num-images 1 --width 1024 --height 1024 --steps 20 --seed 7 \
+      --prompt "a lighthouse at dawn" --output "$OUT/$run.png" > "$OUT/$run-start.log" 2>&1
+    echo "$run generate exit $?"; tail -n 4 "$OUT/$run-start.log"
+  done
+  unset CUDA_CACHE_PATH
+  "$WORKER" bench --model "$MODEL" --taesd "$MODEL/taesdxl" --device cuda --dtype "$DTYPE" \
+    --json "$OUT/candle-$DTYPE.json" > "$OUT/candle-$DTYPE.log" 2>&1
+  echo "bench exit $?"; grep '^|' "$OUT/candle-$DTYPE.log"
+  if ! python3 -c 'import diffusers' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine.txt" 2>&1
+  timeout ${DIFFUSERS_TIMEOUT:-330} python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype "$DTYPE" \
+    --recipes eager,compile --json "$OUT/diffusers-$DTYPE.json" > "$OUT/diffusers-$DTYPE.log" 2>&1
+  echo "diffusers exit $?"; grep -E '^\{"label"' "$OUT/diffusers-$DTYPE.log"
 fi
 
 if [ "$PART" = diffusers ]; then

@@ -24,8 +24,11 @@ pub struct WorkerConfig {
     /// Denoising steps of the warm-up generation run before consuming (0: none).
     #[arg(long, env = "SDXL_WARMUP_STEPS", default_value_t = 1)]
     pub warmup_steps: usize,
-    /// Width and height of the warm-up generation.
-    #[arg(long, env = "SDXL_WARMUP_SIZE", default_value_t = 512)]
+    /// Width and height of the warm-up generation: by default the default
+    /// job size, so that its first job pays no start-up of its own (cuDNN's
+    /// algorithm search and first kernel loads are per shape); lower it on
+    /// a CPU, where a 1024² step of the full model takes minutes.
+    #[arg(long, env = "SDXL_WARMUP_SIZE", default_value_t = common::rules::DEFAULT_SIZE as usize)]
     pub warmup_size: usize,
     /// A job still generating after this long is stopped and marked failed
     /// (its message is dead-lettered), so that no job holds the GPUs for ever.
