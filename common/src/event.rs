@@ -62,6 +62,29 @@ pub struct JobEvent {
     pub error: Option<String>,
 }
 
+/// The SSE stream's `queued` event: a queued job's place in line, sent
+/// when the stream starts and whenever it changes (not published on Redis:
+/// the dispatcher reads the queue order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueuedEvent {
+    /// Always `queued`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub job_id: Uuid,
+    /// Jobs ahead of this one (priority, then submit order); 0 is next.
+    pub queue_position: u64,
+}
+
+impl QueuedEvent {
+    pub fn new(job_id: Uuid, queue_position: u64) -> Self {
+        QueuedEvent {
+            kind: "queued".into(),
+            job_id,
+            queue_position,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

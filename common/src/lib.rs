@@ -12,6 +12,7 @@ pub mod result_store;
 pub mod rules;
 pub mod status;
 pub mod status_store;
+pub mod webhook;
 
 pub use event::{EventKind, JobEvent};
 pub use names::Names;

@@ -44,6 +44,28 @@ impl Names {
         format!("{}.dead", self.queue)
     }
 
+    /// Webhook events waiting to be delivered: `{queue}.webhooks`.
+    pub fn webhook_queue(&self) -> String {
+        format!("{}.webhooks", self.queue)
+    }
+
+    /// Where a webhook event waits `delay` before its next attempt:
+    /// `{queue}.webhooks.retry-{ms}ms`.
+    pub fn webhook_retry_queue(&self, delay: std::time::Duration) -> String {
+        format!("{}.webhooks.retry-{}ms", self.queue, delay.as_millis())
+    }
+
+    /// Webhook events whose every attempt failed: `{queue}.webhooks.dead`.
+    pub fn webhook_dead_queue(&self) -> String {
+        format!("{}.webhooks.dead", self.queue)
+    }
+
+    /// An API key's webhook signing secret: `sdxl:webhook-secret:{key name}`
+    /// (and the one it replaced, for a day, under `…:previous`).
+    pub fn webhook_secret_key(&self, owner: &str) -> String {
+        format!("{}:webhook-secret:{owner}", self.redis_prefix)
+    }
+
     /// The status record: `sdxl:job:{id}`.
     pub fn status_key(&self, id: Uuid) -> String {
         format!("{}:job:{id}", self.redis_prefix)
@@ -62,6 +84,16 @@ impl Names {
     /// The event channel: `sdxl:job:{id}:events`.
     pub fn events_channel(&self, id: Uuid) -> String {
         format!("{}:job:{id}:events", self.redis_prefix)
+    }
+
+    /// The queued jobs in delivery order (a sorted set): `sdxl:queue:order`.
+    pub fn queue_order_key(&self) -> String {
+        format!("{}:queue:order", self.redis_prefix)
+    }
+
+    /// The submit counter that orders jobs of one priority: `sdxl:queue:seq`.
+    pub fn queue_sequence_key(&self) -> String {
+        format!("{}:queue:seq", self.redis_prefix)
     }
 
     /// An `Idempotency-Key`: `sdxl:idempotency:{key}`.

@@ -232,6 +232,11 @@ impl JobPublisher {
         Ok(())
     }
 
+    /// The channel (confirm mode), for the webhook events this side publishes.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
     /// Whether the channel is still usable (for `/healthz`).
     pub fn is_connected(&self) -> bool {
         self.channel.status().connected()

@@ -1,12 +1,15 @@
 //! The status record of a job, as stored in Redis (`sdxl:job:{id}`) and
 //! returned by `GET /v1/jobs/{id}` and `dispatcher status`.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::rules::{Scheduler, ValidJob};
+use crate::rules::{Scheduler, ValidJob, WebhookEvent};
+use crate::webhook::WebhookDelivery;
 
 /// Where a job is in its life. `queued → running → succeeded | failed |
 /// cancelled`; `queued → cancelled | failed` too; `running → running` on a
@@ -141,6 +144,14 @@ pub struct JobStatus {
     /// and from the CLI): only that key, or an admin key, can see it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// A queued job only: how many jobs are ahead of it in the queue
+    /// (priority, then submit order); 0 is next. Read when the record is
+    /// served, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// Per event of the job's webhook: its deliveries so far.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhooks: BTreeMap<WebhookEvent, WebhookDelivery>,
 }
 
 impl JobStatus {
@@ -160,6 +171,8 @@ impl JobStatus {
             error: None,
             result: None,
             owner: None,
+            queue_position: None,
+            webhooks: BTreeMap::new(),
         }
     }
 }

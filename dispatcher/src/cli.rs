@@ -3,9 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use common::config::ServiceArgs;
+use common::config::{parse_duration, ServiceArgs};
 use common::rules::JobRequest;
 use common::rules::{Caps, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_LORAS};
 use uuid::Uuid;
@@ -76,7 +77,42 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub caps: CapsArgs,
     #[command(flatten)]
+    pub webhooks: WebhookArgs,
+    #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+/// How webhooks are checked and delivered.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// Let webhooks point at loopback, private and link-local addresses, and
+    /// use plain http (for tests and closed networks; never on a server that
+    /// takes requests from outside).
+    #[arg(long, env = "SDXL_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+    /// The wait before each retry of a refused or failed delivery,
+    /// comma-separated (about 1 h in all); after the last, the event is
+    /// parked in `{queue}.webhooks.dead`.
+    #[arg(long, env = "SDXL_WEBHOOK_RETRY_DELAYS", default_value = "5s,30s,2m,5m,10m,20m,30m",
+          value_delimiter = ',', value_parser = parse_duration)]
+    pub webhook_retry_delays: Vec<Duration>,
+    /// One delivery attempt's limit.
+    #[arg(long, env = "SDXL_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+    /// Deliveries in flight at once.
+    #[arg(long, env = "SDXL_WEBHOOK_CONCURRENCY", default_value_t = 16)]
+    pub webhook_concurrency: u16,
+}
+
+impl WebhookArgs {
+    pub fn delivery(&self) -> crate::webhooks::DeliveryConfig {
+        crate::webhooks::DeliveryConfig {
+            allow_private: self.webhook_allow_private,
+            retry_delays: self.webhook_retry_delays.clone(),
+            timeout: self.webhook_timeout,
+            concurrency: self.webhook_concurrency,
+        }
+    }
 }
 
 /// The caps on what one job may ask (at most the ranges of the request's

@@ -90,13 +90,25 @@ pub async fn serve(
         results: results.clone(),
         loras: LoraRegistry::new(results.clone(), args.max_lora_bytes),
     };
-    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, caps)
+    let jobs = Jobs::with_publisher(status.clone(), &args.service.amqp_url.0, caps)
         .await
         .context("connecting to RabbitMQ")?
-        .with_storage(storage);
+        .with_storage(storage)
+        .allowing_private_webhooks(args.webhooks.webhook_allow_private);
+    jobs.spawn_order_sweep(std::time::Duration::from_secs(10));
+    if args.webhooks.webhook_allow_private {
+        tracing::warn!("SDXL_WEBHOOK_ALLOW_PRIVATE: webhooks may point at private addresses, over plain http");
+    }
     let queue_cap = QueueCap::new(args.max_queue_depth);
     queue_cap.spawn_poller(args.service.amqp_url.0.clone(), args.service.names());
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    crate::webhooks::deliver::spawn(
+        args.service.amqp_url.0.clone(),
+        status,
+        results.clone(),
+        args.webhooks.delivery(),
+        stopping.clone(),
+    )?;
     let rate_limit = Arc::new(RateLimit::new(args.rate_limit, args.rate_burst));
     let forget = rate_limit.clone();
     tokio::spawn(async move {
@@ -186,6 +198,7 @@ async fn follow_with_bar(jobs: &Jobs, id: Uuid) -> anyhow::Result<JobStatus> {
                 bar.set_position(s.progress.step.into());
                 bar.set_message(s.state.to_string());
             }
+            Followed::Position(p) => bar.set_message(format!("queued, {p} ahead")),
             Followed::Event(e) => {
                 bar.set_length(e.total_steps.into());
                 bar.set_position(e.step.into());

@@ -13,7 +13,8 @@ use common::result_store::{ResultStore, ResultStoreError};
 use common::rules::JobRequest;
 use common::rules::{random_seed, validate_within, Caps, ValidJob, ValidationError};
 use common::status::{JobState, JobStatus};
-use common::status_store::{StatusStore, StatusStoreError, Update};
+use common::status_store::{QueueCounts, StatusStore, StatusStoreError, Update};
+use common::webhook;
 use common::Names;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, Mutex};
@@ -83,7 +84,12 @@ pub struct Submitted {
 pub enum Followed {
     Status(Box<JobStatus>),
     Event(JobEvent),
+    /// A queued job's place in line changed: this many jobs are ahead of it.
+    Position(u64),
 }
+
+/// How often a follower re-reads a queued job's place in line.
+const POSITION_POLL: Duration = Duration::from_millis(500);
 
 pub type FollowStream = Pin<Box<dyn Stream<Item = Followed> + Send>>;
 
@@ -98,6 +104,8 @@ pub struct Jobs {
     publishing: Option<Mutex<Publishing>>,
     caps: Caps,
     storage: Option<Storage>,
+    /// Webhooks may point at private addresses, over plain http.
+    webhook_allow_private: bool,
 }
 
 impl Jobs {
@@ -108,6 +116,7 @@ impl Jobs {
             publishing: None,
             caps: Caps::default(),
             storage: None,
+            webhook_allow_private: false,
         }
     }
 
@@ -123,7 +132,25 @@ impl Jobs {
             })),
             caps,
             storage: None,
+            webhook_allow_private: false,
         })
+    }
+
+    /// Whether webhooks may point at private addresses, over plain http
+    /// (`SDXL_WEBHOOK_ALLOW_PRIVATE`).
+    pub fn allowing_private_webhooks(mut self, allow: bool) -> Self {
+        self.webhook_allow_private = allow;
+        self
+    }
+
+    /// The key's webhook signing secret, made now if it has none.
+    pub async fn webhook_secret(&self, owner: &str) -> Result<String, JobsError> {
+        Ok(self.status.webhook_secret(owner).await?)
+    }
+
+    /// A new signing secret for the key.
+    pub async fn rotate_webhook_secret(&self, owner: &str) -> Result<String, JobsError> {
+        Ok(self.status.rotate_webhook_secret(owner).await?)
     }
 
     /// With `storage`: jobs may carry input images and name LoRAs.
@@ -173,6 +200,14 @@ impl Jobs {
         let mut request = request.clone();
         let inputs = Inputs::take(&mut request, id, self.caps.max_image_bytes)?;
         let mut job = validate_within(&request, &self.caps, random_seed)?;
+        if let Some(url) = &job.webhook_url {
+            crate::webhooks::target::check(url, self.webhook_allow_private)
+                .await
+                .map_err(|reason| ValidationError::WebhookTarget {
+                    value: url.clone(),
+                    reason,
+                })?;
+        }
         if !inputs.is_empty() || !job.loras.is_empty() {
             let storage = self.storage.as_ref().ok_or(JobsError::NoObjectStore)?;
             storage.loras.resolve(&mut job.loras).await?;
@@ -207,6 +242,11 @@ impl Jobs {
             }
             created?;
         }
+        // In line before it is published, so that no worker starts it first
+        // (a failure leaves the job without a position, nothing worse).
+        if let Err(e) = self.status.enqueue_order(id, job.priority).await {
+            tracing::warn!(%id, error = %e, "could not put the job in the queue order");
+        }
         let message = JobMessage {
             id,
             created_at: status.created_at,
@@ -233,18 +273,46 @@ impl Jobs {
                     .status
                     .publish_event(&terminal_of(&failed, EventKind::Failed))
                     .await;
+                self.announce(&failed).await;
             }
             return Err(JobsError::Publish { id, source: e });
         }
         tracing::info!(%id, priority = status.request.priority, "job queued");
+        status.queue_position = self.status.queue_position(id).await.ok().flatten();
         Ok(Submitted {
             status,
             replayed: false,
         })
     }
 
+    /// The record, with its place in line while it is queued.
     pub async fn status(&self, id: Uuid) -> Result<JobStatus, JobsError> {
-        self.status.get(id).await?.ok_or(JobsError::NotFound(id))
+        let mut status = self.status.get(id).await?.ok_or(JobsError::NotFound(id))?;
+        if status.state == JobState::Queued {
+            status.queue_position = self.status.queue_position(id).await?;
+        }
+        Ok(status)
+    }
+
+    /// How many jobs wait, per priority.
+    pub async fn queue_counts(&self) -> Result<QueueCounts, JobsError> {
+        Ok(self.status.queue_counts().await?)
+    }
+
+    /// Drops queue-order entries of jobs that are no longer queued, every
+    /// `every` (what a process that died between two writes left behind).
+    pub fn spawn_order_sweep(&self, every: Duration) {
+        let store = self.status.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match store.sweep_order().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(stale = n, "dropped queue-order entries of jobs no longer queued"),
+                    Err(e) => tracing::debug!(error = %e, "cannot sweep the queue order now"),
+                }
+            }
+        });
     }
 
     /// The status, if `caller` may see the job; another key's job is "not
@@ -287,6 +355,7 @@ impl Jobs {
                     error: None,
                 };
                 self.status.publish_event(&event).await?;
+                self.announce(&status).await;
                 Ok(status)
             }
             Update::Unchanged(status) => status.ok_or(JobsError::NotFound(id)),
@@ -339,6 +408,16 @@ impl Jobs {
                 let _ = tx.send(Followed::Event(terminal_of(&status, kind))).await;
                 return;
             }
+            // While queued, the place in line: sent first, then on each change.
+            let mut position = status.queue_position;
+            if let Some(p) = position {
+                if tx.send(Followed::Position(p)).await.is_err() {
+                    return;
+                }
+            }
+            let mut in_line = status.state == JobState::Queued;
+            let mut reposition = tokio::time::interval(POSITION_POLL);
+            reposition.tick().await;
             let mut recheck = tokio::time::interval(Duration::from_secs(2));
             recheck.tick().await;
             // If the subscription drops (Redis restarted), the status is still
@@ -355,6 +434,19 @@ impl Jobs {
                         let terminal = event.kind.is_terminal();
                         if tx.send(Followed::Event(event)).await.is_err() || terminal {
                             return;
+                        }
+                    }
+                    _ = reposition.tick(), if in_line => {
+                        match store.queue_position(id).await {
+                            Ok(Some(p)) if position != Some(p) => {
+                                position = Some(p);
+                                if tx.send(Followed::Position(p)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(Some(_)) | Err(_) => {}
+                            // Out of line: it started (or ended); the events say which.
+                            Ok(None) => in_line = false,
                         }
                     }
                     _ = recheck.tick() => {
@@ -375,6 +467,34 @@ impl Jobs {
     }
 }
 
+impl Jobs {
+    /// Puts the webhook event of a state this dispatcher wrote (a cancel
+    /// while queued, a publish that failed) on the webhook queue. Best
+    /// effort, logged: the state is written and answered already, and no
+    /// worker will take the job to announce it again.
+    async fn announce(&self, status: &JobStatus) {
+        let Some(publishing) = &self.publishing else {
+            return;
+        };
+        let channel = {
+            let mut p = publishing.lock().await;
+            if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
+                p.publisher = open_publisher(&p.url, self.status.names().clone()).await.ok();
+            }
+            p.publisher.as_ref().map(|p| p.channel().clone())
+        };
+        let announced = match channel {
+            Some(channel) => webhook::announce(&channel, &self.status, status)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("no RabbitMQ connection".to_string()),
+        };
+        if let Err(e) = announced {
+            tracing::error!(id = %status.id, state = %status.state, error = %e, "could not announce the webhook event");
+        }
+    }
+}
+
 fn terminal_of(status: &JobStatus, kind: EventKind) -> JobEvent {
     JobEvent {
         kind,
@@ -388,7 +508,9 @@ fn terminal_of(status: &JobStatus, kind: EventKind) -> JobEvent {
 
 async fn open_publisher(url: &str, names: Names) -> Result<JobPublisher, QueueError> {
     let conn = queue::connect(url, "sdxl-dispatcher").await?;
-    JobPublisher::new(&conn, names).await
+    let publisher = JobPublisher::new(&conn, names.clone()).await?;
+    webhook::declare_webhook_queue(publisher.channel(), &names).await?;
+    Ok(publisher)
 }
 
 /// Publishes, re-opening the connection once if RabbitMQ dropped it. The

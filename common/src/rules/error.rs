@@ -86,6 +86,16 @@ pub enum ValidationError {
     LoraDigest { index: usize, value: String },
     #[error("`loras[{index}].name` `{name}` is not in the LoRA registry; it has: {known}")]
     UnknownLora { index: usize, name: String, known: String },
+    #[error("`webhook_url` must be an absolute http or https URL: {reason}, got `{value}`")]
+    WebhookUrl { value: String, reason: String },
+    /// The dispatcher's check of where the URL points (public addresses,
+    /// https), which needs DNS and the server's settings.
+    #[error("`webhook_url` {reason}, got `{value}`")]
+    WebhookTarget { value: String, reason: String },
+    #[error("`webhook_events` must each be one of {allowed}, got `{0}`", allowed = super::WebhookEvent::names())]
+    WebhookEvent(String),
+    #[error("`webhook_events` must name at least one of {allowed} (leave it out for succeeded, failed, cancelled), got []", allowed = super::WebhookEvent::names())]
+    WebhookEventsEmpty,
     #[error("`loras[{index}].sha256` does not match `{name}` in the registry (its sha256 is {current})")]
     LoraChanged {
         index: usize,
@@ -128,6 +138,8 @@ impl ValidationError {
             | ValidationError::LoraDigest { .. }
             | ValidationError::UnknownLora { .. }
             | ValidationError::LoraChanged { .. } => "loras",
+            ValidationError::WebhookUrl { .. } | ValidationError::WebhookTarget { .. } => "webhook_url",
+            ValidationError::WebhookEvent(_) | ValidationError::WebhookEventsEmpty => "webhook_events",
         }
     }
 }

@@ -11,6 +11,7 @@ use super::{
     DEFAULT_PRIORITY, DEFAULT_SCHEDULER, DEFAULT_SIZE, DEFAULT_STEPS, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
     PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
 };
+use super::{WebhookEvent, WEBHOOK_URL_MAX_CHARS};
 use super::{
     DEFAULT_INPAINT_STRENGTH, DEFAULT_LORA_SCALE, DEFAULT_STRENGTH, LORA_NAME_MAX_CHARS, LORA_SCALE_RANGE,
     STRENGTH_RANGE,
@@ -74,6 +75,17 @@ pub struct RequestLimits {
     pub loras: LorasLimit,
     /// An input image's encoded size (after base64 decoding).
     pub max_image_bytes: usize,
+    pub webhook: WebhookLimit,
+}
+
+/// `webhook_url` and `webhook_events`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct WebhookLimit {
+    pub url_max_chars: usize,
+    /// The events `webhook_events` may name.
+    pub events: Vec<&'static str>,
+    /// The events of a job that names none.
+    pub default_events: Vec<&'static str>,
 }
 
 /// `strength`: above `min` (exclusive), at most `max`.
@@ -179,6 +191,11 @@ impl RequestLimits {
                 name_max_chars: LORA_NAME_MAX_CHARS,
             },
             max_image_bytes: caps.max_image_bytes,
+            webhook: WebhookLimit {
+                url_max_chars: WEBHOOK_URL_MAX_CHARS,
+                events: WebhookEvent::ALL.map(WebhookEvent::as_str).to_vec(),
+                default_events: WebhookEvent::TERMINAL.map(WebhookEvent::as_str).to_vec(),
+            },
         }
     }
 }

@@ -20,12 +20,16 @@ mod limits;
 mod request;
 mod scheduler;
 mod valid;
+mod webhook;
 
 pub use error::ValidationError;
-pub use limits::{ChoiceLimit, IntegerLimit, LorasLimit, NumberLimit, RequestLimits, StrengthLimit, TextLimit};
+pub use limits::{
+    ChoiceLimit, IntegerLimit, LorasLimit, NumberLimit, RequestLimits, StrengthLimit, TextLimit, WebhookLimit,
+};
 pub use request::{ImageInput, JobRequest, LoraRequest, OutputFormat, StoredImage};
 pub use scheduler::Scheduler;
 pub use valid::{random_seed, valid_lora_name, validate, validate_within, JobLora, ValidJob};
+pub use webhook::{Webhook, WebhookEvent, WEBHOOK_URL_MAX_CHARS};
 
 /// Default negative prompt; an empty string means none.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "blurry, low quality";

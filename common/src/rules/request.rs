@@ -97,6 +97,19 @@ pub struct JobRequest {
     #[serde(default)]
     #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = lora_arg)]
     pub loras: Option<Vec<LoraRequest>>,
+    /// Where to POST the job's status record on each of `webhook_events`,
+    /// signed as Standard Webhooks say (`GET /v1/webhook-secret` gives the
+    /// key's secret): an https URL of a public address (http and private
+    /// addresses only where the server allows them), at most 2048 characters.
+    #[serde(default)]
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// The events that are POSTed: any of running, succeeded, failed,
+    /// cancelled (default: succeeded, failed, cancelled); ignored without
+    /// `webhook_url`. CLI: comma-separated.
+    #[serde(default)]
+    #[arg(long, value_delimiter = ',')]
+    pub webhook_events: Option<Vec<String>>,
 }
 
 /// An input image (`image`, `mask`) as a request carries it.
@@ -298,6 +311,8 @@ impl JobRequest {
                 "mask" => req.mask = image_input("mask", value)?,
                 "strength" => req.strength = typed("strength", "a number", value)?,
                 "loras" => req.loras = loras(value)?,
+                "webhook_url" => req.webhook_url = typed("webhook_url", "a string", value)?,
+                "webhook_events" => req.webhook_events = typed("webhook_events", "an array of event names", value)?,
                 _ => return Err(ValidationError::UnknownField(key)),
             }
         }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    Caps, ImageInput, JobRequest, LoraRequest, OutputFormat, Scheduler, StoredImage, ValidationError,
+    Caps, ImageInput, JobRequest, LoraRequest, OutputFormat, Scheduler, StoredImage, ValidationError, WebhookEvent,
     DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_LORA_SCALE, DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PREVIEW_EVERY, DEFAULT_PRIORITY, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, GUIDANCE_RANGE,
     LORA_NAME_MAX_CHARS, LORA_SCALE_RANGE, NUM_IMAGES_RANGE, PREVIEW_EVERY_RANGE, PRIORITY_RANGE, PROMPT_MAX_CHARS,
@@ -50,6 +50,13 @@ pub struct ValidJob {
     pub strength: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<JobLora>,
+    /// Where the status record is POSTed on `webhook_events` (the request's
+    /// names, so that a job's wire form stays a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Sorted, each once; empty without `webhook_url`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhook_events: Vec<WebhookEvent>,
 }
 
 /// A LoRA of a valid job, its scale filled in.
@@ -63,6 +70,13 @@ pub struct JobLora {
 }
 
 impl ValidJob {
+    /// The URL to POST `event` to, if the job's webhook wants it.
+    pub fn webhook_for(&self, event: WebhookEvent) -> Option<&str> {
+        self.webhook_url
+            .as_deref()
+            .filter(|_| self.webhook_events.contains(&event))
+    }
+
     /// What kind of job this is, for logs and the page.
     pub fn mode(&self) -> &'static str {
         match (&self.image, &self.mask) {
@@ -102,6 +116,11 @@ impl ValidJob {
                     })
                     .collect()
             }),
+            webhook_url: self.webhook_url.clone(),
+            webhook_events: self
+                .webhook_url
+                .as_ref()
+                .map(|_| self.webhook_events.iter().map(|e| e.to_string()).collect()),
         }
     }
 }
@@ -212,6 +231,7 @@ pub fn validate_within(
     }
     let strength = inputs(image, mask, req.strength, steps)?;
     let loras = loras(req.loras.as_deref().unwrap_or_default(), caps)?;
+    let webhook = super::webhook::webhook(req.webhook_url.as_deref(), req.webhook_events.as_deref())?;
     let seed = match req.seed {
         Some(seed) => seed,
         None => draw_seed(),
@@ -233,6 +253,8 @@ pub fn validate_within(
         mask: mask.cloned(),
         strength,
         loras,
+        webhook_events: webhook.as_ref().map(|w| w.events.clone()).unwrap_or_default(),
+        webhook_url: webhook.map(|w| w.url),
     })
 }
 

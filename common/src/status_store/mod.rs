@@ -18,7 +18,12 @@ use uuid::Uuid;
 
 use crate::event::JobEvent;
 use crate::names::Names;
-use crate::status::JobStatus;
+use crate::status::{JobState, JobStatus};
+
+mod queue_order;
+mod secrets;
+pub use queue_order::QueueCounts;
+pub use secrets::{new_secret, PREVIOUS_SECRET_TTL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusStoreError {
@@ -124,6 +129,7 @@ pub struct StatusStore {
     ttl: Duration,
     script: redis::Script,
     lease_script: redis::Script,
+    enqueue_script: redis::Script,
 }
 
 impl StatusStore {
@@ -137,6 +143,7 @@ impl StatusStore {
             ttl,
             script: redis::Script::new(COMPARE_AND_SET),
             lease_script: redis::Script::new(LEASE),
+            enqueue_script: redis::Script::new(queue_order::ENQUEUE),
         };
         store.connection().await?;
         Ok(store)
@@ -257,6 +264,14 @@ impl StatusStore {
             };
             let json = serde_json::to_string(&new).map_err(|source| StatusStoreError::Corrupt { id, source })?;
             if self.compare_and_set(id, raw.unwrap_or_default(), json).await? {
+                // A job that leaves `queued` leaves the line (see `queue_order`;
+                // the sweep catches what a failure here leaves behind).
+                let was_queued = current.as_ref().is_some_and(|s| s.state == JobState::Queued);
+                if was_queued && new.state != JobState::Queued {
+                    if let Err(e) = self.dequeue_order(id).await {
+                        tracing::warn!(%id, error = %e, "could not take the job out of the queue order");
+                    }
+                }
                 return Ok(Update::Written(new));
             }
         }

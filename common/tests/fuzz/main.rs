@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use common::queue::{decode_message, DecodeError, JobMessage};
 use common::rules::{validate, JobLora, ValidJob, ValidationError};
 use common::rules::{IntegerLimit, RequestLimits};
-use common::rules::{JobRequest, OutputFormat, Scheduler};
+use common::rules::{JobRequest, OutputFormat, Scheduler, WebhookEvent};
 
 mod requests;
 use proptest::prelude::*;
@@ -243,12 +243,17 @@ fn any_valid_job() -> impl Strategy<Value = ValidJob> {
             prop::sample::select(Scheduler::ALL.to_vec()),
         ),
         prop::collection::vec(("[A-Za-z0-9_-]{1,20}", -4.0f64..=4.0), 0..=4),
+        prop::option::of((
+            "[a-z0-9]{1,12}",
+            prop::sample::subsequence(WebhookEvent::ALL.to_vec(), 1..=4),
+        )),
     )
         .prop_map(
             |(
                 (prompt, negative_prompt, steps, w, h, guidance_scale),
                 (seed, num_images, preview_every, output_format, priority, scheduler),
                 loras,
+                webhook,
             )| {
                 ValidJob {
                     prompt,
@@ -276,6 +281,11 @@ fn any_valid_job() -> impl Strategy<Value = ValidJob> {
                             sha256: None,
                         })
                         .collect(),
+                    // Sorted and each once, as validation makes them.
+                    webhook_url: webhook
+                        .as_ref()
+                        .map(|(host, _)| format!("https://{host}.example/hook?job=1")),
+                    webhook_events: webhook.map(|(_, events)| events).unwrap_or_default(),
                 }
             },
         )

@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
+use common::event::QueuedEvent;
 use common::rules::JobRequest;
 use common::status::{ImageRef, JobState, JobStatus};
 use futures_util::StreamExt;
@@ -239,7 +240,9 @@ pub async fn cancel(
 }
 
 /// The job's events as Server-Sent Events: first an event named `status`
-/// whose data is the status record (`JobStatus`), then one event per
+/// whose data is the status record (`JobStatus`); while the job is queued, a
+/// `queued` event (`QueuedEvent`) with its place in line, sent again when
+/// the place changes; then one event per
 /// `progress`, `preview` (a blurred JPEG grid as a data URI), and exactly one
 /// terminal event (`succeeded`, `failed` or `cancelled`) whose data is a
 /// `JobEvent`; the stream ends after it.
@@ -249,7 +252,7 @@ pub async fn cancel(
     tag = "jobs",
     params(("id" = String, Path, description = "The job id (a UUID)")),
     responses(
-        (status = 200, description = "`event: status` with a `JobStatus`, then `event: progress|preview|succeeded|failed|cancelled` each with a `JobEvent` (the `itemSchema` describes each event)",
+        (status = 200, description = "`event: status` with a `JobStatus`, `event: queued` with a `QueuedEvent` while it waits, then `event: progress|preview|succeeded|failed|cancelled` each with a `JobEvent` (the `itemSchema` describes each event)",
          content_type = "text/event-stream"),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such job (or another key's)", body = ErrorBody),
@@ -260,10 +263,11 @@ pub async fn cancel(
 )]
 pub async fn events(State(state): State<AppState>, caller: Caller, JobId(id): JobId) -> Result<Response, ApiError> {
     let stream = state.jobs.follow(id, &caller).await?;
-    let stream = stream.map(|followed| {
+    let stream = stream.map(move |followed| {
         let event = match &followed {
             Followed::Status(status) => Event::default().event("status").json_data(status),
             Followed::Event(event) => Event::default().event(event.kind.as_str()).json_data(event),
+            Followed::Position(p) => Event::default().event("queued").json_data(QueuedEvent::new(id, *p)),
         };
         Ok::<_, Infallible>(event.unwrap_or_else(|e| Event::default().comment(format!("unencodable event: {e}"))))
     });

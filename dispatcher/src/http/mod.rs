@@ -12,5 +12,7 @@ pub mod lora_routes;
 pub mod openapi;
 pub mod page;
 pub mod prefer;
+pub mod queue_routes;
 pub mod server;
 pub mod state;
+pub mod webhook_routes;

@@ -19,12 +19,13 @@ use utoipa::Modify;
     ),
     tags(
         (name = "jobs", description = "Generation jobs (need an API key when the server has keys)"),
+        (name = "webhooks", description = "The key's webhook signing secret (Standard Webhooks)"),
         (name = "loras", description = "The LoRA registry (listing needs an API key; changes an admin key)"),
         (name = "limits", description = "What a request may ask"),
         (name = "page", description = "The web page"),
         (name = "operations", description = "Health, metrics and this document"),
     ),
-    components(schemas(common::event::JobEvent, common::status::JobStatus)),
+    components(schemas(common::event::JobEvent, common::event::QueuedEvent, common::status::JobStatus)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -74,7 +75,8 @@ pub fn finish(doc: OpenApi, caps: &Caps) -> Value {
 }
 
 /// Each event of the job's SSE stream (OpenAPI 3.2's `itemSchema`): first
-/// `status` with the status record, then events whose data is a `JobEvent`.
+/// `status` with the status record, `queued` (a `QueuedEvent`) while the job
+/// waits, then events whose data is a `JobEvent`.
 /// (utoipa writes OpenAPI 3.1, which has no word for a stream's items.)
 fn sse_item_schema() -> Value {
     let event = |names: Value, data: &str| {
@@ -94,7 +96,11 @@ fn sse_item_schema() -> Value {
         })
     };
     let kinds = json!({ "enum": ["progress", "preview", "succeeded", "failed", "cancelled"] });
-    json!({ "oneOf": [event(json!({ "const": "status" }), "JobStatus"), event(kinds, "JobEvent")] })
+    json!({ "oneOf": [
+        event(json!({ "const": "status" }), "JobStatus"),
+        event(json!({ "const": "queued" }), "QueuedEvent"),
+        event(kinds, "JobEvent"),
+    ] })
 }
 
 fn integer(prop: &mut Value, limit: &IntegerLimit) {
@@ -128,6 +134,10 @@ fn apply_limits(props: &mut Value, l: &RequestLimits) {
     props["strength"]["exclusiveMinimum"] = json!(l.strength.min_exclusive);
     props["strength"]["maximum"] = json!(l.strength.max);
     props["loras"]["maxItems"] = json!(l.loras.max_count);
+    props["webhook_url"]["maxLength"] = json!(l.webhook.url_max_chars);
+    props["webhook_url"]["format"] = json!("uri");
+    props["webhook_events"]["minItems"] = json!(1);
+    props["webhook_events"]["items"] = json!({ "type": "string", "enum": l.webhook.events });
     let bytes = format!(" At most {} bytes once decoded on this server.", l.max_image_bytes);
     for input in ["image", "mask"] {
         if let Some(Value::String(d)) = props[input].get_mut("description") {
@@ -182,8 +192,11 @@ mod tests {
             "GET /v1/limits",
             "GET /v1/loras",
             "GET /v1/loras/{name}",
+            "GET /v1/queue",
+            "GET /v1/webhook-secret",
             "GET /web/{file}",
             "POST /v1/jobs",
+            "POST /v1/webhook-secret/rotate",
             "PUT /v1/loras/{name}",
         ];
         assert_eq!(documented, expected);

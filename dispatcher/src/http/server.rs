@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, Refusal, RETRY_UNAVAILABLE_SECS};
 pub use super::state::{AppState, BodyLimits, MAX_BODY_BYTES};
-use super::{job_routes, limits, lora_routes, openapi, page};
+use super::{job_routes, limits, lora_routes, openapi, page, queue_routes, webhook_routes};
 
 /// Every documented route: the `/v1/jobs*` and `/v1/loras*` ones, which
 /// need an API key (when keys are configured), and the open ones: the page,
@@ -46,6 +46,9 @@ fn routers(metrics_here: bool, limits: BodyLimits) -> (OpenApiRouter<AppState>, 
         .routes(routes!(job_routes::result))
         .routes(routes!(job_routes::images))
         .routes(routes!(lora_routes::list_loras))
+        .routes(routes!(queue_routes::queue))
+        .routes(routes!(webhook_routes::get_secret))
+        .routes(routes!(webhook_routes::rotate_secret))
         .merge(upload);
     let mut open = OpenApiRouter::new()
         .routes(routes!(limits::limits))

@@ -9,10 +9,12 @@ use std::time::Instant;
 use common::queue::{self, declare_topology};
 use common::result_store::ResultStore;
 use common::status_store::StatusStore;
+use common::webhook::declare_webhook_queue;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use tokio::sync::watch;
@@ -59,6 +61,7 @@ pub async fn run(
         config,
         worker_name,
         loras,
+        webhooks: std::sync::Mutex::new(None),
     };
     // RabbitMQ restarts and network cuts end a session; the worker connects
     // again with backoff. It gives up (exits non-zero, for its supervisor to
@@ -111,6 +114,18 @@ async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(
     .map_err(|e| lost(e.into()))?;
     let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
     declare_topology(&channel, &names).await.map_err(|e| lost(e.into()))?;
+    // Webhook events are published on a channel of their own, in confirm mode.
+    let webhooks = conn.create_channel().await.map_err(|e| lost(e.into()))?;
+    webhooks
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| lost(e.into()))?;
+    declare_webhook_queue(&webhooks, &names)
+        .await
+        .map_err(|e| lost(e.into()))?;
+    if let Ok(mut slot) = ctx.webhooks.lock() {
+        *slot = Some(webhooks);
+    }
     // One job at a time: the engine runs one, so the broker holds the rest
     // where any other worker can take them.
     channel

@@ -14,9 +14,12 @@ use chrono::{DateTime, Utc};
 use common::event::{EventKind, JobEvent};
 use common::queue::{decode_message, JobMessage};
 use common::result_store::ResultStore;
+use common::rules::WebhookEvent;
 use common::rules::{Scheduler, ValidJob};
 use common::status::{JobResult, JobState, JobStatus, Progress, Timings};
 use common::status_store::{StatusStore, Update};
+use common::webhook;
+use lapin::Channel;
 use sdxl::scheduler::SamplerKind;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -49,11 +52,33 @@ pub struct JobContext {
     pub config: WorkerConfig,
     pub worker_name: String,
     pub loras: LoraCache,
+    /// The channel (confirm mode) of this RabbitMQ session that webhook
+    /// events are published on; set by each session.
+    pub webhooks: std::sync::Mutex<Option<Channel>>,
 }
 
 impl JobContext {
     fn backoff(&self) -> Backoff {
         Backoff::new(self.config.retry_for)
+    }
+
+    /// Announces the webhook event of `record`'s state (if its webhook wants
+    /// it), before the delivery is settled: a failure requeues the job, whose
+    /// next run announces it again.
+    async fn announce(&self, record: &JobStatus) -> Result<(), JobError> {
+        let channel = self.webhooks.lock().ok().and_then(|c| c.clone());
+        let needed = WebhookEvent::of_state(record.state).is_some_and(|e| record.request.webhook_for(e).is_some());
+        if !needed {
+            return Ok(());
+        }
+        let channel = channel
+            .ok_or_else(|| JobError::Transient("no RabbitMQ channel to announce the webhook event on".into()))?;
+        retry(self.backoff(), "announcing the webhook event", || {
+            webhook::announce(&channel, &self.status, record)
+        })
+        .await
+        .map_err(|e| JobError::Transient(e.to_string()))?;
+        Ok(())
     }
 }
 
@@ -144,7 +169,9 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
     let current = retry(backoff, "reading the status", || ctx.status.get(id)).await?;
     if let Some(s) = current.as_ref().filter(|s| s.state.is_terminal()) {
         tracing::info!(state = %s.state, "job already finished: acking it");
-        return Ok(());
+        // Its end may have been written by a worker that died before it
+        // announced it (the record says whether it did).
+        return ctx.announce(s).await;
     }
     let mut queued = JobStatus::queued(id, job.clone(), message.created_at);
     queued.owner.clone_from(&message.owner);
@@ -170,11 +197,15 @@ async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), Job
     let status = match running {
         Update::Written(s) => s,
         Update::Unchanged(s) => {
-            tracing::info!(state = ?s.map(|s| s.state), "job finished meanwhile: acking it");
-            return Ok(());
+            tracing::info!(state = ?s.as_ref().map(|s| s.state), "job finished meanwhile: acking it");
+            return match s {
+                Some(s) => ctx.announce(&s).await,
+                None => Ok(()),
+            };
         }
     };
     tracing::info!(attempt = status.attempt, worker = %ctx.worker_name, "running");
+    ctx.announce(&status).await?;
 
     let inputs = fetch_images(&ctx.results, &job, backoff).await?;
     let loras = ctx.loras.fetch_all(&ctx.results, &job.loras, backoff).await?;
@@ -394,15 +425,20 @@ async fn finish(
         })
     })
     .await?;
-    if let Update::Written(status) = update {
-        tracing::info!(state = %status.state, "job finished");
-        let event = terminal_event(id, kind, &status);
-        retry(backoff, "publishing the final event", || {
-            ctx.status.publish_event(&event)
-        })
-        .await?;
+    match update {
+        Update::Written(status) => {
+            tracing::info!(state = %status.state, "job finished");
+            let event = terminal_event(id, kind, &status);
+            retry(backoff, "publishing the final event", || {
+                ctx.status.publish_event(&event)
+            })
+            .await?;
+            ctx.announce(&status).await
+        }
+        // Finished before: its end may still need announcing.
+        Update::Unchanged(Some(status)) => ctx.announce(&status).await,
+        Update::Unchanged(None) => Ok(()),
     }
-    Ok(())
 }
 
 async fn finish_succeeded(ctx: &JobContext, id: Uuid, base: &JobStatus, result: JobResult) -> Result<(), JobError> {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use common::result_store::ResultStoreError;
 use common::status_store::StatusStoreError;
+use common::webhook::AnnounceError;
 
 /// Errors that know whether trying again may help.
 pub trait Transient: std::fmt::Display {
@@ -14,6 +15,14 @@ pub trait Transient: std::fmt::Display {
 impl Transient for StatusStoreError {
     fn is_transient(&self) -> bool {
         StatusStoreError::is_transient(self)
+    }
+}
+
+/// A lost channel is not retried in place: the job is requeued and the
+/// session reconnects.
+impl Transient for AnnounceError {
+    fn is_transient(&self) -> bool {
+        matches!(self, AnnounceError::Store(e) if e.is_transient())
     }
 }
 
