@@ -101,6 +101,23 @@ impl Names {
         format!("{}:idempotency:{key}", self.redis_prefix)
     }
 
+    /// Every job, newest last (a sorted set of `{created_at ms}:{id}`
+    /// members, see [`crate::job_index`]): `sdxl:jobs:all`.
+    pub fn all_jobs_index(&self) -> String {
+        format!("{}:jobs:all", self.redis_prefix)
+    }
+
+    /// The jobs of the API key named `owner`: `sdxl:jobs:owner:{owner}`.
+    pub fn owner_jobs_index(&self, owner: &str) -> String {
+        format!("{}:jobs:owner:{owner}", self.redis_prefix)
+    }
+
+    /// The rate-limit state (GCRA's theoretical arrival time) of the API key
+    /// named `key`, shared by every dispatcher: `sdxl:ratelimit:{key}`.
+    pub fn rate_limit_key(&self, key: &str) -> String {
+        format!("{}:ratelimit:{key}", self.redis_prefix)
+    }
+
     /// The grid object: `jobs/{id}/grid.{ext}`.
     pub fn grid_object(id: Uuid, format: OutputFormat) -> String {
         format!("jobs/{id}/grid.{}", format.extension())

@@ -9,7 +9,6 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::rules::{Scheduler, ValidJob, WebhookEvent};
-use crate::webhook::WebhookDelivery;
 
 /// Where a job is in its life. `queued → running → succeeded | failed |
 /// cancelled`; `queued → cancelled | failed` too; `running → running` on a
@@ -173,6 +172,52 @@ impl JobStatus {
             owner: None,
             queue_position: None,
             webhooks: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where one event's deliveries stand, on the job's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// On the queue, not tried yet.
+    Queued,
+    /// Tried and refused (or timed out); waiting for the next attempt.
+    Retrying,
+    /// A 2xx answer.
+    Delivered,
+    /// Every attempt failed: parked in `{queue}.webhooks.dead`.
+    Dead,
+}
+
+/// The deliveries of one event of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WebhookDelivery {
+    pub webhook_id: String,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    /// The HTTP status of the last answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed, when there was no answer or not a 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+impl WebhookDelivery {
+    pub fn queued(webhook_id: &str) -> Self {
+        WebhookDelivery {
+            webhook_id: webhook_id.to_string(),
+            state: DeliveryState::Queued,
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            last_attempt_at: None,
+            next_attempt_at: None,
         }
     }
 }

@@ -11,18 +11,16 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::names::Names;
 use crate::queue::QueueError;
 use crate::rules::WebhookEvent;
-use crate::status::JobStatus;
+use crate::status::{JobStatus, WebhookDelivery};
 use crate::status_store::{StatusStore, StatusStoreError};
 
 /// One event of one job, to be POSTed to its webhook.
@@ -110,52 +108,6 @@ pub async fn announce(channel: &Channel, store: &StatusStore, record: &JobStatus
     Ok(true)
 }
 
-/// Where one event's deliveries stand, on the job's record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DeliveryState {
-    /// On the queue, not tried yet.
-    Queued,
-    /// Tried and refused (or timed out); waiting for the next attempt.
-    Retrying,
-    /// A 2xx answer.
-    Delivered,
-    /// Every attempt failed: parked in `{queue}.webhooks.dead`.
-    Dead,
-}
-
-/// The deliveries of one event of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct WebhookDelivery {
-    pub webhook_id: String,
-    pub state: DeliveryState,
-    pub attempts: u32,
-    /// The HTTP status of the last answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_status: Option<u16>,
-    /// Why the last attempt failed, when there was no answer or not a 2xx.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_attempt_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<DateTime<Utc>>,
-}
-
-impl WebhookDelivery {
-    pub fn queued(webhook_id: &str) -> Self {
-        WebhookDelivery {
-            webhook_id: webhook_id.to_string(),
-            state: DeliveryState::Queued,
-            attempts: 0,
-            last_status: None,
-            last_error: None,
-            last_attempt_at: None,
-            next_attempt_at: None,
-        }
-    }
-}
-
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions::durable()
 }
@@ -234,6 +186,7 @@ pub async fn publish_webhook(channel: &Channel, queue: &str, message: &WebhookMe
 mod tests {
     use super::*;
     use crate::rules::{validate, JobRequest};
+    use chrono::Utc;
 
     fn record(events: Option<Vec<String>>) -> JobStatus {
         let request = JobRequest {

@@ -1,61 +1,58 @@
 //! What a submit must pass before it is validated and queued, so that no
-//! client can flood the GPUs: a per-key rate limit (a token bucket per API
-//! key name: `429` with `Retry-After`) and a cap on the queue's depth (`503`
-//! while more jobs wait than the cap).
+//! client can flood the GPUs: a per-key rate limit (`429` with
+//! `Retry-After`) and a cap on the queue's depth (`503` while more jobs wait
+//! than the cap).
 //!
-//! Both are per dispatcher process: with several dispatchers behind a load
-//! balancer the rate a key gets is the sum of theirs. The queue depth is
-//! read from RabbitMQ every [`DEPTH_POLL`] by a background task, not on
-//! every submit (a passive declare per request would cost a round trip), so
-//! the cap can be overshot by what arrives within one poll.
+//! The rate limit is shared by every dispatcher on one Redis prefix (GCRA in
+//! one Lua script, `common::rate_limit`): a key gets the same rate from two
+//! dispatchers behind a load balancer as from one. When Redis does not
+//! answer, the submit is let through with a warning: it then fails on
+//! writing its `queued` record anyway (503), and refusing it as rate limited
+//! would give the client a wrong reason and a wrong wait.
+//!
+//! The queue cap is per process: the depth is read from RabbitMQ every
+//! [`DEPTH_POLL`] by a background task, not on every submit (a passive
+//! declare per request would cost a round trip), so the cap can be
+//! overshot by what arrives within one poll (per dispatcher).
 
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::queue;
+use common::rate_limit::{Gcra, SharedRateLimit};
+use common::status_store::StatusStore;
 use common::Names;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// How often the dispatcher reads the queue's depth.
 pub const DEPTH_POLL: Duration = Duration::from_millis(250);
 
-/// Submits per minute per key, with a burst.
+/// Submits per minute per key, with a burst, counted in Redis.
 pub struct RateLimit {
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
-    clock: DefaultClock,
+    limiter: Option<SharedRateLimit>,
 }
 
 impl RateLimit {
     /// `per_minute` 0: no limit.
-    pub fn new(per_minute: u32, burst: u32) -> Self {
-        let limiter = NonZeroU32::new(per_minute).map(|rate| {
-            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::keyed(Quota::per_minute(rate).allow_burst(burst))
-        });
+    pub fn new(store: StatusStore, per_minute: u32, burst: u32) -> Self {
         RateLimit {
-            limiter,
-            clock: DefaultClock::default(),
+            limiter: Gcra::per_minute(per_minute, burst).map(|gcra| SharedRateLimit::new(store, gcra)),
         }
     }
 
-    /// Takes one submit from `key`'s bucket, or says how long until one is there.
-    pub fn check(&self, key: &str) -> Result<(), Duration> {
+    /// Takes one submit from `key`'s allowance, or says how long until one
+    /// is there. Redis unreachable: allowed (see the module's comment).
+    pub async fn check(&self, key: &str) -> Result<(), Duration> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        limiter
-            .check_key(&key.to_string())
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
-    }
-
-    /// Drops the buckets that are full again (called now and then, so that
-    /// many one-off keys do not grow the map for ever).
-    pub fn forget_idle(&self) {
-        if let Some(limiter) = &self.limiter {
-            limiter.retain_recent();
+        match limiter.check(key).await {
+            Ok(None) => Ok(()),
+            Ok(Some(wait)) => Err(wait),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the rate limit in Redis: letting the submit through");
+                Ok(())
+            }
         }
     }
 }
@@ -127,23 +124,6 @@ async fn poll(url: &str, names: &Names, depth: &AtomicU64) -> Result<(), queue::
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_key_gets_its_burst_then_waits_and_other_keys_are_not_affected() {
-        let limit = RateLimit::new(60, 3);
-        for _ in 0..3 {
-            assert!(limit.check("alice").is_ok());
-        }
-        let wait = limit.check("alice").unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
-        assert!(limit.check("bob").is_ok());
-    }
-
-    #[test]
-    fn zero_means_no_limit() {
-        let limit = RateLimit::new(0, 0);
-        assert!((0..10_000).all(|_| limit.check("k").is_ok()));
-    }
 
     #[test]
     fn the_cap_needs_a_known_depth() {

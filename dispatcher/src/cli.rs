@@ -62,7 +62,8 @@ pub struct ServeArgs {
     /// Serve `/metrics` on this address only (and not on `--listen`).
     #[arg(long, env = "SDXL_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Submits per minute per API key (a token bucket); 0: no limit.
+    /// Submits per minute per API key, shared by every dispatcher on the same
+    /// Redis prefix (GCRA in Redis); 0: no limit.
     #[arg(long, env = "SDXL_RATE_LIMIT", default_value_t = 120)]
     pub rate_limit: u32,
     /// Submits a key may make at once before the rate applies.

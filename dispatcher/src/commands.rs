@@ -81,6 +81,7 @@ pub async fn serve(
     }
     let caps = args.caps.caps()?;
     let status = store(&args.service).await?;
+    let limiter_store = status.clone();
     let results = Arc::new(ResultStore::new(&args.service.s3)?);
     // Best effort: the worker creates the bucket too.
     if let Err(e) = results.ensure_bucket().await {
@@ -109,14 +110,7 @@ pub async fn serve(
         args.webhooks.delivery(),
         stopping.clone(),
     )?;
-    let rate_limit = Arc::new(RateLimit::new(args.rate_limit, args.rate_burst));
-    let forget = rate_limit.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-            forget.forget_idle();
-        }
-    });
+    let rate_limit = Arc::new(RateLimit::new(limiter_store, args.rate_limit, args.rate_burst));
     let state = AppState {
         jobs: Arc::new(jobs),
         results,

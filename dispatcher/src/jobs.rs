@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::event::{EventKind, JobEvent};
+use common::job_index::JobIndex;
 use common::queue::{self, JobMessage, JobPublisher, QueueError};
 use common::result_store::{ResultStore, ResultStoreError};
 use common::rules::JobRequest;
@@ -101,6 +102,8 @@ struct Publishing {
 
 pub struct Jobs {
     status: StatusStore,
+    /// Every submitted job, for `GET /v1/jobs`.
+    index: JobIndex,
     publishing: Option<Mutex<Publishing>>,
     caps: Caps,
     storage: Option<Storage>,
@@ -112,6 +115,7 @@ impl Jobs {
     /// For reading and cancelling only (`dispatcher status|watch|cancel`).
     pub fn new(status: StatusStore) -> Self {
         Jobs {
+            index: JobIndex::new(status.clone()),
             status,
             publishing: None,
             caps: Caps::default(),
@@ -125,6 +129,7 @@ impl Jobs {
     pub async fn with_publisher(status: StatusStore, amqp_url: &str, caps: Caps) -> Result<Self, QueueError> {
         let publisher = open_publisher(amqp_url, status.names().clone()).await?;
         Ok(Jobs {
+            index: JobIndex::new(status.clone()),
             status,
             publishing: Some(Mutex::new(Publishing {
                 url: amqp_url.to_string(),
@@ -161,6 +166,11 @@ impl Jobs {
 
     pub fn storage(&self) -> Option<&Storage> {
         self.storage.as_ref()
+    }
+
+    /// The index of submitted jobs (`GET /v1/jobs`).
+    pub fn index(&self) -> &JobIndex {
+        &self.index
     }
 
     /// The caps requests are validated within.
@@ -246,6 +256,12 @@ impl Jobs {
         // (a failure leaves the job without a position, nothing worse).
         if let Err(e) = self.status.enqueue_order(id, job.priority).await {
             tracing::warn!(%id, error = %e, "could not put the job in the queue order");
+        }
+        // Listed before it is published, so that it is in the list from when
+        // it is queued. A job that could not be listed still runs: the list
+        // is a convenience, the record and the message are the job.
+        if let Err(e) = self.index.add(&status).await {
+            tracing::warn!(%id, error = %e, "could not add the job to the job index");
         }
         let message = JobMessage {
             id,

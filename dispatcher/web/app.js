@@ -1,10 +1,11 @@
 // The dispatcher's web page: submit a job, watch its previews over the SSE
-// stream, show the final grid and images, keep this browser's recent jobs.
+// stream, show the final grid and images, list the key's recent jobs.
 // Plain JavaScript, no build step; it uses only the public API:
 //   GET  /v1/limits                the form's ranges and defaults
 //   GET  /v1/loras                 the LoRA picker's choices
 //   POST /v1/jobs                  submit (errors: 422 {error, field}); an
 //                                  uploaded image and mask go as data: URLs
+//   GET  /v1/jobs                  the key's jobs, newest first (the recent list)
 //   GET  /v1/jobs/{id}/events      SSE: status, progress/preview, a terminal event
 //   GET  /v1/jobs/{id}             the status record (timings, error)
 //   GET  /v1/jobs/{id}/images      the grid and images with fresh presigned URLs
@@ -13,8 +14,7 @@
 // the image, mask and LoRA inputs in inputs.js, both loaded before this file.
 'use strict';
 
-const RECENT_STORE = 'sdxl-queue.recent-jobs';
-const RECENT_MAX = 25;
+const RECENT_PAGE = 25; // jobs per page of the recent list
 const INTEGER_FIELDS = ['width', 'height', 'num_inference_steps', 'num_images', 'preview_every', 'priority'];
 const NUMBER_FIELDS = [...INTEGER_FIELDS, 'guidance_scale', 'strength'];
 // Chosen as files: sent as data: URLs, never as the input's value.
@@ -210,41 +210,49 @@ function reuseSeed(seed) {
 }
 
 // ------------------------------------------------------ the recent jobs --
+// The key's jobs as the server lists them (GET /v1/jobs, newest first; an
+// admin key's: every job), so they follow the key to any browser. "Older"
+// loads the next page; the open job keeps its state there up to date.
 
-function recentJobs() {
-  try {
-    const list = JSON.parse(localStorage.getItem(RECENT_STORE) || '[]');
-    return Array.isArray(list) ? list : [];
-  } catch {
-    return [];
-  }
+let [recent, recentCursor, recentError] = [[], null, null];
+
+function summary(status) {
+  return { id: status.id, prompt: status.request.prompt, state: status.state, created_at: status.created_at };
 }
 
-function saveRecent(list) {
-  localStorage.setItem(RECENT_STORE, JSON.stringify(list.slice(0, RECENT_MAX)));
+async function loadRecent(more = false) {
+  const query = new URLSearchParams({ limit: String(RECENT_PAGE) });
+  if (more && recentCursor) query.set('cursor', recentCursor);
+  try {
+    const page = await api('GET', `/v1/jobs?${query}`);
+    const jobs = page.jobs.map(summary);
+    // A first page replaces the list; an older one goes below it.
+    recent = more ? [...recent, ...jobs.filter((job) => !recent.some((r) => r.id === job.id))] : jobs;
+    recentCursor = page.next_cursor;
+    recentError = null;
+  } catch (error) {
+    recentError = error.status === 401 ? 'Paste your API key above to see your jobs.' : error.message;
+    if (!more) [recent, recentCursor] = [[], null];
+  }
   renderRecent();
 }
 
 function remember(status) {
-  const list = recentJobs().filter((job) => job.id !== status.id);
-  list.unshift({ id: status.id, prompt: status.request.prompt, state: status.state, created_at: status.created_at });
-  saveRecent(list);
+  recent = [summary(status), ...recent.filter((job) => job.id !== status.id)];
+  renderRecent();
 }
 
 function rememberState(id, state) {
-  const list = recentJobs();
-  const job = list.find((j) => j.id === id);
-  if (job && job.state !== state) {
-    job.state = state;
-    saveRecent(list);
-  }
+  const job = recent.find((j) => j.id === id);
+  if (!job || job.state === state) return;
+  job.state = state;
+  renderRecent();
 }
 
 function renderRecent() {
-  const list = recentJobs();
   const ul = $('recent');
   ul.replaceChildren(
-    ...list.map((job) => {
+    ...recent.map((job) => {
       const li = document.createElement('li');
       const button = document.createElement('button');
       button.type = 'button';
@@ -267,8 +275,10 @@ function renderRecent() {
       return li;
     }),
   );
-  $('recent-empty').hidden = list.length > 0;
-  $('clear-recent').hidden = list.length === 0;
+  const empty = $('recent-empty');
+  empty.textContent = recentError ?? 'None yet.';
+  empty.hidden = recent.length > 0 && !recentError;
+  $('older-recent').hidden = !recentCursor;
 }
 
 // ---------------------------------------------------------- one job view --
@@ -555,6 +565,7 @@ function setUpKey() {
     describe();
     loadLimits();
     if (shown) openJob(shown.id);
+    loadRecent();
   });
 }
 
@@ -577,8 +588,10 @@ function start() {
   $('reuse-settings').addEventListener('click', () => {
     if (shown?.status) fillForm(shown.status.request);
   });
-  $('clear-recent').addEventListener('click', () => saveRecent([]));
+  $('refresh-recent').addEventListener('click', () => loadRecent());
+  $('older-recent').addEventListener('click', () => loadRecent(true));
   renderRecent();
+  loadRecent();
   loadLimits();
   const id = location.hash.slice(1);
   if (UUID.test(id)) openJob(id);

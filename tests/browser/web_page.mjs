@@ -5,7 +5,7 @@
 //   node web_page.mjs SCENARIO BASE_URL OUT_DIR
 //
 // SCENARIO: `submit` (a job from the form: previews, the final grid and
-// images, reuse seed, reopen from the recent jobs, cancel a running job),
+// images, reuse seed, reopen from the server's recent jobs, cancel a running job),
 // `img2img` (an uploaded image, a strength and a LoRA from the picker) or
 // `bad-width`. Prints one JSON line of what the page showed on stdout; exits
 // non-zero, with the reason on stderr, when the page did not get there.
@@ -109,7 +109,10 @@ async function submit(page) {
   await page.click('#images .reuse-seed');
   const reusedSeed = await page.inputValue('#f-seed');
 
-  // A fresh page lists the job among this browser's recent jobs; it reopens.
+  // A fresh page lists the job among the key's recent jobs, which come from
+  // the server (GET /v1/jobs), not from this browser: its storage is
+  // emptied first (the server is open: no key to keep). It reopens.
+  await page.evaluate(() => localStorage.clear());
   await open(page);
   const recent = page.locator(`.recent-job[data-id="${id}"]`);
   const recentState = (await recent.locator('.state').textContent()).trim();

@@ -230,7 +230,9 @@ impl Stack {
         let mut cmd = self.command(&binaries().dispatcher);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(extra);
-        let mut proc = Proc::spawn("dispatcher", cmd, self.dir.path().join("dispatcher.log"))?;
+        // A log per port: a test may run two dispatchers on one stack.
+        let log = self.dir.path().join(format!("dispatcher-{port}.log"));
+        let mut proc = Proc::spawn("dispatcher", cmd, log)?;
         let base = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
         loop {

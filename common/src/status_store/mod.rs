@@ -167,7 +167,7 @@ impl StatusStore {
     /// gone (Redis restarted since the last command: it was never sent) is
     /// tried once more on a new connection, so the first request after a
     /// restart does not fail.
-    async fn run<T, Fut>(&self, op: impl Fn(MultiplexedConnection) -> Fut) -> Result<T, StatusStoreError>
+    pub(crate) async fn run<T, Fut>(&self, op: impl Fn(MultiplexedConnection) -> Fut) -> Result<T, StatusStoreError>
     where
         Fut: Future<Output = RedisResult<T>>,
     {
@@ -188,6 +188,11 @@ impl StatusStore {
 
     pub fn names(&self) -> &Names {
         &self.names
+    }
+
+    /// How long a status record lives.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     fn ttl_secs(&self) -> u64 {

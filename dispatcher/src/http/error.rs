@@ -13,6 +13,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::list_query::ListQueryError;
 use crate::jobs::JobsError;
 use crate::loras::RegistryError;
 
@@ -35,6 +36,11 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("the query string could not be read: {0}")]
+    BadQuery(String),
+    /// A bad `GET /v1/jobs` parameter (422 naming it).
+    #[error(transparent)]
+    ListQuery(#[from] ListQueryError),
     #[error("too many submits for key `{key}`: retry in {retry_after} s")]
     RateLimited { key: String, retry_after: u64 },
     #[error("too many submits in flight; retry later")]
@@ -93,7 +99,8 @@ impl ApiError {
             ApiError::Registry(e) => registry_status(e),
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadBody(_) | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::ListQuery(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } | ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -118,6 +125,8 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BadBody(_) => "bad_body",
+            ApiError::BadQuery(_) => "bad_query",
+            ApiError::ListQuery(_) => "invalid",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Busy => "busy",
             ApiError::QueueFull { .. } => "queue_full",
@@ -146,6 +155,7 @@ impl ApiError {
         };
         match self {
             ApiError::Jobs(JobsError::Invalid(e)) => body.field = Some(e.field().to_string()),
+            ApiError::ListQuery(e) => body.field = Some(e.field().to_string()),
             ApiError::Jobs(JobsError::AlreadyFinished(s) | JobsError::NoResult(s)) => body.status = Some(s.clone()),
             ApiError::Jobs(JobsError::Publish { id, .. }) => {
                 body.id = Some(*id);
@@ -160,6 +170,7 @@ impl ApiError {
         let field = match self {
             ApiError::Jobs(JobsError::Invalid(common::ValidationError::UnknownField(_))) => Some("unknown".into()),
             ApiError::Jobs(JobsError::Invalid(e)) => Some(e.field().to_string()),
+            ApiError::ListQuery(e) => Some(e.field().to_string()),
             _ => None,
         };
         Refusal {

@@ -112,6 +112,7 @@ pub async fn submit(
     state
         .rate_limit
         .check(&caller.name)
+        .await
         .map_err(|wait| ApiError::RateLimited {
             key: caller.name.clone(),
             retry_after: wait.as_secs_f64().ceil() as u64,

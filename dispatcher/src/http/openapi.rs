@@ -185,6 +185,7 @@ mod tests {
             "GET /healthz",
             "GET /metrics",
             "GET /openapi.json",
+            "GET /v1/jobs",
             "GET /v1/jobs/{id}",
             "GET /v1/jobs/{id}/events",
             "GET /v1/jobs/{id}/images",

@@ -1,5 +1,5 @@
 //! The web page at `/`: a form to submit a job, its live previews, the final
-//! grid and images, and this browser's recent jobs. Plain HTML, CSS and
+//! grid and images, and the key's recent jobs (`GET /v1/jobs`). Plain HTML, CSS and
 //! JavaScript from `dispatcher/web/`, compiled into the binary, so there is
 //! nothing to build or install and nothing fetched from elsewhere (the
 //! Content-Security-Policy says so to the browser too). The page talks to

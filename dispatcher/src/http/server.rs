@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, Refusal, RETRY_UNAVAILABLE_SECS};
 pub use super::state::{AppState, BodyLimits, MAX_BODY_BYTES};
-use super::{job_routes, limits, lora_routes, openapi, page, queue_routes, webhook_routes};
+use super::{job_routes, limits, list_routes, lora_routes, openapi, page, queue_routes, webhook_routes};
 
 /// Every documented route: the `/v1/jobs*` and `/v1/loras*` ones, which
 /// need an API key (when keys are configured), and the open ones: the page,
@@ -41,6 +41,7 @@ fn routers(metrics_here: bool, limits: BodyLimits) -> (OpenApiRouter<AppState>, 
         .layer(DefaultBodyLimit::max(limits.lora));
     let jobs = OpenApiRouter::new()
         .merge(submit)
+        .routes(routes!(list_routes::list))
         .routes(routes!(job_routes::status, job_routes::cancel))
         .routes(routes!(job_routes::events))
         .routes(routes!(job_routes::result))
