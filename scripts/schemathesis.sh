@@ -25,7 +25,11 @@ PORT=${SCHEMATHESIS_PORT:-18090}
 KEY="schemathesis-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
 QUEUE="schemathesis.$$"
 PREFIX="schemathesis-$$"
+# Webhook targets are taken without a DNS lookup (SDXL_WEBHOOK_ALLOW_PRIVATE):
+# the fuzzer's host names would each cost a lookup that fails, against a 1 s
+# request timeout; tests/tests/integrations.rs checks the refusals.
 SDXL_API_KEYS="fuzzer:$KEY" SDXL_RATE_LIMIT=0 SDXL_QUEUE="$QUEUE" SDXL_REDIS_PREFIX="$PREFIX" \
+  SDXL_WEBHOOK_ALLOW_PRIVATE=1 \
   SDXL_LISTEN="127.0.0.1:$PORT" AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-sdxl-local}" \
   AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-sdxl-local-secret}" RUST_LOG=warn \
   target/debug/dispatcher serve >"${TMPDIR:-/tmp}/schemathesis-dispatcher.log" 2>&1 &
@@ -33,8 +37,10 @@ PID=$!
 cleanup() {
   kill "$PID" 2>/dev/null || true
   wait "$PID" 2>/dev/null || true
-  rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
-  rabbitmqctl -q delete_queue "$QUEUE.dead" >/dev/null 2>&1 || true
+  # the job queue, its dead letters, the webhook queues
+  rabbitmqctl -q list_queues name 2>/dev/null | grep -F "$QUEUE" | while read -r q; do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+  done
   redis-cli --scan --pattern "$PREFIX:*" | xargs -r redis-cli del >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
