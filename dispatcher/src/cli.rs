@@ -89,7 +89,8 @@ pub struct WebhookArgs {
     /// Let webhooks point at loopback, private and link-local addresses, and
     /// use plain http (for tests and closed networks; never on a server that
     /// takes requests from outside).
-    #[arg(long, env = "SDXL_WEBHOOK_ALLOW_PRIVATE")]
+    /// `SDXL_WEBHOOK_ALLOW_PRIVATE` takes 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "SDXL_WEBHOOK_ALLOW_PRIVATE", value_parser = clap::builder::BoolishValueParser::new())]
     pub webhook_allow_private: bool,
     /// The wait before each retry of a refused or failed delivery,
     /// comma-separated (about 1 h in all); after the last, the event is

@@ -42,10 +42,12 @@ pub struct ListQuery {
 }
 
 impl ListQuery {
-    /// From the query's parameters; an empty value is as good as none, and
-    /// other parameters are ignored.
+    /// From the query's parameters; other parameters are ignored. An empty
+    /// `cursor` is the first page (a client's loop may start with one); an
+    /// empty `state` or `limit` is refused as any other value outside the
+    /// document's enum and range.
     pub fn parse(params: &HashMap<String, String>) -> Result<ListQuery, ListQueryError> {
-        let given = |name: &str| params.get(name).map(String::as_str).filter(|v| !v.is_empty());
+        let given = |name: &str| params.get(name).map(String::as_str);
         let state = given("state")
             .map(|s| s.parse().map_err(|_| ListQueryError::State(s.to_string())))
             .transpose()?;
@@ -58,6 +60,7 @@ impl ListQuery {
                 .ok_or_else(|| ListQueryError::Limit(raw.to_string()))?,
         };
         let after = given("cursor")
+            .filter(|c| !c.is_empty())
             .map(|c| Cursor::decode(c).map_err(|_| ListQueryError::Cursor(c.to_string())))
             .transpose()?;
         Ok(ListQuery { state, limit, after })
@@ -82,10 +85,7 @@ mod tests {
                 after: None
             })
         );
-        assert_eq!(
-            parse(&[("limit", ""), ("state", ""), ("other", "x")]).unwrap().limit,
-            20
-        );
+        assert_eq!(parse(&[("cursor", ""), ("other", "x")]).unwrap().after, None);
         let q = parse(&[("state", "succeeded"), ("limit", "100")]).unwrap();
         assert_eq!((q.state, q.limit), (Some(JobState::Succeeded), 100));
         let cursor = common::job_index::member(chrono::Utc::now(), uuid::Uuid::nil());
@@ -105,6 +105,8 @@ mod tests {
             (&[("limit", "101")], "limit", "got `101`"),
             (&[("limit", "-1")], "limit", "got `-1`"),
             (&[("limit", "2.5")], "limit", "whole number"),
+            (&[("limit", "")], "limit", "got ``"),
+            (&[("state", "")], "state", "got ``"),
             (
                 &[("cursor", "abc")],
                 "cursor",
