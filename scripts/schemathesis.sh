@@ -32,7 +32,7 @@ SDXL_API_KEYS="fuzzer:$KEY" SDXL_RATE_LIMIT=0 SDXL_QUEUE="$QUEUE" SDXL_REDIS_PRE
   SDXL_WEBHOOK_ALLOW_PRIVATE=1 \
   SDXL_LISTEN="127.0.0.1:$PORT" AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-sdxl-local}" \
   AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-sdxl-local-secret}" RUST_LOG=warn \
-  target/debug/dispatcher serve >"${TMPDIR:-/tmp}/schemathesis-dispatcher.log" 2>&1 &
+  "${CARGO_TARGET_DIR:-target}/debug/dispatcher" serve >"${TMPDIR:-/tmp}/schemathesis-dispatcher.log" 2>&1 &
 PID=$!
 cleanup() {
   kill "$PID" 2>/dev/null || true
