@@ -182,6 +182,33 @@ pub async fn queue_depths(channel: &Channel, names: &Names) -> Result<(u32, u32)
     Ok((jobs.message_count(), dead.message_count()))
 }
 
+/// Publishes `payload` to the queue `queue` (default exchange, `mandatory`)
+/// on a channel in confirm mode and returns once RabbitMQ confirmed it: a
+/// nack or an unroutable return is an error naming job `id`.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    props: BasicProperties,
+    id: Uuid,
+) -> Result<(), QueueError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), options, payload, props)
+        .await?
+        .await?;
+    if !confirm.is_ack() {
+        return Err(QueueError::Nacked(id));
+    }
+    if confirm.take_message().is_some() {
+        return Err(QueueError::Unroutable(id, queue.to_string()));
+    }
+    Ok(())
+}
+
 /// Publishes jobs to the queue and waits for the broker's confirm of each.
 #[derive(Clone)]
 pub struct JobPublisher {
@@ -209,27 +236,7 @@ impl JobPublisher {
             .with_priority(priority.min(MAX_PRIORITY))
             .with_content_type("application/json".into())
             .with_message_id(message.id.to_string().as_str().into());
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.names.queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &payload,
-                props,
-            )
-            .await?
-            .await?;
-        if !confirm.is_ack() {
-            return Err(QueueError::Nacked(message.id));
-        }
-        if confirm.take_message().is_some() {
-            return Err(QueueError::Unroutable(message.id, self.names.queue.clone()));
-        }
-        Ok(())
+        publish_confirmed(&self.channel, &self.names.queue, &payload, props, message.id).await
     }
 
     /// The channel (confirm mode), for the webhook events this side publishes.

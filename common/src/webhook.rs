@@ -11,14 +11,14 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::names::Names;
-use crate::queue::QueueError;
+use crate::queue::{publish_confirmed, QueueError};
 use crate::rules::WebhookEvent;
 use crate::status::{JobStatus, WebhookDelivery};
 use crate::status_store::{StatusStore, StatusStoreError};
@@ -160,26 +160,7 @@ pub async fn publish_webhook(channel: &Channel, queue: &str, message: &WebhookMe
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_message_id(message.id.as_str().into());
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &payload,
-            props,
-        )
-        .await?
-        .await?;
-    if !confirm.is_ack() {
-        return Err(QueueError::Nacked(message.job_id));
-    }
-    if confirm.take_message().is_some() {
-        return Err(QueueError::Unroutable(message.job_id, queue.to_string()));
-    }
-    Ok(())
+    publish_confirmed(channel, queue, &payload, props, message.job_id).await
 }
 
 #[cfg(test)]

@@ -124,15 +124,18 @@ async fn submitted_id(http: &reqwest::Client, base: &str, body: &Value) -> anyho
     Ok(answer["id"].as_str().unwrap_or_default().parse()?)
 }
 
+/// The JSON of alice's `method` on `url` (a 2xx answer).
+async fn call(http: &reqwest::Client, method: reqwest::Method, url: String) -> anyhow::Result<Value> {
+    let r = http.request(method, url).bearer_auth(ALICE).send().await?;
+    Ok(r.error_for_status()?.json().await?)
+}
+
+async fn get(http: &reqwest::Client, url: String) -> anyhow::Result<Value> {
+    call(http, reqwest::Method::GET, url).await
+}
+
 async fn secret(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
-    let v: Value = http
-        .get(format!("{base}/v1/webhook-secret"))
-        .bearer_auth(ALICE)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let v = get(http, format!("{base}/v1/webhook-secret")).await?;
     Ok(v["secret"].as_str().unwrap_or_default().to_string())
 }
 
@@ -216,13 +219,7 @@ async fn one_signed_post_per_subscribed_event_and_retries_until_a_2xx() -> anyho
     assert_eq!(delivery["succeeded"]["last_status"], 200, "{delivery}");
 
     // A rotated secret: new deliveries verify with the new one and, for a day, the old.
-    let rotated: Value = http
-        .post(format!("{base}/v1/webhook-secret/rotate"))
-        .bearer_auth(ALICE)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let rotated = call(&http, reqwest::Method::POST, format!("{base}/v1/webhook-secret/rotate")).await?;
     let new_secret = rotated["secret"].as_str().unwrap_or_default().to_string();
     assert_ne!(new_secret, secret);
     let after = Receiver::start(&[]).await?;
@@ -350,13 +347,7 @@ async fn queue_positions_count_down_as_a_worker_takes_jobs() -> anyhow::Result<(
     let position = |id: Uuid| {
         let (http, base) = (http.clone(), base.clone());
         async move {
-            let v: Value = http
-                .get(format!("{base}/v1/jobs/{id}"))
-                .bearer_auth(ALICE)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let v = get(&http, format!("{base}/v1/jobs/{id}")).await?;
             anyhow::Ok(v["queue_position"].as_u64())
         }
     };
@@ -364,13 +355,7 @@ async fn queue_positions_count_down_as_a_worker_takes_jobs() -> anyhow::Result<(
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(position(*id).await?, Some(i as u64 + 1), "job {i}");
     }
-    let depth: Value = http
-        .get(format!("{base}/v1/queue"))
-        .bearer_auth(ALICE)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let depth = get(&http, format!("{base}/v1/queue")).await?;
     assert_eq!(depth["queued"], 4, "{depth}");
     assert_eq!(
         depth["by_priority"][0],
@@ -396,13 +381,7 @@ async fn queue_positions_count_down_as_a_worker_takes_jobs() -> anyhow::Result<(
     assert_eq!(names.first().map(String::as_str), Some("status"));
     assert_eq!(names.last().map(String::as_str), Some("succeeded"), "{names:?}");
     assert_eq!(position(last).await?, None, "a finished job has no place in line");
-    let depth: Value = http
-        .get(format!("{base}/v1/queue"))
-        .bearer_auth(ALICE)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let depth = get(&http, format!("{base}/v1/queue")).await?;
     assert_eq!(depth["queued"], 0, "{depth}");
     Ok(())
 }
