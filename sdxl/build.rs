@@ -1,29 +1,43 @@
-//! With the `cuda` feature, compiles `kernels/sdxl.cu` to PTX with nvcc (the
-//! same nvcc and compute capability candle's own kernels are built with:
-//! `NVCC`/`CUDA_COMPUTE_CAP`, see scripts/cuda-env.sh). CPU builds need no
+//! With the `cuda` feature, compiles each `kernels/*.cu` with nvcc into a
+//! fatbin holding machine code (SASS) for `CUDA_COMPUTE_CAP` and PTX of the
+//! same architecture as the fallback (the same nvcc and compute capability
+//! candle's own kernels are built with: `NVCC`/`CUDA_COMPUTE_CAP`, see
+//! scripts/cuda-env.sh). Shipping SASS means the driver has nothing to
+//! JIT-compile for our kernels on a fresh machine (cold start, P11); the PTX
+//! lets a newer GPU of the same family still load them. CPU builds need no
 //! CUDA toolkit and skip this.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The kernel sources, each becoming `$OUT_DIR/{name}.fatbin`.
+const KERNELS: [&str; 2] = ["sdxl", "fp8"];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=kernels/sdxl.cu");
+    for name in KERNELS {
+        println!("cargo:rerun-if-changed=kernels/{name}.cu");
+    }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("sdxl.ptx");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=sm_{cap}"))
-        .arg("-o")
-        .arg(&out)
-        .arg("kernels/sdxl.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("running {nvcc} (set NVCC, or source scripts/cuda-env.sh): {e}"));
-    assert!(status.success(), "{nvcc} failed to compile kernels/sdxl.cu");
+    let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    for name in KERNELS {
+        let out = out_dir.join(format!("{name}.fatbin"));
+        let status = Command::new(&nvcc)
+            .args(["--fatbin", "-O3", "-std=c++17"])
+            .arg(format!("-gencode=arch=compute_{cap},code=sm_{cap}"))
+            .arg(format!("-gencode=arch=compute_{cap},code=compute_{cap}"))
+            .arg("-o")
+            .arg(&out)
+            .arg(format!("kernels/{name}.cu"))
+            .status()
+            .unwrap_or_else(|e| panic!("running {nvcc} (set NVCC, or source scripts/cuda-env.sh): {e}"));
+        assert!(status.success(), "{nvcc} failed to compile kernels/{name}.cu");
+    }
 }

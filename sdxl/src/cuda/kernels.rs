@@ -1,5 +1,5 @@
-//! candle custom ops over our own CUDA kernels (`worker/kernels/sdxl.cu`,
-//! compiled to PTX by build.rs): flash attention for head dim 64, group norm
+//! candle custom ops over our own CUDA kernels (`sdxl/kernels/sdxl.cu`,
+//! compiled to a fatbin by build.rs, loaded by `module.rs`): flash attention for head dim 64, group norm
 //! (+SiLU) and GEGLU. Each op checks the layout it needs and returns a fresh
 //! contiguous tensor.
 
@@ -11,10 +11,9 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sdxl.ptx"));
-const MODULE: &str = "sdxl_worker_kernels";
+use super::module::{kernel, Module};
 
-fn suffix(dtype: DType) -> Result<&'static str> {
+pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
@@ -23,11 +22,11 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
-fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
-fn w<T>(r: std::result::Result<T, impl std::error::Error + Send + Sync + 'static>) -> Result<T> {
+pub(crate) fn w<T>(r: std::result::Result<T, impl std::error::Error + Send + Sync + 'static>) -> Result<T> {
     r.map_err(candle_core::Error::wrap)
 }
 
@@ -80,7 +79,7 @@ impl FlashAttention {
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let (q, k, v) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * n_q * inner)? };
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let func = kernel(&dev, Module::Sdxl, name)?;
         let (n_q_i, n_kv_i) = (n_q as i32, n_kv as i32);
         let (q_bs, q_rs) = (qs[0] as i64, qs[1] as i32);
         let (k_bs, k_rs) = (ks[0] as i64, ks[1] as i32);
@@ -209,11 +208,11 @@ impl GroupNormOp {
             shared_mem_bytes: 0,
         };
         let (gs, ch, sp) = (group_size as i64, chunk as i64, splits as i32);
-        let stats = dev.get_or_load_custom_func(&format!("group_norm_stats_{sfx}"), MODULE, PTX)?;
+        let stats = kernel(&dev, Module::Sdxl, &format!("group_norm_stats_{sfx}"))?;
         let mut builder = stats.builder();
         builder.arg(&x).arg(&partial).arg(&gs).arg(&ch).arg(&sp);
         w(unsafe { builder.launch(cfg) })?;
-        let apply = dev.get_or_load_custom_func(&format!("group_norm_apply_{sfx}"), MODULE, PTX)?;
+        let apply = kernel(&dev, Module::Sdxl, &format!("group_norm_apply_{sfx}"))?;
         let (groups, cpg, hw, silu) = (self.groups as i32, cpg as i32, hw as i64, i32::from(self.silu));
         let mut builder = apply.builder();
         builder.arg(&x).arg(&g).arg(&b).arg(&partial).arg(&out);
@@ -297,7 +296,7 @@ impl Geglu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = dev.get_or_load_custom_func(&format!("geglu_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let func = kernel(&dev, Module::Sdxl, &format!("geglu_{}", suffix(T::DTYPE)?))?;
         let (rows_i, inner_i) = (rows as i64, inner as i32);
         let mut builder = func.builder();
         builder.arg(&h).arg(&out).arg(&rows_i).arg(&inner_i);
@@ -392,7 +391,7 @@ impl BiasAdd {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = dev.get_or_load_custom_func(&format!("bias_add_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let func = kernel(&dev, Module::Sdxl, &format!("bias_add_{}", suffix(T::DTYPE)?))?;
         let (n, inner, c) = (n as i64, self.inner as i64, self.c as i32);
         let bias_bs: i64 = if self.per_sample { self.c as i64 } else { 0 };
         let null: u64 = 0;
@@ -512,7 +511,7 @@ impl LayerNormOp {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = dev.get_or_load_custom_func(&format!("layer_norm_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let func = kernel(&dev, Module::Sdxl, &format!("layer_norm_{}", suffix(T::DTYPE)?))?;
         let (rows_i, n_i) = (rows as i64, n as i32);
         let mut builder = func.builder();
         builder

@@ -1,0 +1,79 @@
+//! Our kernel modules — fatbins with machine code for the build's compute
+//! capability and PTX as the fallback (`sdxl/build.rs`) — loaded once per
+//! device and their functions looked up once per name. Loading machine code
+//! costs the driver no JIT compilation, unlike a PTX module.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchArgs};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
+use candle_core::Result;
+
+/// One of `sdxl/kernels/*.cu`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Module {
+    /// Attention, norms, GEGLU, bias adds (`kernels/sdxl.cu`).
+    Sdxl,
+    /// FP8 quantization and the FP8 products' epilogue (`kernels/fp8.cu`).
+    Fp8,
+}
+
+impl Module {
+    fn image(self) -> &'static [u8] {
+        match self {
+            Module::Sdxl => include_bytes!(concat!(env!("OUT_DIR"), "/sdxl.fatbin")),
+            Module::Fp8 => include_bytes!(concat!(env!("OUT_DIR"), "/fp8.fatbin")),
+        }
+    }
+}
+
+/// A kernel of one of our modules, ready to launch on the device's stream.
+pub struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// Arguments are pushed on the builder in the kernel's parameter order.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+type Modules = HashMap<(DeviceId, Module), Arc<CudaModule>>;
+type Functions = HashMap<(DeviceId, Module, String), CudaFunction>;
+
+fn modules() -> &'static Mutex<(Modules, Functions)> {
+    static LOADED: OnceLock<Mutex<(Modules, Functions)>> = OnceLock::new();
+    LOADED.get_or_init(Default::default)
+}
+
+/// The function `name` of `module` on `dev` (the module is loaded on first use).
+pub fn kernel(dev: &CudaDevice, module: Module, name: &str) -> Result<Kernel> {
+    let stream = dev.cuda_stream();
+    let mut guard = modules().lock().unwrap_or_else(|e| e.into_inner());
+    let (mods, funcs) = &mut *guard;
+    let key = (dev.id(), module, name.to_string());
+    if let Some(func) = funcs.get(&key) {
+        return Ok(Kernel {
+            func: func.clone(),
+            stream,
+        });
+    }
+    let loaded = match mods.get(&(dev.id(), module)) {
+        Some(m) => m.clone(),
+        None => {
+            let m = stream
+                .context()
+                .load_module(Ptx::from_binary(module.image().to_vec()))
+                .map_err(candle_core::Error::wrap)?;
+            mods.insert((dev.id(), module), m.clone());
+            m
+        }
+    };
+    let func = loaded.load_function(name).map_err(candle_core::Error::wrap)?;
+    funcs.insert(key, func.clone());
+    Ok(Kernel { func, stream })
+}
