@@ -6,7 +6,14 @@
 //! - `all` (default) or `none`;
 //! - a comma-separated list of `attention` (flash attention, head dim 64),
 //!   `conv` (cuDNN convolutions), `norm` (fused group norm + SiLU), `geglu`,
-//!   `bias` (in-place bias adds after linear layers and time embeddings).
+//!   `bias` (in-place bias adds after linear layers and time embeddings),
+//!   `lt` (linear layers through cuBLASLt, bias and residual in the GEMM's
+//!   epilogue).
+//!
+//! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
+//! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
+//! linear layers (off unless a pipeline is loaded with `Precision::Fp8`:
+//! it changes the images, within FP8's precision).
 //!
 //! The choice is process-wide: the binaries parse it (the worker reads
 //! `SDXL_KERNELS` and `SDXL_TF32`), put it in [`crate::pipeline::LoadOptions`],
@@ -24,9 +31,15 @@ pub struct Accel {
     pub norm: bool,
     pub geglu: bool,
     pub bias: bool,
+    /// Linear layers through cuBLASLt with the bias (and residual) in the
+    /// product's epilogue.
+    pub lt: bool,
     /// f32 convolutions (the VAE under `force_upcast`) in TF32 on tensor
     /// cores, as PyTorch's `cudnn.allow_tf32` default.
     pub tf32: bool,
+    /// The UNet's transformer linear layers quantized to e4m3 when they are
+    /// built, and their products on FP8 tensor cores.
+    pub fp8: bool,
 }
 
 impl Default for Accel {
@@ -36,7 +49,7 @@ impl Default for Accel {
 }
 
 /// The names `parse` takes, in the order of the bits below.
-const PATHS: [&str; 5] = ["attention", "conv", "norm", "geglu", "bias"];
+const PATHS: [&str; 6] = ["attention", "conv", "norm", "geglu", "bias", "lt"];
 
 impl Accel {
     pub const ALL: Accel = Accel {
@@ -45,7 +58,9 @@ impl Accel {
         norm: true,
         geglu: true,
         bias: true,
+        lt: true,
         tf32: true,
+        fp8: false,
     };
     pub const NONE: Accel = Accel {
         attention: false,
@@ -53,10 +68,13 @@ impl Accel {
         norm: false,
         geglu: false,
         bias: false,
+        lt: false,
         tf32: true,
+        fp8: false,
     };
 
-    /// Parses a path list (`all`, `none`, or `conv,norm,…`); TF32 stays on.
+    /// Parses a path list (`all`, `none`, or `conv,norm,…`); TF32 stays on,
+    /// FP8 off.
     pub fn parse(value: &str) -> Result<Accel, String> {
         match value.trim() {
             "" | "all" => return Ok(Accel::ALL),
@@ -71,6 +89,7 @@ impl Accel {
                 "norm" => accel.norm = true,
                 "geglu" => accel.geglu = true,
                 "bias" => accel.bias = true,
+                "lt" => accel.lt = true,
                 other => {
                     return Err(format!(
                         "unknown kernel path {other:?} (allowed: all, none, or a list of {})",
@@ -83,7 +102,16 @@ impl Accel {
     }
 
     fn bits(self) -> u8 {
-        [self.attention, self.conv, self.norm, self.geglu, self.bias, self.tf32]
+        [
+            self.attention,
+            self.conv,
+            self.norm,
+            self.geglu,
+            self.bias,
+            self.tf32,
+            self.lt,
+            self.fp8,
+        ]
             .iter()
             .enumerate()
             .fold(0, |acc, (i, &on)| acc | (u8::from(on) << i))
@@ -98,6 +126,8 @@ impl Accel {
             geglu: on(3),
             bias: on(4),
             tf32: on(5),
+            lt: on(6),
+            fp8: on(7),
         }
     }
 
@@ -112,7 +142,40 @@ impl Accel {
     }
 }
 
-static CURRENT: AtomicU8 = AtomicU8::new(0b11_1111);
+/// The numerics of the UNet's transformer linear layers (q/k/v, the
+/// attention outputs, the feed-forward and the projections in and out):
+/// the run dtype, or FP8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Every layer in the run dtype.
+    #[default]
+    Dtype,
+    /// Those layers' weights in e4m3 with a scale per output channel, their
+    /// inputs quantized per token, the products on FP8 tensor cores
+    /// (compute capability 8.9 or newer); everything else in the run dtype.
+    Fp8,
+}
+
+impl Precision {
+    pub const NAMES: [&'static str; 2] = ["dtype", "fp8"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Dtype => "dtype",
+            Precision::Fp8 => "fp8",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Precision> {
+        match name {
+            "dtype" => Some(Precision::Dtype),
+            "fp8" => Some(Precision::Fp8),
+            _ => None,
+        }
+    }
+}
+
+static CURRENT: AtomicU8 = AtomicU8::new(0b0111_1111);
 
 /// Whether `t` is on a CUDA device and this build has the CUDA paths.
 pub fn on_cuda(t: &Tensor) -> bool {
@@ -128,10 +191,11 @@ mod tests {
         assert_eq!(Accel::parse("all"), Ok(Accel::ALL));
         assert_eq!(Accel::parse("none"), Ok(Accel::NONE));
         let a = Accel::parse("conv, norm").unwrap();
-        assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias);
+        assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias && !a.lt);
+        assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(
-            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias"),
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt"),
             "{e}"
         );
     }
@@ -142,7 +206,9 @@ mod tests {
             assert_eq!(Accel::from_bits(a.bits()), a);
             let no_tf32 = Accel { tf32: false, ..a };
             assert_eq!(Accel::from_bits(no_tf32.bits()), no_tf32);
+            let fp8 = Accel { fp8: true, ..a };
+            assert_eq!(Accel::from_bits(fp8.bits()), fp8);
         }
-        assert_eq!(Accel::from_bits(0b11_1111), Accel::ALL);
+        assert_eq!(Accel::from_bits(0b0111_1111), Accel::ALL);
     }
 }

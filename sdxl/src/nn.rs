@@ -121,17 +121,28 @@ pub fn conv2d_same_no_bias(c_in: usize, c_out: usize, kernel: usize, vb: VarBuil
     })
 }
 
-/// `torch.nn.Linear`. On CUDA the bias is added in place on the product
-/// instead of by a broadcast add (which is several times slower).
+/// `torch.nn.Linear`. On CUDA the product runs through cuBLASLt with the
+/// bias (and a residual) added in its epilogue, or — for a layer quantized
+/// with [`Linear::with_fp8`] — on FP8 tensor cores; otherwise candle's
+/// product with the bias added in place (a broadcast add is several times
+/// slower).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight in e4m3 with a scale per output channel.
+    #[cfg(feature = "cuda")]
+    fp8: Option<super::cuda::fp8::Fp8Weight>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            #[cfg(feature = "cuda")]
+            fp8: None,
+        }
     }
 
     /// One layer computing what `layers` compute from the same input, their
@@ -150,17 +161,36 @@ impl Linear {
                 .collect::<Result<Vec<_>>>()?;
             Some(Tensor::cat(&biases, 0)?)
         };
-        Ok(Linear {
-            weight: Tensor::cat(&weights, 0)?,
-            bias,
-        })
+        Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
     }
-}
 
-impl Linear {
+    /// This layer with an FP8 copy of its weight, when FP8 is on
+    /// ([`Accel::fp8`](super::accel::Accel)) and the weight is an f16/bf16
+    /// CUDA tensor of a shape FP8 products take; otherwise unchanged.
+    pub fn with_fp8(self) -> Result<Linear> {
+        #[cfg(feature = "cuda")]
+        {
+            use super::cuda::fp8;
+            let (out, k) = self.weight.dims2()?;
+            if Accel::current().fp8
+                && on_cuda(&self.weight)
+                && matches!(self.weight.dtype(), DType::F16 | DType::BF16)
+                && fp8::fp8_supports(k, out)
+            {
+                let q = fp8::quantize_weight(&self.weight)?;
+                return Ok(Linear { fp8: Some(q), ..self });
+            }
+        }
+        Ok(self)
+    }
+
     /// `self.forward(xs) + residual`: on CUDA the bias and the residual are
-    /// added in one in-place pass over the product.
+    /// added by the product's epilogue, or in one in-place pass over it.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fast(xs, Some(residual))? {
+            return Ok(y);
+        }
         let product = candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?;
         #[cfg(feature = "cuda")]
         if let Some(bias) = &self.bias {
@@ -171,6 +201,26 @@ impl Linear {
             }
         }
         self.add_bias(product)? + residual
+    }
+
+    /// The cuBLASLt paths (FP8 first, when the layer has FP8 weights); `None`
+    /// where they do not apply.
+    #[cfg(feature = "cuda")]
+    fn fast(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+        use super::cuda::linear;
+        if !on_cuda(xs) {
+            return Ok(None);
+        }
+        let accel = Accel::current();
+        if let (Some(w), true) = (&self.fp8, accel.fp8) {
+            if let Some(y) = linear::fp8_linear(xs, w, self.bias.as_ref(), residual)? {
+                return Ok(Some(y));
+            }
+        }
+        if accel.lt {
+            return linear::linear(xs, &self.weight, self.bias.as_ref(), residual);
+        }
+        Ok(None)
     }
 
     fn add_bias(&self, product: Tensor) -> Result<Tensor> {
@@ -189,6 +239,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fast(xs, None)? {
+            return Ok(y);
+        }
         self.add_bias(candle_nn::Linear::new(self.weight.clone(), None).forward(xs)?)
     }
 }

@@ -14,7 +14,7 @@ use clap::builder::BoolishValueParser;
 use clap::builder::TypedValueParser as _;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use sdxl::accel::Accel;
+use sdxl::accel::{Accel, Precision};
 use sdxl::pipeline::LoadOptions;
 use sdxl::scheduler::SamplerKind;
 use sdxl::source::{HubOptions, DEFAULT_MODEL};
@@ -98,16 +98,27 @@ pub struct ModelArgs {
     /// Run dtype (default: f16 on CUDA, f32 on CPU).
     #[arg(long, value_enum, env = "SDXL_DTYPE")]
     pub dtype: Option<DTypeArg>,
+    /// `fp8`: the UNet's transformer linear layers in FP8 (e4m3, a scale per
+    /// output channel and per token) on GPUs with FP8 tensor cores (compute
+    /// capability 8.9+: Ada, Hopper), the rest in --dtype; faster, and the
+    /// images change within FP8's precision. `dtype`: everything in --dtype.
+    #[arg(long, env = "SDXL_PRECISION", default_value = "dtype", value_parser = precision_parser())]
+    pub precision: Precision,
     #[command(flatten)]
     pub accel: AccelArgs,
     #[command(flatten)]
     pub hub: HubArgs,
 }
 
+fn precision_parser() -> impl clap::builder::TypedValueParser<Value = Precision> {
+    clap::builder::PossibleValuesParser::new(Precision::NAMES)
+        .map(|name| Precision::from_name(&name).expect("a listed precision"))
+}
+
 /// The CUDA fast paths (A/B runs and bisection; CPU runs ignore them).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AccelArgs {
-    /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias.
+    /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias, lt.
     #[arg(long, env = "SDXL_KERNELS", default_value = "all", value_parser = Accel::parse)]
     pub kernels: Accel,
     /// TF32 for f32 convolutions (the VAE under `force_upcast`), as PyTorch does; 0 turns it off.
@@ -171,6 +182,7 @@ impl ModelArgs {
             taesd: self.taesd.clone(),
             variant: self.variant.clone(),
             accel: self.accel.accel(),
+            precision: self.precision,
             hub: self.hub.hub(),
             ..LoadOptions::new(self.model.clone(), device, self.dtype())
         }

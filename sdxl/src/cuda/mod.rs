@@ -1,7 +1,12 @@
 //! The CUDA fast paths of the SDXL building blocks (built with the `cuda`
-//! feature): our own kernels in `worker/kernels/sdxl.cu` and cuDNN
-//! convolutions. `nn.rs` picks them when a tensor lives on a CUDA device and
-//! [`Accel`] allows it; the CPU keeps candle's ops.
+//! feature): our own kernels (`sdxl/kernels/*.cu`, loaded by `module.rs`),
+//! cuDNN convolutions, and linear layers through cuBLASLt, in f16/bf16 or
+//! FP8. `nn.rs` picks them when a tensor lives on a CUDA device and
+//! [`crate::accel::Accel`] allows it; the CPU keeps candle's ops.
 
 pub mod conv;
+pub mod fp8;
+pub mod gemm;
 pub mod kernels;
+pub mod linear;
+pub mod module;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::model::{Adaptable, Rebuild, SdxlPipeline, WeightSource};
-use crate::accel::Accel;
+use crate::accel::{Accel, Precision};
 use crate::checkpoint::layout::{Component, ModelLayout, VaePlan};
 use crate::checkpoint::single_file::{SingleFile, SingleFileError};
 use crate::clip::ClipTextModel;
@@ -44,6 +44,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// The CUDA fast paths to take (process-wide: installed at load).
     pub accel: Accel,
+    /// FP8 for the UNet's transformer linear layers, or the run dtype.
+    pub precision: Precision,
     /// How to reach the Hugging Face hub for repo ids.
     pub hub: HubOptions,
 }
@@ -60,6 +62,7 @@ impl LoadOptions {
             device,
             dtype,
             accel: Accel::ALL,
+            precision: Precision::Dtype,
             hub: HubOptions::default(),
         }
     }
@@ -141,6 +144,46 @@ pub(super) fn build_adaptable(
     })
 }
 
+/// FP8 needs FP8 tensor cores and a half-precision run.
+fn check_precision(opts: &LoadOptions) -> Result<(), ModelError> {
+    if opts.precision != Precision::Fp8 {
+        return Ok(());
+    }
+    if !matches!(opts.dtype, DType::F16 | DType::BF16) {
+        return Err(ModelError::Input(format!(
+            "precision fp8 runs the other layers in f16 or bf16, not {:?} (set the dtype to f16 or bf16)",
+            opts.dtype
+        )));
+    }
+    let capability = fp8_capability(&opts.device)?;
+    match capability {
+        Some((major, minor)) if (major, minor) >= (8, 9) => Ok(()),
+        Some((major, minor)) => Err(ModelError::Input(format!(
+            "precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); this GPU is {major}.{minor}"
+        ))),
+        None => Err(ModelError::Input(
+            "precision fp8 runs on CUDA GPUs with FP8 tensor cores (compute capability 8.9 or newer), not on the CPU"
+                .into(),
+        )),
+    }
+}
+
+/// The compute capability of a CUDA device; `None` for other devices.
+fn fp8_capability(device: &Device) -> Result<Option<(i32, i32)>, ModelError> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
+        let ctx = cuda.cuda_stream().context().clone();
+        let get = |a| ctx.attribute(a).map_err(|e| ModelError::Input(format!("reading the GPU's compute capability: {e}")));
+        return Ok(Some((
+            get(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            get(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        )));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 fn single_file_error(path: &str, e: SingleFileError) -> ModelError {
     ModelError::Checkpoint(format!("{path}: {e}"))
 }
@@ -148,7 +191,12 @@ fn single_file_error(path: &str, e: SingleFileError) -> ModelError {
 impl SdxlPipeline {
     /// Loads every component; errors name the missing file, key or config value.
     pub fn load(opts: &LoadOptions) -> Result<Self, ModelError> {
-        opts.accel.install();
+        check_precision(opts)?;
+        Accel {
+            fp8: opts.precision == Precision::Fp8,
+            ..opts.accel
+        }
+        .install();
         let single = is_single_file(&opts.model);
         // Where the configs and tokenizers come from.
         let source = match (&opts.config, single) {

@@ -42,16 +42,18 @@ impl Attention {
         let to_q = linear_no_bias(query_dim, inner, vb.pp("to_q"))?;
         let to_k = linear_no_bias(kv_dim, inner, vb.pp("to_k"))?;
         let to_v = linear_no_bias(kv_dim, inner, vb.pp("to_v"))?;
+        // FP8 (when on) for the products over the image's tokens; the
+        // cross-attention's k/v read the 77 text tokens and stay as they are.
         let projections = match context_dim {
-            None => Projections::SelfAttention(Linear::fuse(&[to_q, to_k, to_v])?),
+            None => Projections::SelfAttention(Linear::fuse(&[to_q, to_k, to_v])?.with_fp8()?),
             Some(_) => Projections::Cross {
-                to_q,
+                to_q: to_q.with_fp8()?,
                 to_kv: Linear::fuse(&[to_k, to_v])?,
             },
         };
         Ok(Self {
             projections,
-            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?.with_fp8()?,
             heads,
             inner,
         })
@@ -98,8 +100,8 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: linear(inner, dim, vb.pp("net.2"))?,
+            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?.with_fp8()?,
+            out: linear(inner, dim, vb.pp("net.2"))?.with_fp8()?,
         })
     }
 
@@ -169,8 +171,8 @@ impl Transformer2DModel {
         let inner = c.heads * c.head_dim;
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
-                Projection::Linear(linear(c.channels, inner, vb.pp("proj_in"))?),
-                Projection::Linear(linear(inner, c.channels, vb.pp("proj_out"))?),
+                Projection::Linear(linear(c.channels, inner, vb.pp("proj_in"))?.with_fp8()?),
+                Projection::Linear(linear(inner, c.channels, vb.pp("proj_out"))?.with_fp8()?),
             )
         } else {
             let cfg = Conv2dConfig::default();

@@ -1,0 +1,125 @@
+// FP8 (e4m3) helpers for the UNet's linear layers on Hopper's FP8 tensor
+// cores, compiled by sdxl/build.rs next to sdxl.cu and loaded by
+// src/cuda/fp8.rs. The products themselves run in cuBLASLt (src/cuda/gemm.rs).
+//
+//   quant_rows_e4m3_{f16,bf16}   one scale per row: s = amax(row) / 448 and
+//                                q = e4m3(x / s), saturating. For weights
+//                                [out, in] that is a scale per output channel,
+//                                for activations [tokens, in] one per token.
+//   fp8_epilogue_{f16,bf16}      y = d * sw[col] * sx[row] + bias[col] (+ res),
+//                                for a cuBLASLt that cannot apply the two
+//                                scale vectors itself (d is the unscaled bf16
+//                                product).
+//
+// Statistics and arithmetic in f32, one rounding to the storage type.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+namespace {
+
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+constexpr float kE4m3Max = 448.f;
+
+template <typename T> struct alignas(16) Pack8 {
+  T e[8];
+};
+
+// One warp per row of `k` elements (k a multiple of 8, rows 16-byte aligned).
+// The row is read twice: the second pass hits L1/L2 (a row is at most a few KB).
+template <typename T>
+__device__ __forceinline__ void quant_rows_e4m3(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                float* __restrict__ scale, long long rows, int k) {
+  const int lane = threadIdx.x & 31;
+  const long long row = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int nvec = k / 8;
+  const T* xr = x + row * k;
+  float amax = 0.f;
+  for (int v = lane; v < nvec; v += 32) {
+    const Pack8<T> p = *reinterpret_cast<const Pack8<T>*>(xr + v * 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(to_f32(p.e[e])));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  // An all-zero row keeps scale 1 (its codes are all zero anyway); a
+  // non-finite amax is passed on so the caller sees it rather than garbage.
+  const float s = amax > 0.f ? amax / kE4m3Max : 1.f;
+  const float inv = 1.f / s;
+  if (lane == 0) scale[row] = s;
+  uint8_t* qr = q + row * k;
+  for (int v = lane; v < nvec; v += 32) {
+    const Pack8<T> p = *reinterpret_cast<const Pack8<T>*>(xr + v * 8);
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int e = 0; e < 4; e += 2) {
+      const __nv_fp8x2_storage_t a =
+          __nv_cvt_float2_to_fp8x2(make_float2(to_f32(p.e[e]) * inv, to_f32(p.e[e + 1]) * inv), __NV_SATFINITE,
+                                   __NV_E4M3);
+      const __nv_fp8x2_storage_t b = __nv_cvt_float2_to_fp8x2(
+          make_float2(to_f32(p.e[e + 4]) * inv, to_f32(p.e[e + 5]) * inv), __NV_SATFINITE, __NV_E4M3);
+      lo |= uint32_t(a) << (8 * e);
+      hi |= uint32_t(b) << (8 * e);
+    }
+    *reinterpret_cast<uint2*>(qr + v * 8) = make_uint2(lo, hi);
+  }
+}
+
+// `d`, `res` and `y` are row-major [rows, cols] (cols a multiple of 8).
+template <typename T>
+__device__ __forceinline__ void fp8_epilogue(const __nv_bfloat16* __restrict__ d, const float* __restrict__ sw,
+                                             const float* __restrict__ sx, const T* __restrict__ bias,
+                                             const T* __restrict__ res, T* __restrict__ y, long long rows,
+                                             int cols) {
+  const long long nvec = rows * (long long)(cols / 8);
+  for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nvec;
+       v += (long long)gridDim.x * blockDim.x) {
+    const long long i = v * 8;
+    const long long row = i / cols;
+    const int col = int(i - row * cols);
+    const Pack8<__nv_bfloat16> dv = *reinterpret_cast<const Pack8<__nv_bfloat16>*>(d + i);
+    const float s = sx[row];
+    float out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = to_f32(dv.e[e]) * sw[col + e] * s;
+    if (bias != nullptr) {
+      const Pack8<T> b = *reinterpret_cast<const Pack8<T>*>(bias + col);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] += to_f32(b.e[e]);
+    }
+    if (res != nullptr) {
+      const Pack8<T> r = *reinterpret_cast<const Pack8<T>*>(res + i);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] += to_f32(r.e[e]);
+    }
+    Pack8<T> o;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o.e[e] = from_f32<T>(out[e]);
+    *reinterpret_cast<Pack8<T>*>(y + i) = o;
+  }
+}
+
+}  // namespace
+
+#define FP8_KERNELS(SUFFIX, T)                                                                                  \
+  extern "C" __global__ void quant_rows_e4m3_##SUFFIX(const T* x, uint8_t* q, float* scale, long long rows,    \
+                                                      int k) {                                                  \
+    quant_rows_e4m3<T>(x, q, scale, rows, k);                                                                   \
+  }                                                                                                             \
+  extern "C" __global__ void fp8_epilogue_##SUFFIX(const __nv_bfloat16* d, const float* sw, const float* sx,   \
+                                                   const T* bias, const T* res, T* y, long long rows, int cols) { \
+    fp8_epilogue<T>(d, sw, sx, bias, res, y, rows, cols);                                                       \
+  }
+FP8_KERNELS(f16, __half)
+FP8_KERNELS(bf16, __nv_bfloat16)
