@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# P11 on one GPU, in parts (each under the device's 10-minute call):
-#   bench/gpu-run-p11.sh ours        cold start, check-kernels, worker bench (+ throughput)
-#   bench/gpu-run-p11.sh diffusers   diffusers eager / compile / best, throughput, UNet cosine
-#   bench/gpu-run-p11.sh same        one call for the comparison tables: cold and warm
-#                                    starts, worker bench, diffusers eager and compile
+# P11 on one GPU, in two calls of the device's 10-minute limit, back to back
+# on the same machine (the second reuses the first's model folder when warm):
+#   bench/gpu-run-p11.sh ours        cold and warm start, FP8's quality (UNet cosine and
+#                                    image PSNR against f16), check-kernels, worker bench
+#                                    f16 and fp8 with images/s for batch 1..16, the
+#                                    cuBLASLt path's A/B, the largest job's memory
+#   bench/gpu-run-p11.sh diffusers   worker bench f16 and fp8 again, diffusers eager (with
+#                                    images/s) and best, and both UNets' cosine to diffusers
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
-# Results go to $OUT (default /tmp/p11-out).
+# Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
+# (the device returns at most 8 files); the last lines are a summary.
 set -uo pipefail
 PART=${1:-ours}
-OUT=${OUT:-/tmp/p11-out}
+DEST=${OUT:-/tmp/p11-out}
+OUT=/tmp/p11-$PART
 MODEL=${MODEL:-/tmp/sdxl-random}
-DTYPE=${DTYPE:-f16}
 THROUGHPUT=${THROUGHPUT:-1,2,4,8,16}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$DEST"
+trap 'tar czf "$DEST/p11-$PART.tgz" -C "$OUT" --exclude="big-*.png" . 2>/dev/null' EXIT
+START=$SECONDS
+note() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/steps.txt"; }
 WORKER=/tmp/worker-cuda
 if [ ! -x "$WORKER" ]; then
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' .device/worker.xz "$WORKER"
@@ -24,80 +31,111 @@ export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$SP/nvidia/cu13/lib:$SP/nvidia/nc
 export NCCL_NVLS_ENABLE=0
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c 'import torch; print("torch", torch.__version__)'
-  "$WORKER" --version; nproc; } > "$OUT/machine.txt" 2>&1
+  "$WORKER" --version; nproc; } > "$OUT/machine-$PART.txt" 2>&1
 if [ ! -f "$MODEL/unet/diffusion_pytorch_model.safetensors" ]; then
-  /usr/bin/time -v "$WORKER" init-random --configs sdxl/configs/sdxl-base-1.0 --output "$MODEL" --dtype f16 --device cuda \
-    > "$OUT/init-random.log" 2>&1
+  note "init-random"
+  "$WORKER" init-random --configs sdxl/configs/sdxl-base-1.0 --output "$MODEL" --dtype f16 --device cuda \
+    > "$OUT/init-random.log" 2>&1 || echo "init-random failed: $(tail -n 3 "$OUT/init-random.log")"
 fi
+GEN=(generate --model "$MODEL" --taesd "$MODEL/taesdxl" --device cuda --dtype f16 --ranks 1 --num-images 1
+     --width 1024 --height 1024 --steps 20 --seed 7 --prompt "a lighthouse at dawn")
+BENCH=(bench --model "$MODEL" --taesd "$MODEL/taesdxl" --device cuda --dtype f16)
+# A UNet input for the cosine checks, made here when diffusers does not make it (part `ours`).
+make_unet_io() {
+  python3 - "$1" <<'PY'
+import sys, torch
+from safetensors.torch import save_file
+g = torch.Generator(device="cpu").manual_seed(0)
+save_file({"sample": torch.randn((2, 4, 128, 128), generator=g),
+           "encoder_hidden_states": torch.randn((2, 77, 2048), generator=g),
+           "text_embeds": torch.randn((2, 1280), generator=g),
+           "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2, dtype=torch.float32),
+           "timestep": torch.tensor([500.0])}, sys.argv[1])
+PY
+}
+cosine() {  # cosine similarity and relative L2 of two unet_out files
+  python3 - "$1" "$2" <<'PY'
+import sys, json, torch
+from safetensors.torch import load_file
+a, b = (load_file(p)["unet_out"].double().flatten() for p in sys.argv[1:3])
+print(json.dumps({"cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item(),
+                  "relative_l2": ((a - b).norm() / b.norm()).item(), "a": sys.argv[1], "b": sys.argv[2]}))
+PY
+}
 
 if [ "$PART" = ours ]; then
-  # Cold start: an empty driver JIT cache, a fresh process, one 1024² image.
-  export CUDA_CACHE_PATH=$(mktemp -d)
-  /usr/bin/time -f "wall %e s, max RSS %M KB" "$WORKER" generate --model "$MODEL" --taesd "$MODEL/taesdxl" \
-    --device cuda --dtype "$DTYPE" --ranks 1 --num-images 1 --width 1024 --height 1024 --steps 20 --seed 7 \
-    --prompt "a lighthouse at dawn" --output "$OUT/cold.png" > "$OUT/cold-start.log" 2>&1
-  echo "cold generate exit $?"
-  # The same with the cache the first run filled (a restart on the same machine).
-  /usr/bin/time -f "wall %e s, max RSS %M KB" "$WORKER" generate --model "$MODEL" --taesd "$MODEL/taesdxl" \
-    --device cuda --dtype "$DTYPE" --ranks 1 --num-images 1 --width 1024 --height 1024 --steps 20 --seed 7 \
-    --prompt "a lighthouse at dawn" --output "$OUT/warm.png" > "$OUT/warm-start.log" 2>&1
-  echo "warm generate exit $?"
-  unset CUDA_CACHE_PATH
-  timeout 120 "$WORKER" check-kernels > "$OUT/check-kernels.log" 2>&1
-  echo "check-kernels exit $?"
-  # Memory: the largest job inside the caps, 16 images of 2048² on one rank.
-  for n in ${BIG_IMAGES:-1 16}; do
-    RUST_BACKTRACE=1 timeout 200 /usr/bin/time -f "wall %e s" "$WORKER" generate --model "$MODEL" --device cuda --dtype "$DTYPE" --ranks 1 \
-      --num-images "$n" --width 2048 --height 2048 --steps 2 --seed 1 --prompt "memory" --output "$OUT/big-$n.png" \
-      > "$OUT/big-job-$n.log" 2>&1
-    echo "$n x 2048² exit $?"
-  done
-  "$WORKER" bench --model "$MODEL" --taesd "$MODEL/taesdxl" --device cuda --dtype "$DTYPE" \
-    --throughput "$THROUGHPUT" --json "$OUT/candle-$DTYPE.json" \
-    > "$OUT/candle-$DTYPE.log" 2>&1
-  echo "bench exit $?"
-  grep '^|' "$OUT/candle-$DTYPE.log"
-  for f in "$OUT"/cold-start.log "$OUT"/warm-start.log "$OUT"/big-job-*.log; do echo "== $f"; tail -n 4 "$f"; done
-fi
-
-if [ "$PART" = same ]; then
+  # Cold start: a fresh process with an empty driver JIT cache, one 1024² image.
   export CUDA_CACHE_PATH=$(mktemp -d)
   for run in cold warm; do
-    /usr/bin/time -f "wall %e s, max RSS %M KB" "$WORKER" generate --model "$MODEL" --taesd "$MODEL/taesdxl" \
-      --device cuda --dtype "$DTYPE" --ranks 1 --num-images 1 --width 1024 --height 1024 --steps 20 --seed 7 \
-      --prompt "a lighthouse at dawn" --output "$OUT/$run.png" > "$OUT/$run-start.log" 2>&1
-    echo "$run generate exit $?"; tail -n 4 "$OUT/$run-start.log"
+    note "generate ($run start)"
+    /usr/bin/time -f "wall %e s, max RSS %M KB" "$WORKER" "${GEN[@]}" --output "$OUT/$run.png" > "$OUT/$run-start.log" 2>&1
+    echo "$run generate exit $?"
   done
   unset CUDA_CACHE_PATH
-  "$WORKER" bench --model "$MODEL" --taesd "$MODEL/taesdxl" --device cuda --dtype "$DTYPE" \
-    --json "$OUT/candle-$DTYPE.json" > "$OUT/candle-$DTYPE.log" 2>&1
-  echo "bench exit $?"; grep '^|' "$OUT/candle-$DTYPE.log"
-  if ! python3 -c 'import diffusers' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine.txt" 2>&1
-  timeout ${DIFFUSERS_TIMEOUT:-330} python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype "$DTYPE" \
-    --recipes eager,compile --json "$OUT/diffusers-$DTYPE.json" > "$OUT/diffusers-$DTYPE.log" 2>&1
-  echo "diffusers exit $?"; grep -E '^\{"label"' "$OUT/diffusers-$DTYPE.log"
+  note "generate, precision fp8 (same seed)"
+  "$WORKER" "${GEN[@]}" --precision fp8 --output "$OUT/fp8.png" > "$OUT/fp8-generate.log" 2>&1
+  echo "fp8 generate exit $?"
+  python3 - "$OUT/warm.png" "$OUT/fp8.png" <<'PY' | tee "$OUT/fp8-psnr.json"
+import sys, json, numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
+mse = ((a - b) ** 2).mean()
+print(json.dumps({"psnr_db_fp8_vs_f16": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf"),
+                  "max_abs": float(np.abs(a - b).max())}))
+PY
+  note "check-kernels"
+  timeout 200 "$WORKER" check-kernels --iters 5 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?"
+  make_unet_io /tmp/unet-io.safetensors
+  note "bench f16 (all paths) with throughput"
+  timeout 200 "$WORKER" "${BENCH[@]}" --throughput "$THROUGHPUT" --unet-io /tmp/unet-io.safetensors \
+    --json "$OUT/candle-f16.json" > "$OUT/candle-f16.log" 2>&1
+  echo "bench f16 exit $?"
+  cp /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors
+  note "bench fp8 with throughput"
+  timeout 200 "$WORKER" "${BENCH[@]}" --precision fp8 --throughput "$THROUGHPUT" --unet-io /tmp/unet-io.safetensors \
+    --json "$OUT/candle-fp8.json" > "$OUT/candle-fp8.log" 2>&1
+  echo "bench fp8 exit $?"
+  cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-fp8-vs-f16.json"
+  note "bench f16 without the cuBLASLt path (A/B)"
+  SDXL_KERNELS=attention,conv,norm,geglu,bias timeout 100 "$WORKER" "${BENCH[@]}" --no-image --iters 10 \
+    --json "$OUT/candle-f16-no-lt.json" > "$OUT/candle-f16-no-lt.log" 2>&1
+  echo "bench no-lt exit $?"
+  note "the largest job inside the caps: 16 images of 2048², 2 steps"
+  timeout 120 /usr/bin/time -f "wall %e s" "$WORKER" generate --model "$MODEL" --device cuda --dtype f16 --ranks 1 \
+    --num-images 16 --width 2048 --height 2048 --steps 2 --seed 1 --prompt "memory" --output "$OUT/big-16.png" \
+    > "$OUT/big-job-16.log" 2>&1
+  echo "16 x 2048² exit $?"
+  note "done"
+  grep -E '^\| (linear|flash)' "$OUT/check-kernels.log" | head -20; grep -c FAIL "$OUT/check-kernels.log"
+  for f in candle-f16 candle-fp8 candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
+  for f in cold-start warm-start fp8-generate big-job-16; do echo "== $f"; tail -n 5 "$OUT/$f.log"; done
 fi
 
 if [ "$PART" = diffusers ]; then
+  note "bench f16 and fp8 (this call's figures for the tables)"
+  timeout 120 "$WORKER" "${BENCH[@]}" --json "$OUT/same-candle-f16.json" > "$OUT/same-candle-f16.log" 2>&1
+  echo "bench f16 exit $?"
+  timeout 120 "$WORKER" "${BENCH[@]}" --precision fp8 --json "$OUT/same-candle-fp8.json" > "$OUT/same-candle-fp8.log" 2>&1
+  echo "bench fp8 exit $?"
   if ! python3 -c 'import diffusers' 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine.txt" 2>&1
-  timeout 420 python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype "$DTYPE" \
-    --recipes eager,compile,best --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-$DTYPE.json" \
-    > "$OUT/diffusers-$DTYPE.log" 2>&1
-  echo "diffusers exit $?"
-  timeout 150 python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype "$DTYPE" \
-    --recipes eager --iters 1 --images 1 --throughput 1,4,8 --json "$OUT/diffusers-throughput-$DTYPE.json" \
-    > "$OUT/diffusers-throughput-$DTYPE.log" 2>&1
-  echo "diffusers throughput exit $?"
-  "$WORKER" bench --model "$MODEL" --device cuda --dtype "$DTYPE" --iters 2 --images 0 --no-image \
-    --unet-io /tmp/unet-io.safetensors > "$OUT/candle-unet-io.log" 2>&1
-  python3 bench/diffusers_reference.py --compare /tmp/unet-io.safetensors | tee "$OUT/unet-cosine-$DTYPE.json"
-  grep -E '^\{"label"|throughput' "$OUT/diffusers-$DTYPE.log" "$OUT/diffusers-throughput-$DTYPE.log"
+  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine-$PART.txt" 2>&1
+  note "diffusers eager (+ images/s) and best"
+  left=$(( ${DIFFUSERS_BUDGET:-560} - (SECONDS - START) - 70 ))
+  timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
+    --recipes eager,best --throughput 1,4,8 --unet-io /tmp/unet-io-d.safetensors --json "$OUT/diffusers-f16.json" \
+    > "$OUT/diffusers-f16.log" 2>&1
+  echo "diffusers exit $? (limit $left s)"
+  note "UNet cosine against diffusers, f16 and fp8"
+  for p in dtype fp8; do
+    timeout 60 "$WORKER" "${BENCH[@]}" --precision $p --iters 1 --no-image --unet-io /tmp/unet-io-d.safetensors \
+      > "$OUT/unet-io-$p.log" 2>&1
+    cosine /tmp/unet-io-d.candle.safetensors /tmp/unet-io-d.diffusers.safetensors | tee "$OUT/unet-cosine-$p-vs-diffusers.json"
+  done
+  note "done"
+  for f in same-candle-f16 same-candle-fp8; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
+  grep -E '^\{"label"|throughput' "$OUT/diffusers-f16.log"
 fi

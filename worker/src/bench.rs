@@ -61,6 +61,8 @@ pub struct BenchArgs {
 struct Report {
     device: String,
     dtype: String,
+    /// `dtype`, or `fp8` for the UNet's transformer linear layers.
+    precision: String,
     width: usize,
     height: usize,
     steps: usize,
@@ -229,6 +231,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         device: format!("{:?}", device.location()),
         dtype: format!("{dtype:?}"),
+        precision: args.model.precision.name().to_string(),
         width: args.width,
         height: args.height,
         steps: args.steps,
@@ -245,7 +248,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         throughput,
         peak_gpu_memory_mib: memory.and_then(|m| m.stop()),
     };
-    println!("| stage | {} {:?} |", report.device, dtype);
+    println!("| stage | {} {:?} precision {} |", report.device, dtype, report.precision);
     println!("|---|---|");
     println!("| model load (local safetensors) | {:.2} s |", report.load_s);
     println!("| text encode (prompt + negative) | {:.1} ms |", report.text_encode_ms);

@@ -61,6 +61,9 @@ fn tolerance(dtype: DType) -> f32 {
     }
 }
 
+/// Relative L2 error allowed to an FP8 product against f32.
+const FP8_TOLERANCE: f32 = 6e-2;
+
 struct Row {
     kernel: String,
     shape: String,
@@ -316,6 +319,90 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
         });
     }
 
+    check_linears(&dev, args, rows)?;
+    Ok(())
+}
+
+/// Linear layers through cuBLASLt (the bias and the residual in the GEMM's
+/// epilogue), in the run dtype and with FP8 operands, at the UNet's shapes
+/// (fused q/k/v at 64², `to_out` + residual, the feed-forward at 32², the
+/// cross-attention's k/v over 77 text tokens) and an odd one.
+#[cfg(feature = "cuda")]
+fn check_linears(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use sdxl::cuda::{fp8, linear};
+    let randn = |shape: &[usize], dtype: DType| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1f32, shape, dev)?.to_dtype(dtype)
+    };
+    for &(tokens, k, out, with_residual, dtype) in &[
+        (8192usize, 640usize, 1920usize, false, DType::F16),
+        (8192, 640, 640, true, DType::F16),
+        (2048, 1280, 10240, false, DType::F16),
+        (2048, 5120, 1280, true, DType::BF16),
+        (154, 2048, 2560, false, DType::F16),
+        (15, 48, 40, true, DType::F16),
+    ] {
+        let x = randn(&[tokens, k], dtype)?;
+        let w = (randn(&[out, k], DType::F32)? / (k as f64).sqrt())?.to_dtype(dtype)?;
+        let bias = randn(&[out], dtype)?;
+        let residual = if with_residual {
+            Some(randn(&[tokens, out], dtype)?)
+        } else {
+            None
+        };
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let mut reference = f32(&x)?.matmul(&f32(&w)?.t()?)?.broadcast_add(&f32(&bias)?)?;
+        if let Some(r) = &residual {
+            reference = (reference + f32(r)?)?;
+        }
+        let candle = || -> candle_core::Result<Tensor> {
+            let y = x.matmul(&w.t()?)?.broadcast_add(&bias)?;
+            match &residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            }
+        };
+        let candle_ms = median_ms(dev, args.iters, candle)?;
+        let shape = format!(
+            "x[{tokens}, {k}] w[{out}, {k}]{}",
+            if with_residual { " + residual" } else { "" }
+        );
+        let lt = || linear::linear(&x, &w, Some(&bias), residual.as_ref());
+        match lt()? {
+            Some(fast) => {
+                let (rel, max) = errors(&fast, &reference)?;
+                rows.push(Row {
+                    kernel: "linear (cuBLASLt epilogue)".into(),
+                    shape: shape.clone(),
+                    dtype,
+                    rel,
+                    max,
+                    fast_ms: median_ms(dev, args.iters, || lt().map(Option::unwrap))?,
+                    candle_ms,
+                });
+            }
+            None => println!("linear (cuBLASLt epilogue) {shape} {dtype:?}: no cuBLASLt algorithm, candle's path runs"),
+        }
+        if !fp8::fp8_supports(k, out) {
+            continue;
+        }
+        let q = fp8::quantize_weight(&w)?;
+        let run = || linear::fp8_linear(&x, &q, Some(&bias), residual.as_ref());
+        match run()? {
+            Some(fast) => {
+                let (rel, max) = errors(&fast, &reference)?;
+                rows.push(Row {
+                    kernel: "linear FP8 e4m3".into(),
+                    shape,
+                    dtype,
+                    rel,
+                    max,
+                    fast_ms: median_ms(dev, args.iters, || run().map(Option::unwrap))?,
+                    candle_ms,
+                });
+            }
+            None => println!("linear FP8 {shape} {dtype:?}: no cuBLASLt algorithm, the run dtype's path runs"),
+        }
+    }
     Ok(())
 }
 
@@ -328,6 +415,10 @@ fn print_rows(rows: &[Row]) -> usize {
         // TF32 convolutions are compared against f32: TF32's 10-bit mantissa
         let tol = if r.kernel.starts_with("conv") && r.dtype == DType::F32 {
             2e-3
+        } else if r.kernel.contains("FP8") {
+            // e4m3 keeps 3 mantissa bits: each operand is off by up to 2^-4
+            // relative, and the sums average that to a few percent
+            FP8_TOLERANCE
         } else {
             tolerance(r.dtype)
         };
