@@ -203,6 +203,8 @@ fn fp8_linear_as<T: CudaDType + DeviceRepr + WithDType>(
     };
     // SAFETY: as in `linear_as`; the codes and scales live until this returns.
     if unsafe { gemm::run(&dev, &scaled)? } {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::info!("FP8 products: cuBLASLt applies the per-channel and per-token scales"));
         drop(y_sync);
         return Ok(Some(wrap(y, dev, dims)));
     }
@@ -224,6 +226,10 @@ fn fp8_linear_as<T: CudaDType + DeviceRepr + WithDType>(
     if !ran {
         return Ok(None);
     }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::info!("FP8 products: this cuBLASLt has no outer-vector scaling here; our epilogue applies the scales")
+    });
     scale_epilogue::<T>(
         &dev,
         &raw,
