@@ -1,4 +1,5 @@
-//! The VAE's tiled decode against diffusers' (`vae.enable_tiling()`).
+//! The VAE's tiled decode against diffusers' (`vae.enable_tiling()`), and
+//! the pipeline's choice between a whole and a tiled decode.
 //!
 //! Reads `tests/fixtures/vae-tiling` (made by
 //! `scripts/make_vae_tiling_reference.py`), or the folder `SDXL_TILING_DIR`
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sdxl::config::{read_json, VaeConfig};
+use sdxl::pipeline::{LoadOptions, SdxlPipeline, VaeTiling};
 use sdxl::vae::{AutoencoderKL, TileSizes};
 use serde::Deserialize;
 
@@ -156,4 +158,65 @@ fn tiled_and_whole_decodes_differ_where_diffusers_does() {
     };
     let d = max_abs_diff("tiled vs whole", f.tensor(&tiled.image), f.tensor("untiled_image"));
     assert!(d > 100.0 * TOL, "tiled and whole decodes differ by only {d}");
+}
+
+fn tiny_pipeline(tiling: VaeTiling) -> SdxlPipeline {
+    // The project's own fixtures: the default case was made with this VAE.
+    let model = common::fixture("sdxl-reference").join("tiny-sdxl");
+    SdxlPipeline::load(&LoadOptions {
+        vae_tiling: tiling,
+        ..LoadOptions::new(model.display().to_string(), Device::Cpu, DType::F32)
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_pipeline_decodes_in_tiles_when_told_or_short_of_memory() {
+    let f = load(common::fixture("vae-tiling"));
+    let case = f.case("default");
+    let z = f.tensor(&case.latents);
+    let (_, _, h, w) = z.dims4().unwrap();
+    let (width, height) = (w * 8, h * 8);
+    let latents = (z * f.config.scaling_factor).unwrap();
+    let want = f.tensor(&case.image);
+
+    let on = tiny_pipeline(VaeTiling::On);
+    assert!(on.decode_tiled(width, height, None));
+    assert_close("pipeline, tiling on", &on.decode(&latents).unwrap(), want);
+    assert!(
+        !on.decode_tiled(128, 128, None),
+        "one tile: decoded whole, as diffusers does"
+    );
+
+    let auto = tiny_pipeline(VaeTiling::Auto);
+    let memory = auto.decode_memory(width, height);
+    let tiled = memory.tiled.expect("larger than one tile");
+    assert!(tiled < memory.whole, "a tile takes less than the whole: {memory:?}");
+    assert!(!auto.decode_tiled(width, height, None), "no free memory given: whole");
+    assert!(!auto.decode_tiled(width, height, Some(memory.whole)), "fits: whole");
+    assert!(
+        auto.decode_tiled(width, height, Some(memory.whole - 1)),
+        "does not fit: tiled"
+    );
+    assert_close(
+        "pipeline, auto, short of memory",
+        &auto.decode_within(&latents, Some(memory.whole - 1)).unwrap(),
+        want,
+    );
+    let whole = auto.decode_within(&latents, Some(memory.whole)).unwrap();
+    assert!(
+        max_abs_diff("auto with room", &whole, want) > 100.0 * TOL,
+        "decoded whole"
+    );
+
+    let off = tiny_pipeline(VaeTiling::Off);
+    assert!(!off.decode_tiled(width, height, Some(0)));
+    assert_eq!(
+        max_abs_diff(
+            "off vs auto with room",
+            &off.decode_within(&latents, Some(0)).unwrap(),
+            &whole
+        ),
+        0.0
+    );
 }

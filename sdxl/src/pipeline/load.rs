@@ -20,7 +20,7 @@ use crate::source::{HubOptions, ModelSource, SDXL_BASE_CONFIGS};
 use crate::taesd::TinyDecoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
+use crate::vae::{AutoencoderKL, VaeTiling};
 use crate::{ModelError, WeightsContext};
 
 /// Where to load a pipeline from and how to run it.
@@ -46,6 +46,8 @@ pub struct LoadOptions {
     pub accel: Accel,
     /// How to reach the Hugging Face hub for repo ids.
     pub hub: HubOptions,
+    /// When the VAE decodes in tiles.
+    pub vae_tiling: VaeTiling,
 }
 
 impl LoadOptions {
@@ -61,6 +63,7 @@ impl LoadOptions {
             dtype,
             accel: Accel::ALL,
             hub: HubOptions::default(),
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -256,6 +259,7 @@ impl SdxlPipeline {
             device: opts.device.clone(),
             dtype: opts.dtype,
             vae_dtype,
+            vae_tiling: opts.vae_tiling,
         })
     }
 

@@ -107,6 +107,37 @@ impl TileSizes {
     }
 }
 
+/// When the VAE decodes an image in tiles (diffusers' `enable_tiling`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VaeTiling {
+    /// Whole when the image's estimated decode fits the free memory the
+    /// caller passes to the pipeline's `decode_within`, else tiled; whole
+    /// when it passes none.
+    #[default]
+    Auto,
+    /// Tiled whenever the latents are larger than one tile, as diffusers
+    /// does after `vae.enable_tiling()`.
+    On,
+    /// Always whole.
+    Off,
+}
+
+impl VaeTiling {
+    pub const ALL: [VaeTiling; 3] = [VaeTiling::Auto, VaeTiling::On, VaeTiling::Off];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VaeTiling::Auto => "auto",
+            VaeTiling::On => "on",
+            VaeTiling::Off => "off",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
 impl AutoencoderKL {
     /// `vae.enable_tiling(); vae.tiled_decode(z)` with `tiles` (see
     /// [`TileSizes::from_config`] for diffusers' defaults): `z` are latents
