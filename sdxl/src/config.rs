@@ -227,6 +227,32 @@ pub struct VaeConfig {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// The image size the VAE was made for; diffusers' default tile sizes of
+    /// a tiled decode come from it (`vae::TileSizes::from_config`).
+    #[serde(default = "default_vae_sample_size")]
+    pub sample_size: SampleSize,
+}
+
+/// `sample_size`: one side, or a pair of which diffusers takes the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleSize(pub usize);
+
+impl<'de> Deserialize<'de> for SampleSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(usize),
+            Pair(Vec<usize>),
+        }
+        match Form::deserialize(d)? {
+            Form::One(n) => Ok(SampleSize(n)),
+            Form::Pair(v) => v
+                .first()
+                .map(|&n| SampleSize(n))
+                .ok_or_else(|| serde::de::Error::custom("`sample_size` is an empty list")),
+        }
+    }
 }
 
 /// `config.json` of a TAESD (diffusers' `AutoencoderTiny`).
@@ -274,6 +300,10 @@ fn default_groups() -> usize {
 }
 fn default_norm_eps() -> f64 {
     1e-5
+}
+/// `AutoencoderKL`'s own default.
+fn default_vae_sample_size() -> SampleSize {
+    SampleSize(32)
 }
 fn default_scaling_factor() -> f64 {
     0.18215

@@ -410,6 +410,24 @@ pub fn attention_candle(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
     attention_in_blocks(q, k, v, heads, MAX_SCORES_AT_ONCE, SCORES_PER_BLOCK)
 }
 
+/// How many scores (batch × heads × queries × keys) [`attention_candle`]
+/// holds at once for `batch_heads` × `n_q` queries over `n_kv` keys: all of
+/// them up to [`MAX_SCORES_AT_ONCE`], else a block of queries. The VAE's
+/// memory estimate (`vae::decode_bytes`) counts with it.
+pub fn attention_scores_at_once(batch_heads: usize, n_q: usize, n_kv: usize) -> usize {
+    batch_heads * n_kv * block_queries(batch_heads * n_kv, n_q, MAX_SCORES_AT_ONCE, SCORES_PER_BLOCK)
+}
+
+/// Queries per block: all `n_q` when their scores fit in `max_at_once`, else
+/// as many as fit in `per_block` (at least one).
+fn block_queries(scores_per_query: usize, n_q: usize, max_at_once: usize, per_block: usize) -> usize {
+    if scores_per_query.saturating_mul(n_q) <= max_at_once {
+        n_q
+    } else {
+        (per_block / scores_per_query.max(1)).clamp(1, n_q.max(1))
+    }
+}
+
 fn attention_in_blocks(
     q: &Tensor,
     k: &Tensor,
@@ -437,11 +455,10 @@ fn attention_in_blocks(
         };
         probs.matmul(&v)
     };
-    let scores_per_query = b * heads * n_kv;
-    let out = if scores_per_query * n_q <= max_at_once {
+    let rows = block_queries(b * heads * n_kv, n_q, max_at_once, per_block);
+    let out = if rows >= n_q {
         block(&q)?
     } else {
-        let rows = (per_block / scores_per_query).max(1);
         let parts = (0..n_q)
             .step_by(rows)
             .map(|start| block(&q.narrow(2, start, rows.min(n_q - start))?))

@@ -63,13 +63,17 @@ impl ResnetBlock2D {
     }
 
     /// `temb` is the (not yet activated) time embedding `[batch, temb_channels]`.
+    ///
+    /// Each intermediate is dropped as soon as the next one exists (a
+    /// shadowed binding would live to the end): at full resolution in the
+    /// VAE decoder every one of them is hundreds of MB to GBs, and
+    /// `vae::decode_bytes` counts on at most three at a time.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward_act(xs, Some(self.act))?;
-        let mut h = self.conv1.forward(&h)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_act(xs, Some(self.act))?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             h = add_channel_bias(h, &proj.forward(&self.act.forward(temb)?)?)?;
         }
-        let h = self.norm2.forward_act(&h, Some(self.act))?;
+        let h = self.norm2.forward_act(&{ h }, Some(self.act))?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

@@ -15,7 +15,7 @@ use clap::builder::TypedValueParser as _;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdxl::accel::{Accel, Precision};
-use sdxl::pipeline::LoadOptions;
+use sdxl::pipeline::{LoadOptions, VaeTiling};
 use sdxl::scheduler::SamplerKind;
 use sdxl::source::{HubOptions, DEFAULT_MODEL};
 use worker::ranks::DeviceKind;
@@ -100,14 +100,71 @@ pub struct ModelArgs {
     pub dtype: Option<DTypeArg>,
     /// `fp8`: the UNet's transformer linear layers in FP8 (e4m3, a scale per
     /// output channel and per token) on GPUs with FP8 tensor cores (compute
-    /// capability 8.9+: Ada, Hopper), the rest in --dtype; faster, and the
-    /// images change within FP8's precision. `dtype`: everything in --dtype.
+    /// capability 8.9+: Ada, Hopper), the rest in --dtype; the images change
+    /// within FP8's precision, and it is not yet faster (BENCHMARKS.md).
+    /// `dtype`: everything in --dtype.
     #[arg(long, env = "SDXL_PRECISION", default_value = "dtype", value_parser = precision_parser())]
     pub precision: Precision,
     #[command(flatten)]
     pub accel: AccelArgs,
     #[command(flatten)]
     pub hub: HubArgs,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+}
+
+/// How a job is fitted into device memory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MemoryArgs {
+    /// VAE decode in tiles (diffusers' `enable_tiling`): `auto` when a whole
+    /// decode would not fit the free device memory, `on` for every image
+    /// larger than one tile (1024² for SDXL), `off` never.
+    #[arg(long, env = "SDXL_VAE_TILING", default_value = "auto", value_parser = vae_tiling_parser())]
+    pub vae_tiling: VaeTiling,
+    /// The most device memory one job may plan for on each rank (`generate`
+    /// and `run`): bytes, or with a binary K, M, G or T suffix (`20G`,
+    /// `1.5GiB`). Default: what the device reports free. Jobs that cannot fit
+    /// in it fail at once with what they need.
+    #[arg(long, env = "SDXL_MEMORY_BUDGET", value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+}
+
+/// The `--vae-tiling` values.
+fn vae_tiling_parser() -> impl clap::builder::TypedValueParser<Value = VaeTiling> {
+    clap::builder::PossibleValuesParser::new(VaeTiling::ALL.map(VaeTiling::name))
+        .map(|name| VaeTiling::from_name(&name).expect("a listed tiling name"))
+}
+
+/// `20G`, `1.5GiB`, `512M`, `1073741824`: a size in bytes (binary suffixes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => {
+            return Err(format!(
+                "`{text}`: the unit must be K, M, G or T (binary), or none for bytes"
+            ))
+        }
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 20G, 1.5GiB or 1073741824"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("`{text}` is not a size such as 20G, 1.5GiB or 1073741824"));
+    }
+    Ok((value * (1u64 << shift) as f64) as u64)
 }
 
 fn precision_parser() -> impl clap::builder::TypedValueParser<Value = Precision> {
@@ -184,6 +241,7 @@ impl ModelArgs {
             accel: self.accel.accel(),
             precision: self.precision,
             hub: self.hub.hub(),
+            vae_tiling: self.memory.vae_tiling,
             ..LoadOptions::new(self.model.clone(), device, self.dtype())
         }
     }
@@ -201,4 +259,21 @@ pub fn denoise_progress(steps: usize) -> ProgressBar {
 pub fn sampler_parser() -> impl clap::builder::TypedValueParser<Value = SamplerKind> {
     clap::builder::PossibleValuesParser::new(SamplerKind::ALL.map(SamplerKind::name))
         .map(|name| SamplerKind::from_name(&name).expect("a listed sampler name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_bytes("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_bytes("20G"), Ok(20 << 30));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("512 MB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("64k"), Ok(64 << 10));
+        assert!(parse_bytes("20X").is_err());
+        assert!(parse_bytes("-1G").is_err());
+        assert!(parse_bytes("G").is_err());
+    }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use sdxl::noise::ImageNoise;
 use sdxl::pipeline::{DenoiseParams, SdxlPipeline, Start};
+use worker::ranks::memory::PeakSampler;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -114,7 +115,7 @@ fn time<T>(device: &Device, iters: usize, mut f: impl FnMut() -> anyhow::Result<
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let opts = args.model.load_options(0)?;
     let device = opts.device.clone();
-    let memory = MemorySampler::start(&device);
+    let memory = PeakSampler::start(&device);
     let t = Instant::now();
     let pipeline = SdxlPipeline::load(&opts).context("loading the model")?;
     device.synchronize()?;
@@ -246,7 +247,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         png_encode_ms: ms(png_time),
         first_unet_step_ms: ms(first_unet),
         throughput,
-        peak_gpu_memory_mib: memory.and_then(|m| m.stop()),
+        peak_gpu_memory_mib: memory.and_then(PeakSampler::stop).map(|b| b as f64 / (1024.0 * 1024.0)),
     };
     println!("| stage | {} {:?} precision {} |", report.device, dtype, report.precision);
     println!("|---|---|");
@@ -354,42 +355,4 @@ fn unet_io(pipeline: &SdxlPipeline, path: &std::path::Path) -> anyhow::Result<()
     )?;
     eprintln!("wrote {}", out_path.display());
     Ok(())
-}
-
-/// Samples the device's used memory every few milliseconds from another
-/// thread; the maximum is the peak (device-wide: the bench is its only user).
-struct MemorySampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<f64>,
-}
-
-impl MemorySampler {
-    #[cfg(feature = "cuda")]
-    fn start(device: &Device) -> Option<Self> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut peak = 0usize;
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((free, total)) = ctx.mem_get_info() {
-                    peak = peak.max(total - free);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            peak as f64 / (1024.0 * 1024.0)
-        });
-        Some(Self { stop, thread })
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn start(_device: &Device) -> Option<Self> {
-        None
-    }
-
-    fn stop(self) -> Option<f64> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().ok()
-    }
 }

@@ -103,6 +103,9 @@ pub struct StageTimings {
     /// Of `denoise`: decoding, gathering and handing over previews.
     pub preview: Duration,
     pub decode: Duration,
+    /// The most device memory in use while the job ran on rank 0 (bytes,
+    /// device-wide, sampled); `None` on the CPU.
+    pub peak_memory: Option<u64>,
 }
 
 /// A finished job: the grid (laid out as torchvision's `make_grid`) and each image.

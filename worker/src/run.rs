@@ -35,6 +35,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!(model = %args.model.model, ranks, "loading the pipeline");
     let engine = RankGroup::start(RankGroupConfig {
+        memory_budget: args.model.memory.memory_budget,
         load: args.model.load_options_on(Device::Cpu),
         device,
         ranks,

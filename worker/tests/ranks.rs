@@ -84,7 +84,12 @@ fn five_images_on_two_ranks() {
 }
 
 fn group(ranks: usize, timeout: Duration) -> RankGroup {
-    RankGroup::start(RankGroupConfig {
+    RankGroup::start(config(ranks, timeout)).unwrap()
+}
+
+fn config(ranks: usize, timeout: Duration) -> RankGroupConfig {
+    RankGroupConfig {
+        memory_budget: None,
         load: LoadOptions {
             taesd: Some(fixture().join("tiny-taesdxl").display().to_string()),
             ..LoadOptions::new(
@@ -97,8 +102,7 @@ fn group(ranks: usize, timeout: Duration) -> RankGroup {
         ranks,
         collective_timeout: timeout,
         warm_up: true,
-    })
-    .unwrap()
+    }
 }
 
 fn job(seed: u64) -> EngineJob {
@@ -158,6 +162,47 @@ fn a_failing_rank_fails_the_job_everywhere_and_the_next_job_runs() {
         .generate(&job(6), &mut |_| {}, &Arc::new(AtomicBool::new(false)))
         .unwrap();
     assert_eq!(out.images.len(), 3);
+}
+
+/// With a memory budget of 1.5 GiB a rank (the CPU has no free-memory
+/// figure of its own), a 1024² job is refused before it starts, by its
+/// estimate (the UNet alone: 4.7 GiB for one image in f32), with the
+/// figures and what to lower; the ranks are free again at once and run the
+/// next job.
+#[test]
+fn a_job_over_the_memory_budget_fails_plainly_and_the_next_job_runs() {
+    let g = RankGroup::start(RankGroupConfig {
+        memory_budget: Some(3 << 29),
+        warm_up: false,
+        ..config(2, Duration::from_secs(30))
+    })
+    .unwrap();
+    let start = Instant::now();
+    let big = EngineJob {
+        width: 1024,
+        height: 1024,
+        ..job(1)
+    };
+    let err = g
+        .generate(&big, &mut |_| {}, &Arc::new(AtomicBool::new(false)))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, EngineError::Failed(_)), "{msg}");
+    assert!(
+        msg.contains("not enough device memory: 1 image(s) of 1024×1024 on this rank need about 5.7 GiB"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("the UNet 4.7 GiB with one image per call")
+            && msg.ends_with("but 1.5 GiB is free within the memory budget; lower width and height"),
+        "{msg}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "refused before any work");
+    let out = g
+        .generate(&job(2), &mut |_| {}, &Arc::new(AtomicBool::new(false)))
+        .unwrap();
+    assert_eq!(out.images.len(), 2);
+    assert_eq!(out.timings.peak_memory, None, "no device figure on the CPU");
 }
 
 #[test]

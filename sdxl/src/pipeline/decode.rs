@@ -1,24 +1,50 @@
 //! From latents to pictures: the VAE decode (in f32 when the VAE asks for
-//! it), the full-size TAESD decode, and the pooled TAESD previews shown
-//! while an image forms.
+//! it; whole, or in tiles when a whole decode would not fit), the full-size
+//! TAESD decode, and the pooled TAESD previews shown while an image forms.
 
 use candle_core::{DType, Tensor};
 
 use super::model::SdxlPipeline;
+use crate::vae::{decode_bytes, tiled_decode_bytes, TileSizes, VaeTiling};
 use crate::ModelError;
+
+/// Estimated peak bytes of decoding one image, whole and tiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeMemory {
+    pub whole: u64,
+    /// `None` when one tile covers the image (a tiled decode is the whole one).
+    pub tiled: Option<u64>,
+}
 
 impl SdxlPipeline {
     /// VAE decode of final latents to images `[b, 3, H, W]` in [-1, 1]
     /// (f32), one image at a time: the decoder's activations are the
-    /// largest of the pipeline (an f32 2048² image: several GB), and a
-    /// batch's peak would be the sum of them.
+    /// largest of the pipeline (an f32 2048² image: about 15 GB), and a
+    /// batch's peak would be the sum of them. Whole, unless the pipeline
+    /// was loaded with [`VaeTiling::On`]; [`Self::decode_within`] chooses
+    /// by the free memory.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        let b = latents.dim(0)?;
+        self.decode_within(latents, None)
+    }
+
+    /// [`Self::decode`] with `free` bytes of device memory for the decode:
+    /// each image whole when its estimate ([`Self::decode_memory`]) fits in
+    /// them, else in tiles ([`Self::decode_tiled`] decides).
+    pub fn decode_within(&self, latents: &Tensor, free: Option<u64>) -> Result<Tensor, ModelError> {
+        let (b, _, h, w) = latents.dims4()?;
+        let f = self.vae_scale_factor;
+        let tiled = self.decode_tiled(w * f, h * f, free);
+        let tiles = self.vae_tiles();
         let images = (0..b)
             .map(|i| {
                 let latents = latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)?;
                 let z = self.vae.unscale_latents(&latents)?;
-                self.vae.decode(&z)?.to_dtype(DType::F32)
+                let image = if tiled {
+                    self.vae.tiled_decode(&z, &tiles)?
+                } else {
+                    self.vae.decode(&z)?
+                };
+                image.to_dtype(DType::F32)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(if b == 1 {
@@ -26,6 +52,49 @@ impl SdxlPipeline {
         } else {
             Tensor::cat(&images, 0)?
         })
+    }
+
+    /// Whether [`Self::decode_within`] decodes a `width`×`height` image in
+    /// tiles with `free` bytes: never with [`VaeTiling::Off`]; with `On`
+    /// when the latents are larger than one tile; with `Auto` when they are
+    /// and the whole decode's estimate is more than `free` (never without
+    /// a `free`, nor when the tile sizes do not stitch this size back).
+    pub fn decode_tiled(&self, width: usize, height: usize, free: Option<u64>) -> bool {
+        let (_, _, h, w) = self.latent_shape(width, height);
+        let tiles = self.vae_tiles();
+        match self.vae_tiling {
+            VaeTiling::Off => false,
+            VaeTiling::On => tiles.tiles_needed(h, w),
+            VaeTiling::Auto => {
+                tiles.tiles_needed(h, w)
+                    && tiles.check(h, w, self.vae_scale_factor).is_ok()
+                    && free.is_some_and(|free| self.decode_memory(width, height).whole > free)
+            }
+        }
+    }
+
+    /// Estimated peak bytes of decoding one `width`×`height` image, whole
+    /// and tiled (`vae::decode_bytes`, `vae::tiled_decode_bytes`), in the
+    /// VAE's dtype.
+    pub fn decode_memory(&self, width: usize, height: usize) -> DecodeMemory {
+        let (_, _, h, w) = self.latent_shape(width, height);
+        let c = self.vae.config();
+        let tiles = self.vae_tiles();
+        DecodeMemory {
+            whole: decode_bytes(c, self.vae_dtype, 1, h, w),
+            tiled: (tiles.tiles_needed(h, w) && tiles.check(h, w, self.vae_scale_factor).is_ok())
+                .then(|| tiled_decode_bytes(c, self.vae_dtype, &tiles, 1, h, w)),
+        }
+    }
+
+    /// How this pipeline chooses between whole and tiled decodes.
+    pub fn vae_tiling(&self) -> VaeTiling {
+        self.vae_tiling
+    }
+
+    /// The tiles of a tiled decode: diffusers' defaults for the VAE's config.
+    pub fn vae_tiles(&self) -> TileSizes {
+        TileSizes::from_config(self.vae.config())
     }
 
     /// `AutoencoderTiny.decode` of latents at full resolution, in [-1, 1]

@@ -20,7 +20,7 @@ use crate::source::{HubOptions, ModelSource, SDXL_BASE_CONFIGS};
 use crate::taesd::TinyDecoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
+use crate::vae::{AutoencoderKL, VaeTiling};
 use crate::{ModelError, WeightsContext};
 
 /// Where to load a pipeline from and how to run it.
@@ -48,6 +48,8 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// How to reach the Hugging Face hub for repo ids.
     pub hub: HubOptions,
+    /// When the VAE decodes in tiles.
+    pub vae_tiling: VaeTiling,
 }
 
 impl LoadOptions {
@@ -64,6 +66,7 @@ impl LoadOptions {
             accel: Accel::ALL,
             precision: Precision::Dtype,
             hub: HubOptions::default(),
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -304,6 +307,7 @@ impl SdxlPipeline {
             device: opts.device.clone(),
             dtype: opts.dtype,
             vae_dtype,
+            vae_tiling: opts.vae_tiling,
         })
     }
 

@@ -13,7 +13,8 @@
 //! - `denoise.rs`: the denoising loop ([`DenoiseParams`], [`StepState`]);
 //! - `image.rs`: img2img's and inpainting's input image and mask;
 //! - `lora.rs`: LoRAs merged into a copy of the text encoders and the UNet;
-//! - `decode.rs`: the VAE decode and the TAESD previews.
+//! - `decode.rs`: the VAE decode (whole or tiled, [`VaeTiling`]) and the
+//!   TAESD previews.
 
 mod decode;
 mod denoise;
@@ -29,3 +30,7 @@ pub use self::image::{LatentScaling, Prepared, Source};
 pub use self::load::{is_single_file, LoadOptions};
 pub use self::lora::LoraWeights;
 pub use self::model::{PromptEmbeds, SdxlPipeline};
+
+/// Whole or tiled VAE decodes, and what each takes.
+pub use self::decode::DecodeMemory;
+pub use crate::vae::VaeTiling;

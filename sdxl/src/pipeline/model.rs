@@ -17,7 +17,7 @@ use crate::scheduler::SchedulerConfig;
 use crate::taesd::TinyDecoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
+use crate::vae::{AutoencoderKL, VaeTiling};
 
 /// The conditioning of one prompt for the UNet, unconditional half first
 /// when guidance is on.
@@ -87,6 +87,7 @@ pub struct SdxlPipeline {
     pub(super) device: Device,
     pub(super) dtype: DType,
     pub(super) vae_dtype: DType,
+    pub(super) vae_tiling: VaeTiling,
 }
 
 impl SdxlPipeline {

@@ -2,8 +2,8 @@
 //!
 //! The fixtures live in the workspace's `tests/fixtures/`; each folder can be
 //! replaced with an environment variable (`SDXL_REFERENCE_DIR`,
-//! `SDXL_FEATURES_DIR`, `SDXL_BASE_CONFIGS_DIR`) to run the same tests on
-//! other reference data.
+//! `SDXL_FEATURES_DIR`, `SDXL_BASE_CONFIGS_DIR`, `SDXL_TILING_DIR`) to run
+//! the same tests on other reference data.
 
 #![allow(dead_code)]
 
@@ -40,6 +40,11 @@ pub fn fixture(name: &str) -> PathBuf {
 /// `sdxl-features/` (the single file and the LoRAs).
 pub fn features_dir() -> PathBuf {
     dir("SDXL_FEATURES_DIR", "sdxl-features")
+}
+
+/// `vae-tiling/` (diffusers' tiled VAE decodes).
+pub fn tiling_dir() -> PathBuf {
+    dir("SDXL_TILING_DIR", "vae-tiling")
 }
 
 /// The full-size SDXL base configs (no weights).

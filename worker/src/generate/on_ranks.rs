@@ -21,6 +21,7 @@ pub fn run(args: GenerateArgs, resolved: Resolved) -> anyhow::Result<()> {
     let ranks = args.ranks.unwrap_or_else(|| default_ranks(device));
     let t0 = Instant::now();
     let group = RankGroup::start(RankGroupConfig {
+        memory_budget: args.model.memory.memory_budget,
         load: args.model.load_options_on(Device::Cpu),
         device,
         ranks,
@@ -120,6 +121,12 @@ pub fn run(args: GenerateArgs, resolved: Resolved) -> anyhow::Result<()> {
         ranks,
         previews
     );
+    if let Some(peak) = tm.peak_memory {
+        eprintln!(
+            "device memory at the peak (rank 0): {}",
+            worker::ranks::memory::size(peak)
+        );
+    }
     for img in &out.images {
         eprintln!("image seed {}", img.seed);
     }

@@ -7,6 +7,7 @@
 pub mod collective;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
+pub mod memory;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 mod rank;
@@ -37,6 +38,10 @@ pub enum DeviceKind {
 /// How to start a [`RankGroup`].
 #[derive(Debug, Clone)]
 pub struct RankGroupConfig {
+    /// The most device memory one job may plan for on each rank (`None`:
+    /// what the device reports free); on the CPU, a budget is what makes
+    /// jobs checked at all (`memory.rs`).
+    pub memory_budget: Option<u64>,
     /// The pipeline every rank loads (its `device` is replaced per rank).
     pub load: LoadOptions,
     pub device: DeviceKind,
@@ -147,6 +152,7 @@ impl RankGroup {
                                     pipeline,
                                     collective,
                                     loras: Default::default(),
+                                    memory_budget: config.memory_budget,
                                 },
                                 jobs_rx,
                             );
@@ -162,6 +168,7 @@ impl RankGroup {
                                             pipeline,
                                             collective,
                                             loras: Default::default(),
+                                            memory_budget: config.memory_budget,
                                         },
                                         jobs_rx,
                                     );

@@ -79,6 +79,8 @@ pub struct Rank<C: Collective> {
     pub collective: C,
     pub pipeline: SdxlPipeline,
     pub loras: LoraFiles,
+    /// The most device memory a job may plan for (`None`: what is free).
+    pub memory_budget: Option<u64>,
 }
 
 /// The LoRA files this rank has parsed, by id, so that a LoRA used again is
@@ -153,13 +155,19 @@ impl<C: Collective> Rank<C> {
         let counts = &rj.counts;
         let mine = counts[rank];
         let slots = counts.iter().copied().max().unwrap_or(0);
+        // Refused here, before anything is allocated for it, when even its
+        // smallest plan cannot fit (memory.rs).
+        let free = free_memory(self.pipeline.device());
+        let size = (job.width, job.height);
+        let plan = super::memory::JobPlan::new(&self.pipeline, size, (slots, counts.len()), free, self.memory_budget)?;
+        let peak = super::memory::PeakSampler::start(self.pipeline.device());
         let params = DenoiseParams {
             width: job.width,
             height: job.height,
             num_inference_steps: job.num_inference_steps,
             guidance_scale: job.guidance_scale,
             sampler: job.scheduler,
-            unet_images: unet_images(&self.pipeline, job.width, job.height),
+            unet_images: plan.unet_images,
         };
         let pipeline = &self.pipeline;
         let device = pipeline.device().clone();
@@ -209,7 +217,7 @@ impl<C: Collective> Rank<C> {
             let t = Instant::now();
             let prepared = pipeline
                 .prepare(&source, job.width, job.height, &noise)
-                .map_err(model_error)?;
+                .map_err(|e| plan.explain(model_error(e), &device))?;
             timings.image_encode = sync(t);
 
             let t = Instant::now();
@@ -231,7 +239,7 @@ impl<C: Collective> Rank<C> {
                         }
                     }
                 })
-                .map_err(model_error)?;
+                .map_err(|e| plan.explain(model_error(e), &device))?;
             timings.denoise = sync(t);
             timings.preview = preview_time;
             let latents = match (latents, failure) {
@@ -240,8 +248,12 @@ impl<C: Collective> Rank<C> {
                 (None, None) => return Err(EngineError::Failed("denoising stopped".into())),
             };
             let t = Instant::now();
-            let images = pipeline.decode(&latents).map_err(model_error)?;
+            let room = plan.decode_room(free_memory(&device));
+            let images = pipeline
+                .decode_within(&latents, room)
+                .map_err(|e| plan.explain(model_error(e), &device))?;
             timings.decode = sync(t);
+            timings.peak_memory = peak.and_then(super::memory::PeakSampler::stop);
             images
         } else {
             // A rank with no image still takes part in every collective call.
@@ -290,27 +302,12 @@ pub fn unet_images(pipeline: &SdxlPipeline, width: usize, height: usize) -> usiz
     let Some(free) = free_memory(pipeline.device()) else {
         return 1;
     };
-    let (_, _, h, w) = pipeline.latent_shape(width, height);
-    // Measured on an H100 in f16: about 150 KB of activations per latent
-    // pixel for one image (its two guidance rows), with our kernels.
-    let per_image = (h * w) as u64 * 150 * 1024;
-    let usable = free.saturating_sub(2 << 30) * 8 / 10;
-    ((usable / per_image.max(1)) as usize).clamp(1, 64)
+    super::memory::micro_batch(&super::memory::ImageMemory::of(pipeline, width, height), 1, free)
 }
 
 /// Free device memory in bytes; `None` on the CPU.
 fn free_memory(device: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Ok(cuda) = device.as_cuda_device() {
-        return cuda
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, _)| free as u64);
-    }
-    let _ = device;
-    None
+    super::memory::device_free(device)
 }
 
 /// Between two steps: progress, the injected fault, cancel, and previews.
