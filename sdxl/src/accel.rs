@@ -112,9 +112,9 @@ impl Accel {
             self.lt,
             self.fp8,
         ]
-            .iter()
-            .enumerate()
-            .fold(0, |acc, (i, &on)| acc | (u8::from(on) << i))
+        .iter()
+        .enumerate()
+        .fold(0, |acc, (i, &on)| acc | (u8::from(on) << i))
     }
 
     fn from_bits(b: u8) -> Accel {

@@ -249,7 +249,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         throughput,
         peak_gpu_memory_mib: memory.and_then(PeakSampler::stop).map(|b| b as f64 / (1024.0 * 1024.0)),
     };
-    println!("| stage | {} {:?} precision {} |", report.device, dtype, report.precision);
+    println!(
+        "| stage | {} {:?} precision {} |",
+        report.device, dtype, report.precision
+    );
     println!("|---|---|");
     println!("| model load (local safetensors) | {:.2} s |", report.load_s);
     println!("| text encode (prompt + negative) | {:.1} ms |", report.text_encode_ms);

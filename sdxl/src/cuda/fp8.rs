@@ -84,12 +84,7 @@ pub fn quantize_rows<T: CudaDType + DeviceRepr + WithDType>(
     let mut builder = func.builder();
     builder.arg(x).arg(&mut codes).arg(&mut scales).arg(&rows_i).arg(&k_i);
     w(unsafe { builder.launch(cfg) })?;
-    Ok(Fp8Rows {
-        codes,
-        scales,
-        rows,
-        k,
-    })
+    Ok(Fp8Rows { codes, scales, rows, k })
 }
 
 /// `y = d · sw[col] · sx[row] + bias (+ residual)` into `y` (`[rows, cols]`),

@@ -169,7 +169,11 @@ fn alignment(ptr: u64) -> u32 {
     }
 }
 
-unsafe fn set_desc<T>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescAttributes_t, value: &T) -> Result<()> {
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
     check(
         unsafe {
             lt::set_matmul_desc_attribute(desc, attr, value as *const T as *const c_void, std::mem::size_of::<T>())
@@ -228,10 +232,17 @@ fn build_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Option<Pla
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         // The workspace limit is a uint64_t, the alignments uint32_t.
         let set = |attr, value: *const c_void, size: usize| unsafe {
-            check(lt::set_matmul_pref_attribute(pref, attr, value, size), "setting a preference")
+            check(
+                lt::set_matmul_pref_attribute(pref, attr, value, size),
+                "setting a preference",
+            )
         };
         let workspace = WORKSPACE as u64;
-        set(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace as *const u64 as *const c_void, 8)?;
+        set(
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &workspace as *const u64 as *const c_void,
+            8,
+        )?;
         let attrs = [
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -243,9 +254,8 @@ fn build_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Option<Pla
         }
         let mut result: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
         let mut count = 0;
-        let status = unsafe {
-            sys::cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, d, d, pref, 1, &mut result, &mut count)
-        };
+        let status =
+            unsafe { sys::cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, d, d, pref, 1, &mut result, &mut count) };
         Ok((status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && count > 0).then_some(result))
     })();
     unsafe {

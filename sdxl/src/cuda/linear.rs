@@ -52,7 +52,12 @@ impl<'a> Operand<'a> {
 
 /// `xs · weightᵀ (+ bias) (+ residual)` for f16/bf16 `xs` `[…, in]` and
 /// `weight` `[out, in]`, through cuBLASLt with the adds in its epilogue.
-pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+pub fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
     match xs.dtype() {
         DType::F16 => linear_as::<f16>(xs, weight, bias, residual, Operands::F16),
         DType::BF16 => linear_as::<bf16>(xs, weight, bias, residual, Operands::Bf16),
@@ -71,7 +76,12 @@ fn shapes(xs: &Tensor, out: usize, bias: Option<&Tensor>, residual: Option<&Tens
     *last = out;
     if let Some(b) = bias {
         if b.dims() != [out] || b.dtype() != xs.dtype() {
-            bail!("bias {:?} {:?} for {out} outputs of {:?}", b.dims(), b.dtype(), xs.dtype())
+            bail!(
+                "bias {:?} {:?} for {out} outputs of {:?}",
+                b.dims(),
+                b.dtype(),
+                xs.dtype()
+            )
         }
     }
     if let Some(r) = residual {
@@ -92,7 +102,12 @@ fn linear_as<T: CudaDType + DeviceRepr + WithDType>(
     let (out, k_w) = weight.dims2()?;
     let (dims, k) = shapes(xs, out, bias, residual)?;
     if k != k_w || weight.dtype() != xs.dtype() {
-        bail!("linear: input {:?} for a weight {:?} {:?}", xs.dims(), weight.dims(), weight.dtype())
+        bail!(
+            "linear: input {:?} for a weight {:?} {:?}",
+            xs.dims(),
+            weight.dims(),
+            weight.dtype()
+        )
     }
     let xs = xs.contiguous()?;
     let weight = weight.contiguous()?;

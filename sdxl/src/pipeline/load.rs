@@ -177,7 +177,10 @@ fn fp8_capability(device: &Device) -> Result<Option<(i32, i32)>, ModelError> {
     if let Ok(cuda) = device.as_cuda_device() {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
         let ctx = cuda.cuda_stream().context().clone();
-        let get = |a| ctx.attribute(a).map_err(|e| ModelError::Input(format!("reading the GPU's compute capability: {e}")));
+        let get = |a| {
+            ctx.attribute(a)
+                .map_err(|e| ModelError::Input(format!("reading the GPU's compute capability: {e}")))
+        };
         return Ok(Some((
             get(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
             get(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
