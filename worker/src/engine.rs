@@ -125,6 +125,9 @@ pub struct BatchShape {
     pub images: usize,
 }
 
+/// A job's outcome: its images, or why there are none.
+pub type JobOutcome = Result<EngineOutput, EngineError>;
+
 /// Why an engine job did not produce images.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
@@ -151,7 +154,7 @@ pub struct BatchJob<'a> {
     /// Called once, on that thread, as soon as the job's outcome is known
     /// (a cancelled job's at the step that saw the flag, not at the end of
     /// the batch); `events` is dropped then and not called again.
-    pub done: Box<dyn FnOnce(Result<EngineOutput, EngineError>) + 'a>,
+    pub done: Box<dyn FnOnce(JobOutcome) + 'a>,
 }
 
 impl std::fmt::Debug for BatchJob<'_> {

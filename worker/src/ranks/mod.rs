@@ -25,7 +25,7 @@ use self::collective::{HostSync, InProcessCollective};
 pub use self::fault::{Fault, FaultKind};
 pub use self::rank::{share_images, unet_images};
 use self::rank::{Rank, RankJob, RankPart, RankReply};
-use crate::engine::{compatible_groups, BatchJob, Engine, EngineError, EngineEvent, EngineJob, EngineOutput};
+use crate::engine::{compatible_groups, BatchJob, Engine, EngineError, EngineEvent, EngineJob, JobOutcome};
 use sdxl::pipeline::{LoadOptions, SdxlPipeline};
 
 /// Which devices the ranks run on.
@@ -255,7 +255,7 @@ impl Engine for RankGroup {
 /// its outcome is handed over.
 struct Pending<'a> {
     events: Option<Box<dyn FnMut(EngineEvent) + 'a>>,
-    done: Option<Box<dyn FnOnce(Result<EngineOutput, EngineError>) + 'a>>,
+    done: Option<Box<dyn FnOnce(JobOutcome) + 'a>>,
 }
 
 impl Pending<'_> {
@@ -266,7 +266,7 @@ impl Pending<'_> {
     }
 
     /// Hands over the outcome (the first one only) and drops the event callback.
-    fn finish(&mut self, result: Result<EngineOutput, EngineError>) {
+    fn finish(&mut self, result: JobOutcome) {
         self.events = None;
         if let Some(done) = self.done.take() {
             done(result);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::engine::{BatchJob, Engine, EngineError, EngineEvent, EngineJob, EngineOutput};
+use crate::engine::{BatchJob, Engine, EngineError, EngineEvent, EngineJob, EngineOutput, JobOutcome as Outcome};
 
 /// How an engine call ended.
 #[derive(Debug)]
@@ -36,8 +36,6 @@ pub struct BatchEntry {
     pub cancel: Arc<AtomicBool>,
     pub events: Box<dyn FnMut(EngineEvent) + Send>,
 }
-
-type Outcome = Result<EngineOutput, EngineError>;
 
 /// A job of a batch in the engine: [`Running::outcome`] waits for its own end.
 #[derive(Debug)]

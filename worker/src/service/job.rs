@@ -58,7 +58,7 @@ pub struct Ready {
     status: JobStatus,
     started_at: DateTime<Utc>,
     engine_job: EngineJob,
-    _lease: Lease,
+    _lease: Box<Lease>,
 }
 
 impl Ready {
@@ -320,7 +320,7 @@ async fn after(
         images,
         timings,
         scheduler: job.scheduler,
-        batch: (shape.jobs > 1).then(|| JobBatch {
+        batch: (shape.jobs > 1).then_some(JobBatch {
             id: batch_id,
             jobs: shape.jobs as u32,
             images: shape.images as u32,

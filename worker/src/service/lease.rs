@@ -35,7 +35,7 @@ impl Drop for Lease {
 
 /// What became of the attempt to take a job's lease.
 pub enum Taken {
-    Held(Lease),
+    Held(Box<Lease>),
     /// The job became terminal while waiting (the other worker finished it).
     Finished,
     /// Another worker holds it, and the caller would not wait.
@@ -91,10 +91,10 @@ pub async fn take_lease(ctx: &JobContext, id: Uuid, wait: bool) -> Result<Taken,
             }
         }
     });
-    Ok(Taken::Held(Lease {
+    Ok(Taken::Held(Box::new(Lease {
         store: ctx.status.clone(),
         id,
         holder,
         renewer,
-    }))
+    })))
 }
