@@ -20,4 +20,4 @@ pub mod webhook;
 pub use event::{EventKind, JobEvent};
 pub use names::Names;
 pub use rules::{JobRequest, OutputFormat, ValidJob, ValidationError};
-pub use status::{ImageRef, JobResult, JobState, JobStatus, Progress, Timings};
+pub use status::{ImageRef, JobBatch, JobResult, JobState, JobStatus, Progress, Timings};

@@ -114,6 +114,23 @@ pub struct JobResult {
     /// a choice say nothing: euler).
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// The batch the job ran in, when its images shared one denoising loop
+    /// with other jobs' (absent for a job run alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<JobBatch>,
+}
+
+/// Jobs whose images one worker denoised together (same size, steps,
+/// sampler, guidance on or off, start and LoRAs; each image the one its job
+/// makes alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobBatch {
+    /// The same for every job of the batch.
+    pub id: Uuid,
+    /// How many jobs shared the loop, this one included.
+    pub jobs: u32,
+    /// How many images the loop made, every job's on every rank.
+    pub images: u32,
 }
 
 /// The status record.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
-use worker::ranks::{default_ranks, RankGroup, RankGroupConfig};
+use worker::ranks::{default_ranks, DeviceKind, RankGroup, RankGroupConfig};
 use worker::service::{self, WorkerConfig};
 
 use crate::args::{ModelArgs, UsageError};
@@ -44,14 +44,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         warm_up: false,
     })
     .context("loading the model")?;
+    // Batches pay on GPUs (the UNet does more images per second in one
+    // call); on the CPU an image costs the same batched or not.
+    let mut config = args.service;
+    config.max_batch_jobs = Some(config.batch_jobs(device == DeviceKind::Cuda) as u16);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(service::run(
-        args.service,
-        Arc::new(engine),
-        service::shutdown::signal(),
-    ))?;
+    runtime.block_on(service::run(config, Arc::new(engine), service::shutdown::signal()))?;
     Ok(())
 }

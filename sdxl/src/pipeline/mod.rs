@@ -25,7 +25,7 @@ mod model;
 mod prompt;
 
 pub use self::decode::{preview_pool, PREVIEW_MAX_SIDE};
-pub use self::denoise::{draws, first_step, DenoiseParams, Start, StepState};
+pub use self::denoise::{draws, first_step, DenoiseParams, ImageJob, Start, StepState};
 pub use self::image::{LatentScaling, Prepared, Source};
 pub use self::load::{is_single_file, LoadOptions};
 pub use self::lora::LoraWeights;

@@ -293,31 +293,32 @@ pub fn size(bytes: u64) -> String {
 #[derive(Debug)]
 pub struct PeakSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<u64>>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PeakSampler {
     #[cfg(feature = "cuda")]
     pub fn start(device: &Device) -> Option<Self> {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
         let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let peak = std::sync::Arc::new(AtomicU64::new(0));
+        let (flag, seen) = (stop.clone(), peak.clone());
         let thread = std::thread::Builder::new()
             .name("memory-peak".into())
             .spawn(move || {
-                let mut peak = 0u64;
                 while !flag.load(Ordering::Relaxed) {
                     if let Ok((free, total)) = ctx.mem_get_info() {
-                        peak = peak.max(total.saturating_sub(free) as u64);
+                        seen.fetch_max(total.saturating_sub(free) as u64, Ordering::Relaxed);
                     }
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
-                peak
             })
             .ok()?;
         Some(Self {
             stop,
+            peak,
             thread: Some(thread),
         })
     }
@@ -328,10 +329,16 @@ impl PeakSampler {
         None
     }
 
+    /// The peak so far, in bytes (the jobs of a batch end one after another).
+    pub fn so_far(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The peak in bytes, also logged.
     pub fn stop(mut self) -> Option<u64> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let peak = self.thread.take()?.join().ok()?;
+        self.thread.take()?.join().ok()?;
+        let peak = self.so_far();
         tracing::info!(peak = %size(peak), "device memory in use at the peak of the job");
         Some(peak)
     }

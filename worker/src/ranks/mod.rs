@@ -1,9 +1,11 @@
 //! Data-parallel generation over every device of the node: one rank per GPU
 //! (or one CPU rank), each an OS thread that owns its device and its copy of
-//! the pipeline, driven by messages. Each rank makes its own images of the same
-//! prompt with its own seeds; rank 0 gathers them (and the previews) and alone
-//! answers the service. [`RankGroup`] is the [`Engine`] the job service drives.
+//! the pipeline, driven by messages. Each rank makes its share of each job's
+//! images with their own seeds, the images of every job of a batch in one
+//! denoising loop; rank 0 gathers them (and the previews) and alone answers
+//! the service. [`RankGroup`] is the [`Engine`] the job service drives.
 
+mod batch;
 pub mod collective;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
@@ -23,8 +25,8 @@ use self::collective::{HostSync, InProcessCollective};
 #[cfg(any(test, feature = "fault-injection"))]
 pub use self::fault::{Fault, FaultKind};
 pub use self::rank::{share_images, unet_images};
-use self::rank::{Rank, RankJob, RankReply};
-use crate::engine::{Engine, EngineError, EngineEvent, EngineJob, EngineOutput};
+use self::rank::{Rank, RankJob, RankPart, RankReply};
+use crate::engine::{compatible_groups, BatchJob, Engine, EngineError, EngineEvent, EngineJob, JobOutcome};
 use sdxl::pipeline::{LoadOptions, SdxlPipeline};
 
 /// Which devices the ranks run on.
@@ -77,9 +79,9 @@ struct RankHandle {
 
 struct Dispatch {
     seq: u64,
-    /// Ranks that have not yet reported the end of the last job.
+    /// Ranks that have not yet reported the end of the last batch.
     busy: Vec<bool>,
-    /// Replies of the last job that arrived after it returned.
+    /// Replies of the last batch that arrived after it returned.
     late: Option<Receiver<RankReply>>,
     #[cfg(any(test, feature = "fault-injection"))]
     fault: Option<Fault>,
@@ -248,75 +250,117 @@ impl Engine for RankGroup {
         self.ranks.len()
     }
 
-    fn generate(
-        &self,
-        job: &EngineJob,
-        events: &mut dyn FnMut(EngineEvent),
-        cancel: &Arc<AtomicBool>,
-    ) -> Result<EngineOutput, EngineError> {
+    fn generate_batch(&self, batch: Vec<BatchJob<'_>>) {
+        // The service sends compatible jobs only; any other group runs after.
+        for group in compatible_groups(batch, |j| j.job.batch_key()) {
+            self.run_batch(group);
+        }
+    }
+}
+
+/// A job of the running batch, on the service's side: its callbacks until
+/// its outcome is handed over.
+struct Pending<'a> {
+    events: Option<Box<dyn FnMut(EngineEvent) + 'a>>,
+    done: Option<Box<dyn FnOnce(JobOutcome) + 'a>>,
+}
+
+impl Pending<'_> {
+    fn event(&mut self, event: EngineEvent) {
+        if let Some(events) = &mut self.events {
+            events(event);
+        }
+    }
+
+    /// Hands over the outcome (the first one only) and drops the event callback.
+    fn finish(&mut self, result: JobOutcome) {
+        self.events = None;
+        if let Some(done) = self.done.take() {
+            done(result);
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.done.is_none()
+    }
+}
+
+/// Ends every job without an outcome yet with `e`.
+fn finish_all(jobs: &mut [Pending<'_>], e: &EngineError) {
+    for job in jobs.iter_mut() {
+        job.finish(Err(e.clone()));
+    }
+}
+
+impl RankGroup {
+    /// Runs jobs with one batch key as one batch on every rank.
+    fn run_batch(&self, batch: Vec<BatchJob<'_>>) {
         let mut d = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.ranks.len();
-        // A rank still busy with an earlier (abandoned) job gets until the
-        // collective timeout to finish it; one that does not has stopped answering.
-        if let Some(late) = d.late.take() {
-            let deadline = Instant::now() + self.timeout;
-            while d.busy.iter().any(|&b| b) {
-                match late.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(RankReply::Done { rank, .. }) => d.busy[rank] = false,
-                    Ok(_) => {}
-                    Err(_) => break,
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut parts = Vec::with_capacity(batch.len());
+        // Which job each part is (a job refused here has no part).
+        let mut of_part = Vec::with_capacity(batch.len());
+        for job in batch {
+            let mut pending = Pending {
+                events: Some(job.events),
+                done: Some(job.done),
+            };
+            match job.job.num_images.unwrap_or(n) {
+                0 => pending.finish(Err(EngineError::Invalid("num_images must be at least 1".into()))),
+                images => {
+                    of_part.push(jobs.len());
+                    parts.push(RankPart {
+                        job: job.job.clone(),
+                        counts: share_images(images, n),
+                        cancel: job.cancel.clone(),
+                    });
                 }
             }
-            if let Some(rank) = d.busy.iter().position(|&b| b) {
-                d.late = Some(late);
-                return Err(EngineError::Failed(format!(
-                    "rank {rank} stopped answering: still busy with an earlier job after {:?}",
-                    self.timeout
-                )));
-            }
+            jobs.push(pending);
         }
-        let images = job.num_images.unwrap_or(n);
-        if images == 0 {
-            return Err(EngineError::Invalid("num_images must be at least 1".into()));
+        if let Err(e) = self.wait_for_stragglers(&mut d) {
+            return finish_all(&mut jobs, &e);
+        }
+        if parts.is_empty() {
+            return;
         }
         d.seq += 1;
         let (reply_tx, reply_rx) = channel();
         let rank_job = RankJob {
             seq: d.seq,
-            job: Arc::new(job.clone()),
-            counts: Arc::new(share_images(images, n)),
-            cancel: cancel.clone(),
+            parts: parts.into(),
             #[cfg(any(test, feature = "fault-injection"))]
             fault: d.fault.take(),
             reply: reply_tx,
         };
         for (rank, handle) in self.ranks.iter().enumerate() {
-            handle
-                .jobs
-                .send(rank_job.clone())
-                .map_err(|_| EngineError::Failed(format!("rank {rank} has exited")))?;
+            if handle.jobs.send(rank_job.clone()).is_err() {
+                return finish_all(&mut jobs, &EngineError::Failed(format!("rank {rank} has exited")));
+            }
             d.busy[rank] = true;
         }
         drop(rank_job);
-        let mut outcome: Option<Result<EngineOutput, EngineError>> = None;
         // Rank 0 reports every step, and gives up within the collective timeout
         // when another rank fails or stalls; silence for twice that long means
         // rank 0 itself is stuck.
         let watchdog = self.timeout * 2;
         let mut quiet_since = Instant::now();
+        let mut decided = false;
         while d.busy.iter().any(|&b| b) {
-            let wait = if outcome.is_some() {
-                // the job is decided: wait only briefly for the stragglers
+            let wait = if decided {
+                // the batch is over: wait only briefly for the stragglers
                 Duration::from_millis(200)
             } else {
                 self.timeout
             };
             match reply_rx.recv_timeout(wait) {
-                Ok(RankReply::Event(e)) => {
+                Ok(RankReply::Event { job, event }) => {
                     quiet_since = Instant::now();
-                    events(e);
+                    jobs[of_part[job]].event(event);
                 }
                 Ok(RankReply::PreviewTiles {
+                    job,
                     step,
                     total_steps,
                     timestep,
@@ -324,7 +368,7 @@ impl Engine for RankGroup {
                 }) => {
                     quiet_since = Instant::now();
                     match crate::imaging::preview_jpeg(&tiles, timestep) {
-                        Ok(jpeg) => events(EngineEvent::Preview {
+                        Ok(jpeg) => jobs[of_part[job]].event(EngineEvent::Preview {
                             step,
                             total_steps,
                             jpeg,
@@ -332,24 +376,27 @@ impl Engine for RankGroup {
                         Err(e) => tracing::warn!(step, error = %e, "preview not encoded"),
                     }
                 }
+                Ok(RankReply::Finished { job, result }) => {
+                    quiet_since = Instant::now();
+                    jobs[of_part[job]].finish(result);
+                }
                 Ok(RankReply::Done { rank, result }) => {
                     d.busy[rank] = false;
                     if rank == 0 {
-                        outcome = Some(match result {
-                            Ok(Some(out)) => Ok(out),
-                            Ok(None) => Err(EngineError::Failed("rank 0 returned no images".into())),
-                            Err(e) => Err(e),
-                        });
+                        decided = true;
+                        let e = result
+                            .err()
+                            .unwrap_or_else(|| EngineError::Failed("rank 0 returned no images".into()));
+                        finish_all(&mut jobs, &e);
                     } else if let Err(e) = result {
-                        tracing::warn!(rank, error = %e, "rank abandoned the job");
+                        tracing::warn!(rank, error = %e, "rank abandoned the batch");
                     }
                 }
-                Err(RecvTimeoutError::Timeout) if outcome.is_some() => break,
+                Err(RecvTimeoutError::Timeout) if decided => break,
                 Err(RecvTimeoutError::Timeout) => {
                     if quiet_since.elapsed() >= watchdog {
-                        outcome = Some(Err(EngineError::Failed(format!(
-                            "rank 0 stopped answering for {watchdog:?}"
-                        ))));
+                        let e = EngineError::Failed(format!("rank 0 stopped answering for {watchdog:?}"));
+                        finish_all(&mut jobs, &e);
                         break;
                     }
                 }
@@ -359,7 +406,33 @@ impl Engine for RankGroup {
         if d.busy.iter().any(|&b| b) {
             d.late = Some(reply_rx);
         }
-        outcome.unwrap_or_else(|| Err(EngineError::Failed("every rank exited".into())))
+        if jobs.iter().any(|j| !j.is_finished()) {
+            finish_all(&mut jobs, &EngineError::Failed("every rank exited".into()));
+        }
+    }
+
+    /// A rank still busy with an earlier (abandoned) batch gets until the
+    /// collective timeout to finish it; one that does not has stopped answering.
+    fn wait_for_stragglers(&self, d: &mut Dispatch) -> Result<(), EngineError> {
+        let Some(late) = d.late.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.timeout;
+        while d.busy.iter().any(|&b| b) {
+            match late.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(RankReply::Done { rank, .. }) => d.busy[rank] = false,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(rank) = d.busy.iter().position(|&b| b) {
+            d.late = Some(late);
+            return Err(EngineError::Failed(format!(
+                "rank {rank} stopped answering: still busy with an earlier job after {:?}",
+                self.timeout
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,9 @@
-//! The consume loop: prefetch one job, handle it, settle it, repeat; on the
-//! shutdown signal stop consuming, finish the current job, settle it, return.
-//! A lost RabbitMQ connection is made again with backoff.
+//! The consume loop: hold up to a batch of deliveries (the prefetch), run
+//! the compatible ones among them as one batch, settle each as its job
+//! ends, repeat; the others stay held, unsettled, for the next round. On
+//! the shutdown signal stop consuming, finish the batch in hand, settle its
+//! deliveries, return (what is still held goes back to the queue when the
+//! channel closes). A lost RabbitMQ connection is made again with backoff.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,6 +13,7 @@ use common::queue::{self, declare_topology};
 use common::result_store::ResultStore;
 use common::status_store::StatusStore;
 use common::webhook::declare_webhook_queue;
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -19,15 +23,17 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use tokio::sync::watch;
 
+use super::batch::{plan, BatchCaps, Candidate};
 use super::config::WorkerConfig;
+use super::context::JobContext;
 use super::error::ServiceError;
 use super::inputs::LoraCache;
-use super::job::{self, Disposition, JobContext};
+use super::job::{self, Disposition, Prepared};
 use super::retry::{retry, Backoff};
 use crate::engine::{Engine, EngineJob};
 
 /// Runs the worker service until `shutdown` completes (then it finishes the
-/// job in hand and returns `Ok`) or a service fails for good.
+/// batch in hand and returns `Ok`) or a service fails for good.
 pub async fn run(
     config: WorkerConfig,
     engine: Arc<dyn Engine>,
@@ -101,6 +107,14 @@ enum SessionError {
     Lost(ServiceError, bool),
 }
 
+/// A delivery taken from the consumer and not settled yet.
+struct Held {
+    delivery: Delivery,
+    candidate: Candidate,
+    /// Its place in the order of arrival.
+    arrival: u64,
+}
+
 /// One connection: declare, consume and handle jobs until shutdown (`Ok`)
 /// or until the connection or channel fails.
 async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
@@ -126,10 +140,15 @@ async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(
     if let Ok(mut slot) = ctx.webhooks.lock() {
         *slot = Some(webhooks);
     }
-    // One job at a time: the engine runs one, so the broker holds the rest
-    // where any other worker can take them.
+    // As many jobs as one batch may hold: the engine runs one batch at a
+    // time, so the broker keeps the rest where any other worker can take
+    // them. 1 (the CPU default) is one job at a time.
+    let caps = BatchCaps {
+        jobs: ctx.config.batch_jobs(false),
+        images_per_rank: ctx.config.max_batch_images.into(),
+    };
     channel
-        .basic_qos(1, BasicQosOptions::default())
+        .basic_qos(caps.jobs as u16, BasicQosOptions::default())
         .await
         .map_err(|e| lost(e.into()))?;
     let tag = format!("sdxl-worker-{}", ctx.worker_name);
@@ -142,27 +161,54 @@ async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(
         )
         .await
         .map_err(|e| lost(e.into()))?;
-    tracing::info!("consuming");
+    tracing::info!(max_batch_jobs = caps.jobs, "consuming");
     let lost = |e: ServiceError| SessionError::Lost(e, true);
 
+    let world = ctx.engine.world_size();
+    let mut held: Vec<Held> = Vec::new();
+    let mut arrivals = 0u64;
+    let mut hold = |delivery: Delivery, held: &mut Vec<Held>| {
+        let priority = delivery.properties.priority().unwrap_or(0);
+        let candidate = Candidate::of(&delivery.data, priority, world);
+        arrivals += 1;
+        held.push(Held {
+            delivery,
+            candidate,
+            arrival: arrivals,
+        });
+    };
     let mut consuming = true;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            next = consumer.next() => next,
-        };
-        let delivery = match next {
-            None => return Err(lost(ServiceError::ConsumerClosed)),
-            Some(Err(e)) => return Err(lost(e.into())),
-            Some(Ok(d)) => d,
-        };
-        let handling = job::handle(ctx, &delivery.data);
+        if held.is_empty() {
+            let next = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                next = consumer.next() => next,
+            };
+            hold(next_delivery(next).map_err(lost)?, &mut held);
+        }
+        // What else is already on its way joins the choice.
+        while caps.jobs > 1 && held.len() < caps.jobs {
+            match tokio::time::timeout(ctx.config.batch_wait, consumer.next()).await {
+                Err(_) => break,
+                Ok(next) => hold(next_delivery(next).map_err(lost)?, &mut held),
+            }
+        }
+        held.sort_by_key(|h| h.arrival);
+        let candidates: Vec<Candidate> = held.iter().map(|h| h.candidate.clone()).collect();
+        let mut slots: Vec<Option<Held>> = held.drain(..).map(Some).collect();
+        let batch: Vec<Held> = plan(&candidates, caps)
+            .into_iter()
+            .filter_map(|i| slots[i].take())
+            .collect();
+        held.extend(slots.into_iter().flatten());
+
+        let handling = run_batch(ctx, batch, &mut held);
         tokio::pin!(handling);
-        let disposition = tokio::select! {
-            d = &mut handling => d,
+        let settled = tokio::select! {
+            r = &mut handling => r,
             _ = stop.wait_for(|s| *s) => {
-                tracing::info!("shutting down: no new jobs, finishing this one");
+                tracing::info!("shutting down: no new jobs, finishing this batch");
                 consuming = false;
                 if let Err(e) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
                     tracing::warn!(error = %e, "could not cancel the consumer");
@@ -170,10 +216,10 @@ async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(
                 handling.await
             }
         };
-        if let Err(e) = settle(&delivery, disposition).await {
-            // The job's outcome is already stored and recorded: the broker
-            // redelivers the message, and its next handler acks it at once.
-            tracing::warn!(error = %e, ?disposition, "could not settle the delivery; it will be redelivered");
+        if let Err(e) = settled {
+            // The jobs' outcomes are already stored and recorded: the broker
+            // redelivers the messages, and their next handler acks them at once.
+            tracing::warn!(error = %e, "could not settle a delivery; it will be redelivered");
             return Err(lost(e));
         }
         if *stop.borrow() {
@@ -190,6 +236,69 @@ async fn session(ctx: &JobContext, stop: &mut watch::Receiver<bool>) -> Result<(
     let _ = channel.close(200, "worker shutting down".into()).await;
     let _ = conn.close(200, "worker shutting down".into()).await;
     Ok(())
+}
+
+/// The consumer's next item as a delivery, or why the session is over.
+fn next_delivery(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, ServiceError> {
+    match next {
+        None => Err(ServiceError::ConsumerClosed),
+        Some(Err(e)) => Err(e.into()),
+        Some(Ok(d)) => Ok(d),
+    }
+}
+
+/// One batch: each delivery prepared (the lead first, waiting for its lease
+/// as a job alone does; then the others together, each stepping back into
+/// `held` when another worker holds its lease), one engine call for those
+/// ready, and every delivery settled as soon as its own job ends. A failed
+/// settle (the connection is gone) does not stop the others: every job is
+/// still finished, its outcome stored, so that its redelivery is acked at
+/// once; the first such error is returned at the end.
+async fn run_batch(ctx: &JobContext, batch: Vec<Held>, held: &mut Vec<Held>) -> Result<(), ServiceError> {
+    let mut failed: Option<ServiceError> = None;
+    let mut ready = Vec::with_capacity(batch.len());
+    let mut running = Vec::with_capacity(batch.len());
+    let mut batch = batch.into_iter();
+    let lead: Vec<Held> = batch.next().into_iter().collect();
+    let others: Vec<Held> = batch.collect();
+    for (group, wait) in [(lead, true), (others, false)] {
+        let prepared =
+            futures_util::future::join_all(group.iter().map(|h| job::prepare(ctx, &h.delivery.data, wait))).await;
+        for (h, p) in group.into_iter().zip(prepared) {
+            match p {
+                Prepared::Settled(disposition) => settle_noting(&h.delivery, disposition, &mut failed).await,
+                Prepared::Busy => held.push(h),
+                Prepared::Ready(r) => {
+                    ready.push(*r);
+                    running.push(h);
+                }
+            }
+        }
+    }
+    if !ready.is_empty() {
+        let mut ends: FuturesUnordered<_> = job::generate(ctx, ready)
+            .into_iter()
+            .zip(running)
+            .map(|(end, h)| async move { (end.await, h) })
+            .collect();
+        while let Some((disposition, h)) = ends.next().await {
+            settle_noting(&h.delivery, disposition, &mut failed).await;
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Settles `delivery`, unless an earlier settle of this session failed (its
+/// channel is gone: the broker hands the message back by itself); keeps the
+/// first error.
+async fn settle_noting(delivery: &Delivery, disposition: Disposition, failed: &mut Option<ServiceError>) {
+    if failed.is_some() {
+        return;
+    }
+    if let Err(e) = settle(delivery, disposition).await {
+        tracing::warn!(error = %e, ?disposition, "could not settle a delivery");
+        *failed = Some(e);
+    }
 }
 
 async fn settle(delivery: &Delivery, disposition: Disposition) -> Result<(), ServiceError> {

@@ -1,37 +1,40 @@
 //! One job, from the bytes of a delivery to the decision to ack, reject or
-//! requeue it.
+//! requeue it, in three phases so that the jobs of a batch share the engine
+//! call and nothing else: [`prepare`] (decode, lease, the checks that may
+//! end it at once, `running`, its inputs), [`generate`] (one engine call
+//! for every job of the batch, each job with its own cancel poller,
+//! deadline and event sink) and, per job as soon as its own outcome is
+//! known, its end (`after`).
 //!
 //! Order matters: results are stored (images, grid, then manifest), then the
 //! status says `succeeded`, then the terminal event is published, and only
 //! then is the delivery acked. A crash anywhere before the ack redelivers the
 //! job; the manifest keeps a redelivery from storing the result twice.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::event::{EventKind, JobEvent};
 use common::queue::{decode_message, JobMessage};
-use common::result_store::ResultStore;
-use common::rules::WebhookEvent;
 use common::rules::{Scheduler, ValidJob};
-use common::status::{JobResult, JobState, JobStatus, Progress, Timings};
+use common::status::{JobBatch, JobResult, JobState, JobStatus, Progress, Timings};
 use common::status_store::{StatusStore, Update};
-use common::webhook;
-use lapin::Channel;
 use sdxl::scheduler::SamplerKind;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::config::WorkerConfig;
+use super::context::JobContext;
 use super::error::JobError;
 use super::events::PreviewSink;
-use super::generation::{generate, Generation};
-use super::inputs::{fetch_images, JobInputs, LoraCache};
+use super::finish::{finish_cancelled, finish_succeeded, mark_failed};
+use super::generation::{self, BatchEntry, Generation};
+use super::inputs::{fetch_images, JobInputs};
+use super::lease::{take_lease, Lease, Taken};
 use super::results;
-use super::retry::{retry, Backoff};
-use crate::engine::{Engine, EngineJob, EngineLora};
+use super::retry::retry;
+use crate::engine::{EngineJob, EngineLora};
 
 /// What to tell RabbitMQ about a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,48 +47,41 @@ pub enum Disposition {
     Requeue,
 }
 
-/// Everything a job needs, shared by all jobs of this worker.
-pub struct JobContext {
-    pub engine: Arc<dyn Engine>,
-    pub status: StatusStore,
-    pub results: ResultStore,
-    pub config: WorkerConfig,
-    pub worker_name: String,
-    pub loras: LoraCache,
-    /// The channel (confirm mode) of this RabbitMQ session that webhook
-    /// events are published on; set by each session.
-    pub webhooks: std::sync::Mutex<Option<Channel>>,
+/// A job that passed its checks and is `running`, its inputs fetched:
+/// ready for the engine. It holds the job's lease until it is dropped.
+pub struct Ready {
+    id: Uuid,
+    span: tracing::Span,
+    job: ValidJob,
+    created_at: DateTime<Utc>,
+    /// The `running` record.
+    status: JobStatus,
+    started_at: DateTime<Utc>,
+    engine_job: EngineJob,
+    _lease: Box<Lease>,
 }
 
-impl JobContext {
-    fn backoff(&self) -> Backoff {
-        Backoff::new(self.config.retry_for)
-    }
-
-    /// Announces the webhook event of `record`'s state (if its webhook wants
-    /// it), before the delivery is settled: a failure requeues the job, whose
-    /// next run announces it again.
-    async fn announce(&self, record: &JobStatus) -> Result<(), JobError> {
-        let channel = self.webhooks.lock().ok().and_then(|c| c.clone());
-        let needed = WebhookEvent::of_state(record.state).is_some_and(|e| record.request.webhook_for(e).is_some());
-        if !needed {
-            return Ok(());
-        }
-        let channel = channel
-            .ok_or_else(|| JobError::Transient("no RabbitMQ channel to announce the webhook event on".into()))?;
-        retry(self.backoff(), "announcing the webhook event", || {
-            webhook::announce(&channel, &self.status, record)
-        })
-        .await
-        .map_err(|e| JobError::Transient(e.to_string()))?;
-        Ok(())
+impl Ready {
+    pub fn id(&self) -> Uuid {
+        self.id
     }
 }
 
-/// Handles one delivery's payload and says what to do with it.
-pub async fn handle(ctx: &JobContext, payload: &[u8]) -> Disposition {
-    // Anything can be published to a queue: decode and validate again, with
-    // the dispatcher's own rules.
+/// What became of a delivery before generation.
+pub enum Prepared {
+    /// It needs no generation (finished before, cancelled while queued,
+    /// poison, a transient failure): settle it so.
+    Settled(Disposition),
+    /// Another worker holds its lease: leave it unsettled for a later round.
+    Busy,
+    Ready(Box<Ready>),
+}
+
+/// The first phase of a delivery: decode and validate it again (anything
+/// can be published to a queue), take the job's lease (`wait_for_lease`:
+/// wait while another worker holds it, else answer `Busy`), and everything
+/// that may end the job before it runs.
+pub async fn prepare(ctx: &JobContext, payload: &[u8], wait_for_lease: bool) -> Prepared {
     let message = match decode_message(payload) {
         Ok(m) => m,
         Err(e) => {
@@ -96,22 +92,86 @@ pub async fn handle(ctx: &JobContext, payload: &[u8]) -> Disposition {
                     tracing::error!(parent: &span, error = %e, "could not mark the poison job failed");
                 }
             }
-            return Disposition::Reject;
+            return Prepared::Settled(Disposition::Reject);
         }
     };
     let id = message.id;
     let span = tracing::info_span!("job", %id);
-    let outcome = run(ctx, &message).instrument(span.clone()).await;
+    match before(ctx, &message, wait_for_lease, &span)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(Before::Ready(ready)) => Prepared::Ready(ready),
+        Ok(Before::Done) => Prepared::Settled(Disposition::Ack),
+        Ok(Before::Busy(holder)) => {
+            tracing::info!(parent: &span, %holder, "another worker holds this job: leaving it for a later round");
+            Prepared::Busy
+        }
+        Err(e) => Prepared::Settled(conclude(ctx, id, &span, Err(e)).await),
+    }
+}
+
+/// The engine call of `ready` (one job, or a batch of compatible ones) and
+/// each job's end: one future per job, in order, each ending with its
+/// delivery's disposition as soon as its own outcome is handled, a
+/// cancelled job's while the others still run.
+pub fn generate(ctx: &JobContext, ready: Vec<Ready>) -> Vec<impl Future<Output = Disposition> + '_> {
+    let batch_id = Uuid::new_v4();
+    if ready.len() > 1 {
+        let jobs: Vec<String> = ready.iter().map(|r| r.id.to_string()).collect();
+        tracing::info!(batch = %batch_id, ?jobs, "running {} jobs as one batch", jobs.len());
+    }
+    let mut entries = Vec::with_capacity(ready.len());
+    let mut watchers = Vec::with_capacity(ready.len());
+    for r in &ready {
+        // The cancel flag is polled from Redis; the deadline raises it too.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let poller = tokio::spawn(
+            poll_cancel(ctx.status.clone(), r.id, cancel.clone(), ctx.config.cancel_poll).instrument(r.span.clone()),
+        );
+        let sink = PreviewSink::start(ctx.status.clone(), r.id);
+        entries.push(BatchEntry {
+            job: r.engine_job.clone(),
+            cancel,
+            events: Box::new(sink.callback()),
+        });
+        watchers.push((poller, sink));
+    }
+    let model_start = Instant::now();
+    let running = generation::generate_batch(ctx.engine.clone(), entries, ctx.config.job_deadline);
+    ready
+        .into_iter()
+        .zip(watchers)
+        .zip(running)
+        .map(move |((ready, (poller, sink)), running)| {
+            let span = ready.span.clone();
+            async move {
+                let generated = running.outcome().await;
+                let model_time = model_start.elapsed();
+                poller.abort();
+                sink.finish().await;
+                let outcome = after(ctx, &ready, generated, model_time, batch_id).await;
+                let span = ready.span.clone();
+                conclude(ctx, ready.id, &span, outcome).await
+            }
+            .instrument(span)
+        })
+        .collect()
+}
+
+/// Logs a job's end and marks a poison job `failed`; says what to do with
+/// its delivery.
+async fn conclude(ctx: &JobContext, id: Uuid, span: &tracing::Span, outcome: Result<(), JobError>) -> Disposition {
     match &outcome {
         Ok(()) => {}
         Err(JobError::Poison(reason)) => {
-            tracing::error!(parent: &span, %reason, "poison job: marking it failed and dead-lettering it");
+            tracing::error!(parent: span, %reason, "poison job: marking it failed and dead-lettering it");
             if let Err(e) = mark_failed(ctx, id, reason).instrument(span.clone()).await {
-                tracing::error!(parent: &span, error = %e, "could not mark the poison job failed");
+                tracing::error!(parent: span, error = %e, "could not mark the poison job failed");
             }
         }
         Err(JobError::Transient(reason)) => {
-            tracing::warn!(parent: &span, %reason, "transient failure outlasted the retries: requeueing the job");
+            tracing::warn!(parent: span, %reason, "transient failure outlasted the retries: requeueing the job");
         }
     }
     disposition(&outcome)
@@ -126,6 +186,148 @@ pub fn disposition(outcome: &Result<(), JobError>) -> Disposition {
         Err(JobError::Poison(_)) => Disposition::Reject,
         Err(JobError::Transient(_)) => Disposition::Requeue,
     }
+}
+
+/// How the first phase ended, when nothing failed.
+enum Before {
+    Ready(Box<Ready>),
+    /// Finished before (here or elsewhere), or cancelled while queued.
+    Done,
+    /// Another worker holds the lease (only when not waiting for it).
+    Busy(String),
+}
+
+async fn before(
+    ctx: &JobContext,
+    message: &JobMessage<ValidJob>,
+    wait_for_lease: bool,
+    span: &tracing::Span,
+) -> Result<Before, JobError> {
+    let id = message.id;
+    let backoff = ctx.backoff();
+    let job = message.request.clone();
+
+    let lease = match take_lease(ctx, id, wait_for_lease).await? {
+        Taken::Held(lease) => lease,
+        Taken::Busy(holder) => return Ok(Before::Busy(holder)),
+        Taken::Finished => {
+            tracing::info!("another worker finished this job meanwhile: acking it");
+            return Ok(Before::Done);
+        }
+    };
+    let current = retry(backoff, "reading the status", || ctx.status.get(id)).await?;
+    if let Some(s) = current.as_ref().filter(|s| s.state.is_terminal()) {
+        tracing::info!(state = %s.state, "job already finished: acking it");
+        // Its end may have been written by a worker that died before it
+        // announced it (the record says whether it did).
+        ctx.announce(s).await?;
+        return Ok(Before::Done);
+    }
+    let mut queued = JobStatus::queued(id, job.clone(), message.created_at);
+    queued.owner.clone_from(&message.owner);
+    if retry(backoff, "reading the cancel flag", || ctx.status.cancel_requested(id)).await? {
+        finish_cancelled(ctx, id, current.as_ref().unwrap_or(&queued)).await?;
+        return Ok(Before::Done);
+    }
+    if let Some(result) = results::load_manifest(&ctx.results, id, backoff).await? {
+        tracing::info!("a previous attempt stored the result: finishing from it");
+        finish_succeeded(ctx, id, current.as_ref().unwrap_or(&queued), result).await?;
+        return Ok(Before::Done);
+    }
+
+    let started_at = Utc::now();
+    let running = retry(backoff, "writing `running`", || {
+        ctx.status.update(id, |current| {
+            let mut next = start(current, id, &job, message.created_at, started_at, &ctx.worker_name)?;
+            if current.is_none() {
+                next.owner.clone_from(&message.owner);
+            }
+            Some(next)
+        })
+    })
+    .await?;
+    let status = match running {
+        Update::Written(s) => s,
+        Update::Unchanged(s) => {
+            tracing::info!(state = ?s.as_ref().map(|s| s.state), "job finished meanwhile: acking it");
+            if let Some(s) = s {
+                ctx.announce(&s).await?;
+            }
+            return Ok(Before::Done);
+        }
+    };
+    tracing::info!(attempt = status.attempt, worker = %ctx.worker_name, "running");
+    ctx.announce(&status).await?;
+
+    let inputs = fetch_images(&ctx.results, &job, backoff).await?;
+    let loras = ctx.loras.fetch_all(&ctx.results, &job.loras, backoff).await?;
+    Ok(Before::Ready(Box::new(Ready {
+        id,
+        span: span.clone(),
+        engine_job: engine_job(&job, inputs, loras),
+        job,
+        created_at: message.created_at,
+        status,
+        started_at,
+        _lease: lease,
+    })))
+}
+
+/// The last phase: the job's outcome stored and recorded (or its
+/// cancellation or failure), before its delivery is settled.
+async fn after(
+    ctx: &JobContext,
+    ready: &Ready,
+    generated: Generation,
+    model_time: Duration,
+    batch_id: Uuid,
+) -> Result<(), JobError> {
+    let (id, job, backoff) = (ready.id, &ready.job, ctx.backoff());
+    let output = match generated {
+        Generation::Done(output) => output,
+        Generation::Cancelled => return finish_cancelled(ctx, id, &ready.status).await,
+        Generation::PastDeadline => {
+            return Err(JobError::Poison(format!(
+                "the job ran past its deadline of {} s and was stopped at step {} (SDXL_JOB_DEADLINE)",
+                ctx.config.job_deadline.as_secs_f64(),
+                ctx.status.get(id).await.ok().flatten().map_or(0, |s| s.progress.step)
+            )))
+        }
+        Generation::Failed(reason) => return Err(JobError::Poison(reason)),
+    };
+
+    let upload_start = Instant::now();
+    let (format, quality) = (job.output_format, ctx.config.jpeg_quality);
+    let shape = output.batch;
+    let encoded =
+        tokio::task::spawn_blocking(move || results::encode(id, &output, format, quality).map(|e| (e, output.timings)))
+            .await
+            .map_err(|e| JobError::Poison(format!("encoding panicked: {e}")))??;
+    let (encoded, stage) = encoded;
+    let (images, grid) = results::upload(&ctx.results, &encoded, backoff).await?;
+    let timings = Timings {
+        queue_wait_ms: (ready.started_at - ready.created_at).num_milliseconds().max(0) as u64,
+        model_ms: millis(model_time),
+        text_encode_ms: millis(stage.text_encode),
+        image_encode_ms: millis(stage.image_encode),
+        denoise_ms: millis(stage.denoise),
+        preview_ms: millis(stage.preview),
+        decode_ms: millis(stage.decode),
+        upload_ms: millis(upload_start.elapsed()),
+    };
+    let result = JobResult {
+        grid,
+        images,
+        timings,
+        scheduler: job.scheduler,
+        batch: (shape.jobs > 1).then_some(JobBatch {
+            id: batch_id,
+            jobs: shape.jobs as u32,
+            images: shape.images as u32,
+        }),
+    };
+    results::write_manifest(&ctx.results, id, &result, backoff).await?;
+    finish_succeeded(ctx, id, &ready.status, result).await
 }
 
 fn engine_job(job: &ValidJob, inputs: JobInputs, loras: Vec<EngineLora>) -> EngineJob {
@@ -149,129 +351,12 @@ fn engine_job(job: &ValidJob, inputs: JobInputs, loras: Vec<EngineLora>) -> Engi
 
 /// The model's sampler of a request's scheduler (the two lists have the
 /// same names; a test below checks it).
-fn sampler(s: Scheduler) -> SamplerKind {
+pub fn sampler(s: Scheduler) -> SamplerKind {
     SamplerKind::from_name(s.name()).expect("every scheduler of the rules is a sampler of the model")
 }
 
 fn millis(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
-}
-
-async fn run(ctx: &JobContext, message: &JobMessage<ValidJob>) -> Result<(), JobError> {
-    let id = message.id;
-    let backoff = ctx.backoff();
-    let job = message.request.clone();
-
-    let Some(_lease) = take_lease(ctx, id).await? else {
-        tracing::info!("another worker finished this job meanwhile: acking it");
-        return Ok(());
-    };
-    let current = retry(backoff, "reading the status", || ctx.status.get(id)).await?;
-    if let Some(s) = current.as_ref().filter(|s| s.state.is_terminal()) {
-        tracing::info!(state = %s.state, "job already finished: acking it");
-        // Its end may have been written by a worker that died before it
-        // announced it (the record says whether it did).
-        return ctx.announce(s).await;
-    }
-    let mut queued = JobStatus::queued(id, job.clone(), message.created_at);
-    queued.owner.clone_from(&message.owner);
-    if retry(backoff, "reading the cancel flag", || ctx.status.cancel_requested(id)).await? {
-        return finish_cancelled(ctx, id, current.as_ref().unwrap_or(&queued)).await;
-    }
-    if let Some(result) = results::load_manifest(&ctx.results, id, backoff).await? {
-        tracing::info!("a previous attempt stored the result: finishing from it");
-        return finish_succeeded(ctx, id, current.as_ref().unwrap_or(&queued), result).await;
-    }
-
-    let started_at = Utc::now();
-    let running = retry(backoff, "writing `running`", || {
-        ctx.status.update(id, |current| {
-            let mut next = start(current, id, &job, message.created_at, started_at, &ctx.worker_name)?;
-            if current.is_none() {
-                next.owner.clone_from(&message.owner);
-            }
-            Some(next)
-        })
-    })
-    .await?;
-    let status = match running {
-        Update::Written(s) => s,
-        Update::Unchanged(s) => {
-            tracing::info!(state = ?s.as_ref().map(|s| s.state), "job finished meanwhile: acking it");
-            return match s {
-                Some(s) => ctx.announce(&s).await,
-                None => Ok(()),
-            };
-        }
-    };
-    tracing::info!(attempt = status.attempt, worker = %ctx.worker_name, "running");
-    ctx.announce(&status).await?;
-
-    let inputs = fetch_images(&ctx.results, &job, backoff).await?;
-    let loras = ctx.loras.fetch_all(&ctx.results, &job.loras, backoff).await?;
-
-    // The engine runs on a blocking thread; the cancel flag is polled from
-    // Redis, and the deadline stops the engine the same way.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let poller = tokio::spawn(poll_cancel(
-        ctx.status.clone(),
-        id,
-        cancel.clone(),
-        ctx.config.cancel_poll,
-    ));
-    let sink = PreviewSink::start(ctx.status.clone(), id);
-    let deadline = ctx.config.job_deadline;
-    let model_start = Instant::now();
-    let generated = generate(
-        ctx.engine.clone(),
-        engine_job(&job, inputs, loras),
-        cancel,
-        deadline,
-        sink.callback(),
-    )
-    .await;
-    let model_time = model_start.elapsed();
-    poller.abort();
-    sink.finish().await;
-    let output = match generated {
-        Generation::Done(output) => output,
-        Generation::Cancelled => return finish_cancelled(ctx, id, &status).await,
-        Generation::PastDeadline => {
-            return Err(JobError::Poison(format!(
-                "the job ran past its deadline of {} s and was stopped at step {} (SDXL_JOB_DEADLINE)",
-                deadline.as_secs_f64(),
-                ctx.status.get(id).await.ok().flatten().map_or(0, |s| s.progress.step)
-            )))
-        }
-        Generation::Failed(reason) => return Err(JobError::Poison(reason)),
-    };
-
-    let upload_start = Instant::now();
-    let (format, quality) = (job.output_format, ctx.config.jpeg_quality);
-    let encoded =
-        tokio::task::spawn_blocking(move || results::encode(id, &output, format, quality).map(|e| (e, output.timings)))
-            .await
-            .map_err(|e| JobError::Poison(format!("encoding panicked: {e}")))??;
-    let (encoded, stage) = encoded;
-    let (images, grid) = results::upload(&ctx.results, &encoded, backoff).await?;
-    let timings = Timings {
-        queue_wait_ms: (started_at - message.created_at).num_milliseconds().max(0) as u64,
-        model_ms: millis(model_time),
-        text_encode_ms: millis(stage.text_encode),
-        image_encode_ms: millis(stage.image_encode),
-        denoise_ms: millis(stage.denoise),
-        preview_ms: millis(stage.preview),
-        decode_ms: millis(stage.decode),
-        upload_ms: millis(upload_start.elapsed()),
-    };
-    let result = JobResult {
-        grid,
-        images,
-        timings,
-        scheduler: job.scheduler,
-    };
-    results::write_manifest(&ctx.results, id, &result, backoff).await?;
-    finish_succeeded(ctx, id, &status, result).await
 }
 
 /// The `running` record: from `queued`, from `running` (a redelivery), or
@@ -301,80 +386,6 @@ fn start(
     Some(next)
 }
 
-/// The job's lease, renewed in the background while held; given back when
-/// dropped.
-struct Lease {
-    store: StatusStore,
-    id: Uuid,
-    holder: String,
-    renewer: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.renewer.abort();
-        let (store, id, holder) = (self.store.clone(), self.id, std::mem::take(&mut self.holder));
-        tokio::spawn(async move {
-            if let Err(e) = store.release_lease(id, &holder).await {
-                tracing::debug!(error = %e, "could not release the lease (it expires by itself)");
-            }
-        });
-    }
-}
-
-/// Takes the job's lease, waiting while another worker holds it. `None`:
-/// the job became terminal while waiting (the other worker finished it).
-async fn take_lease(ctx: &JobContext, id: Uuid) -> Result<Option<Lease>, JobError> {
-    let (ttl, backoff) = (ctx.config.lease_ttl, ctx.backoff());
-    let holder = ctx.worker_name.clone();
-    let waited = Instant::now();
-    let mut told = false;
-    loop {
-        let other = retry(backoff, "taking the job's lease", || {
-            ctx.status.acquire_lease(id, &holder, ttl)
-        })
-        .await?;
-        let Some(other) = other else {
-            break;
-        };
-        if !told {
-            tracing::info!(holder = %other, "another worker holds this job: waiting for it to finish or its lease to expire");
-            told = true;
-        }
-        if let Ok(Some(s)) = ctx.status.get(id).await {
-            if s.state.is_terminal() {
-                return Ok(None);
-            }
-        }
-        if waited.elapsed() > ctx.config.job_deadline + ttl {
-            return Err(JobError::Transient(format!(
-                "{other} has held the job's lease for {:?}",
-                waited.elapsed()
-            )));
-        }
-        tokio::time::sleep((ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))).await;
-    }
-    let renewer = tokio::spawn({
-        let (store, holder) = (ctx.status.clone(), holder.clone());
-        async move {
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                match store.renew_lease(id, &holder, ttl).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!("lost the job's lease to another worker"),
-                    Err(e) => tracing::warn!(error = %e, "could not renew the job's lease"),
-                }
-            }
-        }
-    });
-    Ok(Some(Lease {
-        store: ctx.status.clone(),
-        id,
-        holder,
-        renewer,
-    }))
-}
-
 async fn poll_cancel(store: StatusStore, id: Uuid, flag: Arc<AtomicBool>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
@@ -388,82 +399,6 @@ async fn poll_cancel(store: StatusStore, id: Uuid, flag: Arc<AtomicBool>, every:
             Err(e) => tracing::debug!(error = %e, "cannot read the cancel flag now"),
         }
     }
-}
-
-fn terminal_event(id: Uuid, kind: EventKind, status: &JobStatus) -> JobEvent {
-    JobEvent {
-        kind,
-        job_id: id,
-        step: status.progress.step,
-        total_steps: status.progress.total_steps,
-        image: None,
-        error: status.error.clone(),
-    }
-}
-
-/// Writes a terminal state (unless the record is terminal already), then
-/// publishes the terminal event. `base` is the record to finish when Redis
-/// has lost it (restarted without persistence, or expired).
-async fn finish(
-    ctx: &JobContext,
-    id: Uuid,
-    kind: EventKind,
-    base: Option<&JobStatus>,
-    change: impl Fn(&mut JobStatus) + Copy,
-) -> Result<(), JobError> {
-    let backoff = ctx.backoff();
-    let update = retry(backoff, "writing the final status", || {
-        ctx.status.update(id, |current| {
-            let mut next = match current {
-                Some(s) if s.state.is_terminal() => return None,
-                Some(s) => s.clone(),
-                None => base?.clone(),
-            };
-            next.finished_at = Some(Utc::now());
-            change(&mut next);
-            Some(next)
-        })
-    })
-    .await?;
-    match update {
-        Update::Written(status) => {
-            tracing::info!(state = %status.state, "job finished");
-            let event = terminal_event(id, kind, &status);
-            retry(backoff, "publishing the final event", || {
-                ctx.status.publish_event(&event)
-            })
-            .await?;
-            ctx.announce(&status).await
-        }
-        // Finished before: its end may still need announcing.
-        Update::Unchanged(Some(status)) => ctx.announce(&status).await,
-        Update::Unchanged(None) => Ok(()),
-    }
-}
-
-async fn finish_succeeded(ctx: &JobContext, id: Uuid, base: &JobStatus, result: JobResult) -> Result<(), JobError> {
-    let result = &result;
-    finish(ctx, id, EventKind::Succeeded, Some(base), move |s| {
-        s.state = JobState::Succeeded;
-        s.progress.step = s.progress.total_steps;
-        s.result = Some(result.clone());
-    })
-    .await
-}
-
-async fn finish_cancelled(ctx: &JobContext, id: Uuid, base: &JobStatus) -> Result<(), JobError> {
-    finish(ctx, id, EventKind::Cancelled, Some(base), |s| {
-        s.state = JobState::Cancelled
-    })
-    .await
-}
-
-async fn mark_failed(ctx: &JobContext, id: Uuid, reason: &str) -> Result<(), JobError> {
-    finish(ctx, id, EventKind::Failed, None, |s| {
-        s.state = JobState::Failed;
-        s.error = Some(reason.to_string());
-    })
-    .await
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ pub async fn load_manifest(store: &ResultStore, id: Uuid, backoff: Backoff) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{GeneratedImage, StageTimings};
+    use crate::engine::{BatchShape, GeneratedImage, StageTimings};
 
     #[test]
     fn every_format_decodes_back_to_the_same_size_and_lossless_ones_to_the_same_pixels() {
@@ -165,6 +165,7 @@ mod tests {
                 image: image.clone(),
             }],
             timings: StageTimings::default(),
+            batch: BatchShape { jobs: 1, images: 1 },
         };
         for format in OutputFormat::ALL {
             let encoded = encode(Uuid::nil(), &output, format, 90).unwrap();
