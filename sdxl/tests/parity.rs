@@ -18,6 +18,8 @@ use sdxl::pipeline::{DenoiseParams, LoadOptions, SdxlPipeline, Start};
 use sdxl::scheduler::{build, SamplerKind, SchedulerConfig};
 use serde::Deserialize;
 
+mod common;
+
 const TOL: f32 = 1e-4;
 
 #[derive(Debug, Deserialize)]
@@ -107,25 +109,8 @@ impl Fixture {
     }
 }
 
-/// Largest absolute difference, after checking the shapes agree.
-fn max_abs_diff(name: &str, got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let got = got.to_dtype(DType::F32).unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
-    (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let d = max_abs_diff(name, got, want);
+    let d = common::max_abs_diff(name, got, want);
     eprintln!("{name}: max abs diff {d:.3e}");
     assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
 }

@@ -94,22 +94,8 @@ impl Fixture {
     }
 }
 
-fn max_abs_diff(name: &str, got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
-    let d = max_abs_diff(name, got, want);
+    let d = common::max_abs_diff(name, got, want);
     eprintln!("{name}: max abs diff {d:.3e}");
     assert!(d <= TOL, "{name}: max abs diff {d} > {TOL}");
 }
@@ -156,7 +142,7 @@ fn tiled_and_whole_decodes_differ_where_diffusers_does() {
     else {
         return;
     };
-    let d = max_abs_diff("tiled vs whole", f.tensor(&tiled.image), f.tensor("untiled_image"));
+    let d = common::max_abs_diff("tiled vs whole", f.tensor(&tiled.image), f.tensor("untiled_image"));
     assert!(d > 100.0 * TOL, "tiled and whole decodes differ by only {d}");
 }
 
@@ -205,14 +191,14 @@ fn the_pipeline_decodes_in_tiles_when_told_or_short_of_memory() {
     );
     let whole = auto.decode_within(&latents, Some(memory.whole)).unwrap();
     assert!(
-        max_abs_diff("auto with room", &whole, want) > 100.0 * TOL,
+        common::max_abs_diff("auto with room", &whole, want) > 100.0 * TOL,
         "decoded whole"
     );
 
     let off = tiny_pipeline(VaeTiling::Off);
     assert!(!off.decode_tiled(width, height, Some(0)));
     assert_eq!(
-        max_abs_diff(
+        common::max_abs_diff(
             "off vs auto with room",
             &off.decode_within(&latents, Some(0)).unwrap(),
             &whole

@@ -6,36 +6,22 @@
 //! in a batch ends at once while the others finish with their solo images.
 
 use std::cell::RefCell;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use sdxl::pipeline::LoadOptions;
 use sdxl::scheduler::SamplerKind;
 use worker::engine::{BatchJob, Engine, EngineError, EngineEvent, EngineJob, EngineLora, EngineOutput};
-use worker::ranks::{DeviceKind, RankGroup, RankGroupConfig};
+use worker::ranks::{RankGroup, RankGroupConfig};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference")
-}
+mod common;
+
+use common::fixture;
 
 fn group(ranks: usize) -> RankGroup {
     RankGroup::start(RankGroupConfig {
-        load: LoadOptions {
-            taesd: Some(fixture().join("tiny-taesdxl").display().to_string()),
-            ..LoadOptions::new(
-                fixture().join("tiny-sdxl").display().to_string(),
-                Device::Cpu,
-                DType::F32,
-            )
-        },
-        device: DeviceKind::Cpu,
-        ranks,
-        collective_timeout: Duration::from_secs(60),
         warm_up: false,
-        memory_budget: None,
+        ..common::tiny_group(ranks, Duration::from_secs(60))
     })
     .unwrap()
 }

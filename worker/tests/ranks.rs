@@ -2,21 +2,19 @@
 //! over the ranks, gathered to rank 0 into one grid, previews come from every
 //! rank, and a rank that fails or stalls fails the job cleanly on all ranks.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use image::RgbImage;
-use sdxl::pipeline::LoadOptions;
 use worker::engine::{Engine, EngineError, EngineEvent, EngineJob};
-use worker::ranks::{DeviceKind, Fault, FaultKind, RankGroup, RankGroupConfig};
+use worker::ranks::{Fault, FaultKind, RankGroup, RankGroupConfig};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sdxl-reference")
-}
+mod common;
+
+use common::fixture;
 
 fn generate(args: &[&str], dir: &Path) -> Vec<RgbImage> {
     let model = fixture().join("tiny-sdxl");
@@ -88,21 +86,7 @@ fn group(ranks: usize, timeout: Duration) -> RankGroup {
 }
 
 fn config(ranks: usize, timeout: Duration) -> RankGroupConfig {
-    RankGroupConfig {
-        memory_budget: None,
-        load: LoadOptions {
-            taesd: Some(fixture().join("tiny-taesdxl").display().to_string()),
-            ..LoadOptions::new(
-                fixture().join("tiny-sdxl").display().to_string(),
-                Device::Cpu,
-                DType::F32,
-            )
-        },
-        device: DeviceKind::Cpu,
-        ranks,
-        collective_timeout: timeout,
-        warm_up: true,
-    }
+    common::tiny_group(ranks, timeout)
 }
 
 fn job(seed: u64) -> EngineJob {

@@ -291,12 +291,15 @@ pub unsafe fn run(dev: &CudaDevice, p: &Product) -> Result<bool> {
     let stream = dev.cuda_stream();
     DEVICES.with(|devices| -> Result<bool> {
         let mut devices = devices.borrow_mut();
-        if !devices.contains_key(&key.device) {
-            let handle = lt::create_handle().map_err(|e| candle_core::Error::Msg(format!("cuBLASLt handle: {e:?}")))?;
-            let workspace = unsafe { stream.alloc::<u8>(WORKSPACE) }.map_err(candle_core::Error::wrap)?;
-            devices.insert(key.device, DeviceState { handle, workspace });
-        }
-        let state = devices.get_mut(&key.device).expect("inserted above");
+        let state = match devices.entry(key.device) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let handle =
+                    lt::create_handle().map_err(|e| candle_core::Error::Msg(format!("cuBLASLt handle: {e:?}")))?;
+                let workspace = unsafe { stream.alloc::<u8>(WORKSPACE) }.map_err(candle_core::Error::wrap)?;
+                e.insert(DeviceState { handle, workspace })
+            }
+        };
         let plan = PLANS.with(|plans| -> Result<Option<Rc<Plan>>> {
             let mut plans = plans.borrow_mut();
             if let Some(p) = plans.get(&key) {

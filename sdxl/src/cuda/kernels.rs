@@ -79,7 +79,7 @@ impl FlashAttention {
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let (q, k, v) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * n_q * inner)? };
-        let func = kernel(&dev, Module::Sdxl, name)?;
+        let func = kernel(dev, Module::Sdxl, name)?;
         let (n_q_i, n_kv_i) = (n_q as i32, n_kv as i32);
         let (q_bs, q_rs) = (qs[0] as i64, qs[1] as i32);
         let (k_bs, k_rs) = (ks[0] as i64, ks[1] as i32);
@@ -208,11 +208,11 @@ impl GroupNormOp {
             shared_mem_bytes: 0,
         };
         let (gs, ch, sp) = (group_size as i64, chunk as i64, splits as i32);
-        let stats = kernel(&dev, Module::Sdxl, &format!("group_norm_stats_{sfx}"))?;
+        let stats = kernel(dev, Module::Sdxl, &format!("group_norm_stats_{sfx}"))?;
         let mut builder = stats.builder();
         builder.arg(&x).arg(&partial).arg(&gs).arg(&ch).arg(&sp);
         w(unsafe { builder.launch(cfg) })?;
-        let apply = kernel(&dev, Module::Sdxl, &format!("group_norm_apply_{sfx}"))?;
+        let apply = kernel(dev, Module::Sdxl, &format!("group_norm_apply_{sfx}"))?;
         let (groups, cpg, hw, silu) = (self.groups as i32, cpg as i32, hw as i64, i32::from(self.silu));
         let mut builder = apply.builder();
         builder.arg(&x).arg(&g).arg(&b).arg(&partial).arg(&out);
@@ -296,7 +296,7 @@ impl Geglu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = kernel(&dev, Module::Sdxl, &format!("geglu_{}", suffix(T::DTYPE)?))?;
+        let func = kernel(dev, Module::Sdxl, &format!("geglu_{}", suffix(T::DTYPE)?))?;
         let (rows_i, inner_i) = (rows as i64, inner as i32);
         let mut builder = func.builder();
         builder.arg(&h).arg(&out).arg(&rows_i).arg(&inner_i);

@@ -86,6 +86,50 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The starts of several jobs' images denoised in one loop
+    /// ([`SdxlPipeline::denoise_images`]), each given with its number of
+    /// images, in the loop's order: their encoded images one after the
+    /// other, and each job's mask once per image of it. The jobs share a
+    /// kind of start and a strength (what lets them share a loop).
+    pub fn join(parts: &[(&Prepared, usize)]) -> Result<Prepared, ModelError> {
+        if let [(one, _)] = parts {
+            return Ok(Prepared {
+                image: one.image.clone(),
+                mask: one.mask.clone(),
+                strength: one.strength,
+            });
+        }
+        let Some((first, _)) = parts.first() else {
+            return Err(ModelError::Input("no start to join".into()));
+        };
+        if parts.iter().any(|(p, _)| {
+            p.image.is_some() != first.image.is_some()
+                || p.mask.is_some() != first.mask.is_some()
+                || p.strength != first.strength
+        }) {
+            return Err(ModelError::Input(
+                "jobs denoised in one loop must start alike (text, image or inpainting, one strength)".into(),
+            ));
+        }
+        let cat = |tensors: Vec<Tensor>| -> Result<Option<Tensor>, ModelError> {
+            Ok(if tensors.is_empty() {
+                None
+            } else {
+                Some(Tensor::cat(&tensors, 0)?)
+            })
+        };
+        let images = parts.iter().filter_map(|(p, _)| p.image.clone()).collect();
+        let masks = parts
+            .iter()
+            .filter_map(|(p, n)| p.mask.as_ref().map(|m| m.repeat((*n, 1, 1, 1))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Prepared {
+            image: cat(images)?,
+            mask: cat(masks)?,
+            strength: first.strength,
+        })
+    }
+
     /// Where [`SdxlPipeline::denoise`] starts.
     pub fn start(&self) -> Start<'_> {
         match (&self.image, &self.mask) {

@@ -105,3 +105,20 @@ pub fn bits(t: &Tensor) -> (DType, Vec<usize>, Vec<u32>) {
         .unwrap();
     (t.dtype(), t.dims().to_vec(), v.into_iter().map(f32::to_bits).collect())
 }
+
+/// Largest absolute difference in f32, after checking the shapes agree.
+pub fn max_abs_diff(name: &str, got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "{name}: shape");
+    let got = got.to_dtype(DType::F32).unwrap();
+    let want = want.to_dtype(DType::F32).unwrap();
+    (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

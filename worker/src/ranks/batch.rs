@@ -26,7 +26,7 @@ use super::rank::{
 use crate::engine::{BatchShape, EngineError, EngineEvent, EngineJob, EngineOutput, GeneratedImage, StageTimings};
 use sdxl::image_processor;
 use sdxl::noise::ImageNoise;
-use sdxl::pipeline::{DenoiseParams, ImageJob, Prepared, PromptEmbeds, SdxlPipeline, Source, Start, StepState};
+use sdxl::pipeline::{DenoiseParams, ImageJob, Prepared, PromptEmbeds, SdxlPipeline, Source, StepState};
 
 /// One job of the batch as this rank sees it.
 struct Member<'a> {
@@ -245,75 +245,6 @@ fn source(job: &EngineJob) -> Source<'_> {
     }
 }
 
-/// The loop's start from each job's: one job's as it is; several jobs'
-/// encoded images (and masks, one per image) one after the other, in the
-/// order of their images in the loop.
-struct JoinedStart {
-    latents: Option<Tensor>,
-    mask: Option<Tensor>,
-    strength: f64,
-}
-
-impl JoinedStart {
-    fn new(starts: &[(Start, usize)]) -> Result<Self, EngineError> {
-        let mut latents = Vec::new();
-        let mut masks = Vec::new();
-        let mut strength = 1.0;
-        for (start, images) in starts {
-            match start {
-                Start::Noise => {}
-                Start::Image {
-                    latents: l,
-                    strength: s,
-                } => {
-                    latents.push((*l).clone());
-                    strength = *s;
-                }
-                Start::Inpaint {
-                    latents: l,
-                    mask,
-                    strength: s,
-                } => {
-                    latents.push((*l).clone());
-                    masks.push(if starts.len() == 1 {
-                        (*mask).clone()
-                    } else {
-                        mask.repeat((*images, 1, 1, 1)).map_err(tensor_error)?
-                    });
-                    strength = *s;
-                }
-            }
-        }
-        let cat = |mut parts: Vec<Tensor>| -> Result<Option<Tensor>, EngineError> {
-            Ok(match parts.len() {
-                0 => None,
-                1 => parts.pop(),
-                _ => Some(Tensor::cat(&parts, 0).map_err(tensor_error)?),
-            })
-        };
-        Ok(Self {
-            latents: cat(latents)?,
-            mask: cat(masks)?,
-            strength,
-        })
-    }
-
-    fn start(&self) -> Start<'_> {
-        match (&self.latents, &self.mask) {
-            (Some(latents), Some(mask)) => Start::Inpaint {
-                latents,
-                mask,
-                strength: self.strength,
-            },
-            (Some(latents), None) => Start::Image {
-                latents,
-                strength: self.strength,
-            },
-            _ => Start::Noise,
-        }
-    }
-}
-
 /// Every image this rank makes of the batch, through one loop: each job's
 /// prompt encoded and its start prepared (timed per job), then the loop
 /// with progress, cancels and previews between steps. The final latents.
@@ -359,8 +290,8 @@ fn denoise<C: Collective>(
             })
         })
         .collect();
-    let starts: Vec<(Start, usize)> = prepared.iter().map(|(p, n)| (p.start(), *n)).collect();
-    let start = JoinedStart::new(&starts)?;
+    let parts: Vec<(&Prepared, usize)> = prepared.iter().map(|(p, n)| (p, *n)).collect();
+    let start = Prepared::join(&parts).map_err(model_error)?;
 
     let t = Instant::now();
     let mut failure: Option<EngineError> = None;
