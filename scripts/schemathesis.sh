@@ -39,7 +39,7 @@ cleanup() {
   wait "$PID" 2>/dev/null || true
   # the job queue, its dead letters, the webhook queues
   rabbitmqctl -q list_queues name 2>/dev/null | grep -F "$QUEUE" | while read -r q; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+    rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true
   done
   redis-cli --scan --pattern "$PREFIX:*" | xargs -r redis-cli del >/dev/null 2>&1 || true
 }
