@@ -23,6 +23,7 @@ fn main() -> Result<()> {
         .build_ptx()?;
 
     bindings.write(&ptx_path)?;
+    write_cubins(&out_dir);
 
     let mut moe_sources = vec![
         "src/moe/moe_gguf.cu",
@@ -80,4 +81,112 @@ fn main() -> Result<()> {
         println!("cargo:rustc-link-lib=stdc++");
     }
     Ok(())
+}
+
+/// sdxl-queue's patch: machine code for the GPU the PTX targets, so the driver
+/// JIT-compiles nothing at first use (10-15 s on a fresh machine otherwise).
+/// Each module's PTX goes through `ptxas` for the architecture its `.target`
+/// names; `cubin.rs` holds the images, an empty one where `ptxas` is missing
+/// or fails (that module then loads its PTX, as upstream). The quantized
+/// module is left as PTX: 5.8 MB that takes ptxas minutes, for GGUF models only.
+fn write_cubins(out_dir: &std::path::Path) {
+    const MODULES: [&str; 11] = [
+        "affine",
+        "binary",
+        "cast",
+        "conv",
+        "fill",
+        "indexing",
+        "quantized",
+        "reduce",
+        "sort",
+        "ternary",
+        "unary",
+    ];
+    println!("cargo::rerun-if-env-changed=PTXAS");
+    let ptxas = env::var_os("PTXAS").map(PathBuf::from).unwrap_or_else(|| {
+        let beside_nvcc = env::var_os("NVCC")
+            .map(PathBuf::from)
+            .and_then(|nvcc| nvcc.parent().map(|dir| dir.join("ptxas")));
+        let in_root = [
+            "CUDA_ROOT",
+            "CUDA_PATH",
+            "CUDA_HOME",
+            "CUDA_TOOLKIT_ROOT_DIR",
+        ]
+        .iter()
+        .filter_map(env::var_os)
+        .map(|root| PathBuf::from(root).join("bin").join("ptxas"))
+        .find(|p| p.exists());
+        beside_nvcc
+            .filter(|p| p.exists())
+            .or(in_root)
+            .unwrap_or_else(|| PathBuf::from("ptxas"))
+    });
+    let threads: Vec<_> = MODULES
+        .iter()
+        .map(|&name| {
+            let ptxas = ptxas.clone();
+            let ptx = out_dir.join(format!("{name}.ptx"));
+            let cubin = out_dir.join(format!("{name}.cubin"));
+            std::thread::spawn(move || -> bool {
+                let _ = std::fs::remove_file(&cubin);
+                if name == "quantized" {
+                    return false;
+                }
+                let Some(arch) = std::fs::read_to_string(&ptx).ok().and_then(|text| {
+                    text.lines().find_map(|l| {
+                        l.trim()
+                            .strip_prefix(".target ")
+                            .map(|t| t.trim().to_string())
+                    })
+                }) else {
+                    return false;
+                };
+                let arch = arch
+                    .split(',')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                match std::process::Command::new(&ptxas)
+                    .arg(format!("-arch={arch}"))
+                    .arg("-O3")
+                    .arg(&ptx)
+                    .arg("-o")
+                    .arg(&cubin)
+                    .output()
+                {
+                    Ok(out) if out.status.success() => true,
+                    Ok(out) => {
+                        println!(
+                            "cargo::warning=ptxas {name}.ptx: {} (it loads as PTX)",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                        false
+                    }
+                    Err(e) => {
+                        println!(
+                            "cargo::warning=no ptxas ({}): {e}; the kernels load as PTX",
+                            ptxas.display()
+                        );
+                        false
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut rs = String::new();
+    for (name, thread) in MODULES.iter().zip(threads) {
+        let built = thread.join().unwrap_or(false);
+        let cst = name.to_uppercase();
+        if built {
+            rs.push_str(&format!(
+                "pub const {cst}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.cubin\"));\n"
+            ));
+        } else {
+            rs.push_str(&format!("pub const {cst}: &[u8] = &[];\n"));
+        }
+    }
+    std::fs::write(out_dir.join("cubin.rs"), rs).expect("writing cubin.rs");
 }

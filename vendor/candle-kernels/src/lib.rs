@@ -2,6 +2,12 @@ mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
 
+// sdxl-queue's patch: each module's machine code, built from its PTX by `ptxas`
+// (`build.rs`); empty where none was built.
+mod cubin {
+    include!(concat!(env!("OUT_DIR"), "/cubin.rs"));
+}
+
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Id {
@@ -35,6 +41,7 @@ pub const ALL_IDS: [Id; 11] = [
 pub struct Module {
     index: usize,
     ptx: &'static str,
+    cubin: &'static [u8],
 }
 
 impl Module {
@@ -44,6 +51,13 @@ impl Module {
 
     pub fn ptx(&self) -> &'static str {
         self.ptx
+    }
+
+    /// Machine code for the architecture the PTX targets, when the build made
+    /// it (sdxl-queue's patch): loading it costs the driver no JIT compilation.
+    /// A GPU of another architecture rejects it; load [`Module::ptx`] then.
+    pub fn cubin(&self) -> Option<&'static [u8]> {
+        (!self.cubin.is_empty()).then_some(self.cubin)
     }
 }
 
@@ -63,6 +77,7 @@ macro_rules! mdl {
         pub const $cst: Module = Module {
             index: module_index(Id::$id),
             ptx: ptx::$cst,
+            cubin: cubin::$cst,
         };
     };
 }

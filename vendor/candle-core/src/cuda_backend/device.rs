@@ -347,7 +347,25 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+        if let Some(cuda_module) = ms.mdls[mdl.index()].as_ref() {
+            // another thread loaded it while this one waited for the lock
+            let func = cuda_module.load_function(fn_name).w()?;
+            return Ok(CudaFunc {
+                func,
+                stream: self.stream.clone(),
+            });
+        }
+        // sdxl-queue's patch: the module's machine code when the build made it
+        // and this GPU takes it (no JIT compilation), its PTX otherwise.
+        let cubin = mdl.cubin().and_then(|image| {
+            self.context
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                .ok()
+        });
+        let cuda_module = match cubin {
+            Some(m) => m,
+            None => self.context.load_module(mdl.ptx().into()).w()?,
+        };
         ms.mdls[mdl.index()] = Some(cuda_module.clone());
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
