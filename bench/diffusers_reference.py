@@ -141,12 +141,19 @@ def measure_throughput(pipe, args, batches, label):
     return out
 
 
+def record(out, key, value):
+    """Keeps one figure and prints it at once: a compile that runs out of
+    time still leaves the figures measured before it."""
+    out[key] = value
+    print(f"{out['label']} {key}: {value:.4f}", flush=True)
+
+
 def measure(pipe, taesd, args, dtype, label):
     w, h, steps, g = args.width, args.height, args.steps, args.guidance_scale
     lat = (1, pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
     out = {"label": label}
     with torch.inference_mode():
-        out["text_encode_ms"] = 1000 * timed(lambda: pipe.encode_prompt(PROMPT, device=DEVICE, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVE), args.iters)
+        record(out, "text_encode_ms", 1000 * timed(lambda: pipe.encode_prompt(PROMPT, device=DEVICE, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVE), args.iters))
         pe, npe, ppe, nppe = pipe.encode_prompt(PROMPT, device=DEVICE, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
         ehs = torch.cat([npe, pe]).to(dtype)
         te = torch.cat([nppe, ppe]).to(dtype)
@@ -157,23 +164,23 @@ def measure(pipe, taesd, args, dtype, label):
         t = torch.tensor(500.0, device=DEVICE)
         unet = lambda: pipe.unet(sample, t, encoder_hidden_states=ehs,
                                  added_cond_kwargs={"text_embeds": te, "time_ids": tid}).sample
-        out["unet_step_ms"] = 1000 * timed(unet, args.iters)
+        record(out, "unet_step_ms", 1000 * timed(unet, args.iters))
         latents = torch.randn(lat, device=DEVICE, dtype=dtype)
         # what the pipeline does: the VAE in f32 when f16 and force_upcast
         vae_dtype = torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype
         pipe.vae.to(vae_dtype)
         if label in ("best", "autotune"):
             latents = latents.to(memory_format=torch.channels_last)
-        out["vae_decode_ms"] = 1000 * timed(lambda: pipe.vae.decode(latents.to(vae_dtype) / pipe.vae.config.scaling_factor).sample, min(args.iters, 5))
+        record(out, "vae_decode_ms", 1000 * timed(lambda: pipe.vae.decode(latents.to(vae_dtype) / pipe.vae.config.scaling_factor).sample, min(args.iters, 5)))
         pipe.vae.to(dtype)
         if taesd is not None:
-            out["taesd_decode_ms"] = 1000 * timed(lambda: taesd.decode(latents).sample, args.iters)
+            record(out, "taesd_decode_ms", 1000 * timed(lambda: taesd.decode(latents).sample, args.iters))
         # text encode to PNG bytes, as `worker bench`'s whole image
         def image():
             pil = pipe(PROMPT, negative_prompt=NEGATIVE, width=w, height=h, num_inference_steps=steps,
                        guidance_scale=g, output_type="pil").images[0]
             pil.save(io.BytesIO(), format="PNG")
-        out["image_s"] = timed(image, args.images)
+        record(out, "image_s", timed(image, args.images))
     return out
 
 

@@ -7,6 +7,12 @@
 #                                    cuBLASLt path's A/B, the largest job's memory
 #   bench/gpu-run-p11.sh diffusers   worker bench f16 and fp8 again, diffusers eager (with
 #                                    images/s) and best, and both UNets' cosine to diffusers
+#   bench/gpu-run-p11.sh cold        cold starts (each with an empty driver cache) with the
+#                                    convolution algorithms found and ranked, and with the
+#                                    driver cache off (candle's PTX compiled as before, in
+#                                    line); worker bench with either choice; check-kernels
+#   bench/gpu-run-p11.sh best        worker bench f16, then diffusers best alone (its
+#                                    compilation needs most of a call)
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -110,6 +116,53 @@ PY
   grep -E '^\| (linear|flash)' "$OUT/check-kernels.log" | head -20; grep -c FAIL "$OUT/check-kernels.log"
   for f in candle-f16 candle-fp8 candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
   for f in cold-start warm-start fp8-generate big-job-16; do echo "== $f"; tail -n 5 "$OUT/$f.log"; done
+fi
+
+if [ "$PART" = cold ]; then
+  # Each start a fresh process; a fresh, empty driver cache for each cold one.
+  start() {  # name, then env assignments
+    local name=$1; shift
+    note "generate: $name"
+    env "$@" /usr/bin/time -f "wall %e s, max RSS %M KB" "$WORKER" "${GEN[@]}" --output "$OUT/$name.png" \
+      > "$OUT/start-$name.log" 2>&1
+    echo "$name exit $?: $(grep -E '^stages|^wall' "$OUT/start-$name.log" | tr '\n' ' ')"
+  }
+  c1=$(mktemp -d); c2=$(mktemp -d)
+  start cold-find CUDA_CACHE_PATH="$c1" SDXL_CONV_ALGO=find
+  start warm-find CUDA_CACHE_PATH="$c1" SDXL_CONV_ALGO=find
+  start cold-heuristic CUDA_CACHE_PATH="$c2" SDXL_CONV_ALGO=heuristic
+  start warm-heuristic CUDA_CACHE_PATH="$c2" SDXL_CONV_ALGO=heuristic
+  start cold-no-cache CUDA_CACHE_DISABLE=1 SDXL_CONV_ALGO=find
+  note "check-kernels"
+  CUDA_CACHE_PATH="$c1" timeout 120 "$WORKER" check-kernels --iters 5 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  for algo in find heuristic; do
+    note "bench f16, convolution algorithms: $algo"
+    CUDA_CACHE_PATH="$c1" SDXL_CONV_ALGO=$algo timeout 150 "$WORKER" "${BENCH[@]}" --json "$OUT/candle-f16-$algo.json" \
+      > "$OUT/candle-f16-$algo.log" 2>&1
+    echo "bench $algo exit $?"
+  done
+  note "done"
+  for f in candle-f16-find candle-f16-heuristic; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
+fi
+
+if [ "$PART" = best ]; then
+  note "bench f16 (this call's figures for the tables)"
+  timeout 120 "$WORKER" "${BENCH[@]}" --json "$OUT/same-candle-f16.json" > "$OUT/same-candle-f16.log" 2>&1
+  echo "bench f16 exit $?"
+  if ! python3 -c 'import diffusers' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine-$PART.txt" 2>&1
+  note "diffusers best"
+  left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 15 ))
+  timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
+    --recipes best --json "$OUT/diffusers-best.json" > "$OUT/diffusers-best.log" 2>&1
+  echo "diffusers exit $? (limit $left s)"
+  note "done"
+  echo "== same-candle-f16"; grep '^|' "$OUT/same-candle-f16.log"
+  grep -E '^\{"label"' "$OUT/diffusers-best.log"
 fi
 
 if [ "$PART" = diffusers ]; then

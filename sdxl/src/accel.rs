@@ -13,14 +13,15 @@
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
 //! linear layers (off unless a pipeline is loaded with `Precision::Fp8`:
-//! it changes the images, within FP8's precision).
+//! it changes the images, within FP8's precision). And one speed choice:
+//! how cuDNN's convolution algorithm is chosen for a new shape ([`ConvAlgo`]).
 //!
 //! The choice is process-wide: the binaries parse it (the worker reads
-//! `SDXL_KERNELS` and `SDXL_TF32`), put it in [`crate::pipeline::LoadOptions`],
+//! `SDXL_KERNELS`, `SDXL_TF32` and `SDXL_CONV_ALGO`), put it in [`crate::pipeline::LoadOptions`],
 //! and loading a pipeline installs it here. The layers read it on every call,
 //! which is one relaxed atomic load. CPU tensors always use candle's ops.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use candle_core::Tensor;
 
@@ -40,6 +41,44 @@ pub struct Accel {
     /// The UNet's transformer linear layers quantized to e4m3 when they are
     /// built, and their products on FP8 tensor cores.
     pub fp8: bool,
+    /// How a convolution shape's cuDNN algorithm is chosen.
+    pub conv_algo: ConvAlgo,
+}
+
+/// How cuDNN's algorithm for a new convolution shape is chosen. Either way
+/// the choice is made once per shape and kept; the outputs agree within the
+/// dtype's rounding (algorithms differ in summation order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ConvAlgo {
+    /// Time every candidate on the first call's buffers and keep the fastest
+    /// (`cudnnFindConvolutionForwardAlgorithmEx`, PyTorch's
+    /// `cudnn.benchmark=True`): the fastest steady state, but the first use
+    /// of each shape costs tens of milliseconds.
+    #[default]
+    Find,
+    /// cuDNN's own ranking without running anything
+    /// (`cudnnGetConvolutionForwardAlgorithm_v7`, PyTorch's default
+    /// `cudnn.benchmark=False`): no first-use cost, at times a slower kernel.
+    Heuristic,
+}
+
+impl ConvAlgo {
+    pub const NAMES: [&'static str; 2] = ["find", "heuristic"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgo::Find => "find",
+            ConvAlgo::Heuristic => "heuristic",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ConvAlgo> {
+        match name {
+            "find" => Some(ConvAlgo::Find),
+            "heuristic" => Some(ConvAlgo::Heuristic),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Accel {
@@ -61,6 +100,7 @@ impl Accel {
         lt: true,
         tf32: true,
         fp8: false,
+        conv_algo: ConvAlgo::Find,
     };
     pub const NONE: Accel = Accel {
         attention: false,
@@ -71,10 +111,11 @@ impl Accel {
         lt: false,
         tf32: true,
         fp8: false,
+        conv_algo: ConvAlgo::Find,
     };
 
     /// Parses a path list (`all`, `none`, or `conv,norm,…`); TF32 stays on,
-    /// FP8 off.
+    /// FP8 off, the convolution algorithms found by timing.
     pub fn parse(value: &str) -> Result<Accel, String> {
         match value.trim() {
             "" | "all" => return Ok(Accel::ALL),
@@ -101,7 +142,7 @@ impl Accel {
         Ok(accel)
     }
 
-    fn bits(self) -> u8 {
+    fn bits(self) -> u16 {
         [
             self.attention,
             self.conv,
@@ -111,13 +152,14 @@ impl Accel {
             self.tf32,
             self.lt,
             self.fp8,
+            self.conv_algo == ConvAlgo::Heuristic,
         ]
         .iter()
         .enumerate()
-        .fold(0, |acc, (i, &on)| acc | (u8::from(on) << i))
+        .fold(0, |acc, (i, &on)| acc | (u16::from(on) << i))
     }
 
-    fn from_bits(b: u8) -> Accel {
+    fn from_bits(b: u16) -> Accel {
         let on = |i: u8| b & (1 << i) != 0;
         Accel {
             attention: on(0),
@@ -128,6 +170,7 @@ impl Accel {
             tf32: on(5),
             lt: on(6),
             fp8: on(7),
+            conv_algo: if on(8) { ConvAlgo::Heuristic } else { ConvAlgo::Find },
         }
     }
 
@@ -175,7 +218,7 @@ impl Precision {
     }
 }
 
-static CURRENT: AtomicU8 = AtomicU8::new(0b0111_1111);
+static CURRENT: AtomicU16 = AtomicU16::new(0b0111_1111);
 
 /// Whether `t` is on a CUDA device and this build has the CUDA paths.
 pub fn on_cuda(t: &Tensor) -> bool {
@@ -208,6 +251,14 @@ mod tests {
             assert_eq!(Accel::from_bits(no_tf32.bits()), no_tf32);
             let fp8 = Accel { fp8: true, ..a };
             assert_eq!(Accel::from_bits(fp8.bits()), fp8);
+            let heuristic = Accel {
+                conv_algo: ConvAlgo::Heuristic,
+                ..a
+            };
+            assert_eq!(Accel::from_bits(heuristic.bits()), heuristic);
+        }
+        for name in ConvAlgo::NAMES {
+            assert_eq!(ConvAlgo::from_name(name).map(ConvAlgo::name), Some(name));
         }
         assert_eq!(Accel::from_bits(0b0111_1111), Accel::ALL);
     }

@@ -3,7 +3,7 @@
 //! usage error that exits with code 2, and the one progress-bar style.
 //!
 //! This is where the environment is read for the model: `SDXL_KERNELS`,
-//! `SDXL_TF32` and the Hugging Face variables arrive here through clap and
+//! `SDXL_TF32`, `SDXL_CONV_ALGO` and the Hugging Face variables arrive here through clap and
 //! leave as a [`LoadOptions`]; the model crate itself reads no variable.
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use clap::builder::BoolishValueParser;
 use clap::builder::TypedValueParser as _;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use sdxl::accel::{Accel, Precision};
+use sdxl::accel::{Accel, ConvAlgo, Precision};
 use sdxl::pipeline::{LoadOptions, VaeTiling};
 use sdxl::scheduler::SamplerKind;
 use sdxl::source::{HubOptions, DEFAULT_MODEL};
@@ -181,12 +181,23 @@ pub struct AccelArgs {
     /// TF32 for f32 convolutions (the VAE under `force_upcast`), as PyTorch does; 0 turns it off.
     #[arg(long, env = "SDXL_TF32", default_value = "1", value_parser = BoolishValueParser::new())]
     pub tf32: bool,
+    /// How cuDNN's algorithm for each new convolution shape is chosen: `find` times the
+    /// candidates once (fastest steps, each new shape's first use costs more), `heuristic`
+    /// takes cuDNN's ranking (no first-use cost).
+    #[arg(long, env = "SDXL_CONV_ALGO", default_value = "find", value_parser = conv_algo_parser())]
+    pub conv_algo: ConvAlgo,
+}
+
+fn conv_algo_parser() -> impl clap::builder::TypedValueParser<Value = ConvAlgo> {
+    clap::builder::PossibleValuesParser::new(ConvAlgo::NAMES)
+        .map(|name| ConvAlgo::from_name(&name).expect("a listed algorithm choice"))
 }
 
 impl AccelArgs {
     pub fn accel(&self) -> Accel {
         Accel {
             tf32: self.tf32,
+            conv_algo: self.conv_algo,
             ..self.kernels
         }
     }

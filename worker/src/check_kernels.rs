@@ -90,7 +90,7 @@ pub fn run(args: CheckKernelsArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     use candle_core::{Module, D};
-    use sdxl::cuda::{conv, kernels};
+    use sdxl::cuda::kernels;
     use sdxl::nn;
     let dev = dev.clone();
     let randn = |shape: &[usize], dtype: DType| -> candle_core::Result<Tensor> {
@@ -286,7 +286,35 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
     }
 
     // Convolutions (cuDNN vs candle's im2col), reference in f32 without TF32
-    // on candle's side (candle's f32 GEMM does not use TF32 unless asked).
+    // on candle's side (candle's f32 GEMM does not use TF32 unless asked),
+    // with the algorithm found by timing and the one cuDNN ranks first.
+    let accel = sdxl::accel::Accel::current();
+    for algo in [sdxl::accel::ConvAlgo::Find, sdxl::accel::ConvAlgo::Heuristic] {
+        sdxl::accel::Accel {
+            conv_algo: algo,
+            ..accel
+        }
+        .install();
+        check_convs(&dev, args, algo, rows)?;
+    }
+    accel.install();
+
+    check_linears(&dev, args, rows)?;
+    Ok(())
+}
+
+/// cuDNN's convolutions against candle's in f32, with `algo` installed.
+#[cfg(feature = "cuda")]
+fn check_convs(
+    dev: &Device,
+    args: &CheckKernelsArgs,
+    algo: sdxl::accel::ConvAlgo,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    use sdxl::cuda::conv;
+    let randn = |shape: &[usize], dtype: DType| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1f32, shape, dev)?.to_dtype(dtype)
+    };
     for &(x_shape, w_shape, padding, stride, dtype) in &[
         (
             &[2usize, 320, 128, 128][..],
@@ -309,17 +337,15 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
             .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
         let (rel, max) = errors(&fast, &reference)?;
         rows.push(Row {
-            kernel: "conv2d (cuDNN)".into(),
+            kernel: format!("conv2d (cuDNN, {})", algo.name()),
             shape: format!("x{x_shape:?} w{w_shape:?} p{padding} s{stride}"),
             dtype,
             rel,
             max,
-            fast_ms: median_ms(&dev, args.iters, || conv::conv2d(&x, &w, padding, stride))?,
-            candle_ms: median_ms(&dev, args.iters.min(5), || x.conv2d(&w, padding, stride, 1, 1))?,
+            fast_ms: median_ms(dev, args.iters, || conv::conv2d(&x, &w, padding, stride))?,
+            candle_ms: median_ms(dev, args.iters.min(5), || x.conv2d(&w, padding, stride, 1, 1))?,
         });
     }
-
-    check_linears(&dev, args, rows)?;
     Ok(())
 }
 

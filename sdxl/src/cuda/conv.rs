@@ -1,9 +1,12 @@
 //! 2-D convolutions through cuDNN, NCHW, as PyTorch runs them: f32 accumulation
 //! for half types with tensor-core math, TF32 allowed for f32 (PyTorch's
-//! `cudnn.allow_tf32` default), and the algorithm chosen once per shape by
-//! timing the candidates (`cudnnFindConvolutionForwardAlgorithmEx`, what
-//! `cudnn.benchmark=True` does). Descriptors and the chosen algorithm are cached
-//! per shape on the rank's thread; one workspace per device grows as needed.
+//! `cudnn.allow_tf32` default), and the algorithm chosen once per shape, as
+//! [`ConvAlgo`] says: by timing the candidates
+//! (`cudnnFindConvolutionForwardAlgorithmEx`, what `cudnn.benchmark=True`
+//! does; the default) or from cuDNN's ranking without running anything
+//! (`cudnnGetConvolutionForwardAlgorithm_v7`, PyTorch's default). Descriptors
+//! and the chosen algorithm are cached per shape on the rank's thread; one
+//! workspace per device grows as needed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,6 +18,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
+
+use crate::accel::{Accel, ConvAlgo};
 
 /// `conv2d(xs, weight)` with symmetric `padding` and `stride` (no bias, no
 /// dilation, one group); inputs are made contiguous first.
@@ -55,6 +60,7 @@ struct ConvKey {
     w: [usize; 4],
     padding: usize,
     stride: usize,
+    algo: ConvAlgo,
 }
 
 /// Descriptors and algorithm for one shape. Raw cuDNN handles: they live and
@@ -111,9 +117,9 @@ fn data_type(dtype: DType) -> Result<(sys::cudnnDataType_t, sys::cudnnDataType_t
     })
 }
 
-/// TF32 for f32 convolutions, as PyTorch's default, unless [`crate::accel::Accel`] turns it off.
+/// TF32 for f32 convolutions, as PyTorch's default, unless [`Accel`] turns it off.
 fn allow_tf32() -> bool {
-    crate::accel::Accel::current().tf32
+    Accel::current().tf32
 }
 
 fn as_i32(xs: [usize; 4]) -> [c_int; 4] {
@@ -212,6 +218,7 @@ impl CudnnConv {
             w: wl.shape().dims4()?.into(),
             padding: self.padding,
             stride: self.stride,
+            algo: Accel::current().conv_algo,
         };
         let stream = dev.cuda_stream();
         let xv = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
@@ -243,10 +250,15 @@ impl CudnnConv {
                 let out_len: usize = plan.out.iter().product();
                 let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(out_len)? };
                 if fresh {
-                    let mut ws = stream
-                        .alloc_zeros::<u8>(find_workspace(&stream))
-                        .map_err(candle_core::Error::wrap)?;
-                    find_algorithm(state.handle, plan, &stream, &xv, &wv, &mut y, &mut ws)?;
+                    match key.algo {
+                        ConvAlgo::Find => {
+                            let mut ws = stream
+                                .alloc_zeros::<u8>(find_workspace(&stream))
+                                .map_err(candle_core::Error::wrap)?;
+                            find_algorithm(state.handle, plan, &stream, &xv, &wv, &mut y, &mut ws)?;
+                        }
+                        ConvAlgo::Heuristic => rank_algorithm(state.handle, plan, find_workspace(&stream))?,
+                    }
                 }
                 if plan.workspace > 0 && state.workspace.as_ref().is_none_or(|w| w.len() < plan.workspace) {
                     state.workspace = Some(
@@ -317,6 +329,43 @@ fn find_algorithm<T: DeviceRepr>(
         )?
     };
     tracing::debug!(algo = ?best.algo, ms = best.time, workspace = best.memory, "cuDNN convolution algorithm");
+    Ok(())
+}
+
+/// Takes cuDNN's first-ranked algorithm that runs with at most `max_workspace`
+/// bytes, without running any.
+fn rank_algorithm(handle: sys::cudnnHandle_t, plan: &mut ConvPlan, max_workspace: usize) -> Result<()> {
+    const N: usize = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+    let mut results: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+    let mut returned: c_int = 0;
+    unsafe {
+        check(
+            sys::cudnnGetConvolutionForwardAlgorithm_v7(
+                handle,
+                plan.x,
+                plan.w,
+                plan.conv,
+                plan.y,
+                N as c_int,
+                &mut returned,
+                results.as_mut_ptr(),
+            ),
+            "rank algorithms",
+        )?;
+    }
+    let best = results[..returned as usize]
+        .iter()
+        .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.memory <= max_workspace)
+        .ok_or_else(|| candle_core::Error::Msg("cuDNN ranked no algorithm for this convolution".into()))?;
+    plan.algo = best.algo;
+    plan.workspace = best.memory;
+    unsafe {
+        check(
+            sys::cudnnSetConvolutionMathType(plan.conv, best.mathType),
+            "set math type",
+        )?
+    };
+    tracing::debug!(algo = ?best.algo, workspace = best.memory, "cuDNN convolution algorithm (ranked)");
     Ok(())
 }
 
