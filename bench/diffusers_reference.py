@@ -15,7 +15,9 @@ on the same GPU, from the same random-weight folder (`worker init-random
   compile gained under 1 % on the VAE, 115.8 against 116.3 ms, and costs
   minutes of autotuning, so by default they run eager, channels-last);
 - `autotune`: as `best` with `mode="max-autotune-no-cudagraphs"` (its
-  compile takes many minutes: run it in its own process with a time limit).
+  compile takes many minutes: run it in its own process with a time limit);
+- `graphs`: as `best` without `coordinate_descent_tuning`, whose kernel
+  benchmarking kept `best` compiling past a 10-minute call on an H200.
 
 "diffusers best" in a table is the fastest of the compiled recipes per stage.
 Images per second (`--throughput`) are measured under `eager`, before any compile
@@ -106,10 +108,10 @@ def apply_recipe(pipe, taesd, recipe, compile_decoders=False):
     if recipe == "compile":
         pipe.unet = torch.compile(pipe.unet)
         return
-    if recipe in ("best", "autotune"):
+    if recipe in ("best", "autotune", "graphs"):
         import torch._inductor.config as inductor
         inductor.conv_1x1_as_mm = True
-        inductor.coordinate_descent_tuning = True
+        inductor.coordinate_descent_tuning = recipe != "graphs"
         inductor.epilogue_fusion = False
         inductor.coordinate_descent_check_all_directions = True
         unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
@@ -117,7 +119,7 @@ def apply_recipe(pipe, taesd, recipe, compile_decoders=False):
         pipe.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        mode = "reduce-overhead" if recipe == "best" else "max-autotune-no-cudagraphs"
+        mode = "max-autotune-no-cudagraphs" if recipe == "autotune" else "reduce-overhead"
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
         if taesd is not None:
             taesd.to(memory_format=torch.channels_last)
@@ -169,7 +171,7 @@ def measure(pipe, taesd, args, dtype, label):
         # what the pipeline does: the VAE in f32 when f16 and force_upcast
         vae_dtype = torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype
         pipe.vae.to(vae_dtype)
-        if label in ("best", "autotune"):
+        if label in ("best", "autotune", "graphs"):
             latents = latents.to(memory_format=torch.channels_last)
         record(out, "vae_decode_ms", 1000 * timed(lambda: pipe.vae.decode(latents.to(vae_dtype) / pipe.vae.config.scaling_factor).sample, min(args.iters, 5)))
         pipe.vae.to(dtype)
@@ -205,7 +207,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="the same as --recipes eager,compile")
-    ap.add_argument("--recipes", default="eager", help="comma-separated: eager, compile, best, autotune")
+    ap.add_argument("--recipes", default="eager", help="comma-separated: eager, compile, best, autotune, graphs")
     ap.add_argument("--throughput", default="", help="batch sizes for images/s (e.g. 1,2,4,8,16), under eager (before any compile)")
     ap.add_argument("--compile-decoders", action="store_true", help="best/autotune also compile the VAE decode and TAESD")
     ap.add_argument("--unet-io", help="write random UNet inputs and diffusers' output for the cosine check")

@@ -12,7 +12,8 @@
 #                                    driver cache off (candle's PTX compiled as before, in
 #                                    line); worker bench with either choice; check-kernels
 #   bench/gpu-run-p11.sh best        worker bench f16, then diffusers best alone (its
-#                                    compilation needs most of a call)
+#                                    compilation needs most of a call; BEST_RECIPES=graphs
+#                                    for the recipe without coordinate-descent tuning)
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -149,7 +150,7 @@ fi
 if [ "$PART" = best ]; then
   note "bench f16 (this call's figures for the tables)"
   timeout 120 "$WORKER" "${BENCH[@]}" --json "$OUT/same-candle-f16.json" > "$OUT/same-candle-f16.log" 2>&1
-  echo "bench f16 exit $?"
+  echo "bench f16 exit $?"; grep '^|' "$OUT/same-candle-f16.log"
   if ! python3 -c 'import diffusers' 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -157,12 +158,12 @@ if [ "$PART" = best ]; then
   python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine-$PART.txt" 2>&1
   note "diffusers best"
   left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 15 ))
+  # each figure shows as it is measured, so a call cut short still reports it
   timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
-    --recipes best --json "$OUT/diffusers-best.json" > "$OUT/diffusers-best.log" 2>&1
-  echo "diffusers exit $? (limit $left s)"
+    --recipes "${BEST_RECIPES:-best}" --json "$OUT/diffusers-best.json" 2>&1 | tee "$OUT/diffusers-best.log" \
+    | grep --line-buffered -E '^(best|graphs|autotune|compile) '
+  echo "diffusers exit ${PIPESTATUS[0]} (limit $left s)"
   note "done"
-  echo "== same-candle-f16"; grep '^|' "$OUT/same-candle-f16.log"
-  grep -E '^\{"label"' "$OUT/diffusers-best.log"
 fi
 
 if [ "$PART" = diffusers ]; then
