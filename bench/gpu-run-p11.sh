@@ -60,6 +60,13 @@ save_file({"sample": torch.randn((2, 4, 128, 128), generator=g),
            "timestep": torch.tensor([500.0])}, sys.argv[1])
 PY
 }
+with_diffusers() {  # diffusers from the carried wheel when the machine lacks it; versions noted
+  if ! python3 -c 'import diffusers' 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine-$PART.txt" 2>&1
+}
 cosine() {  # cosine similarity and relative L2 of two unet_out files
   python3 - "$1" "$2" <<'PY'
 import sys, json, torch
@@ -153,11 +160,7 @@ if [ "$PART" = best ]; then
     timeout 120 "$WORKER" "${BENCH[@]}" --json "$OUT/same-candle-f16.json" > "$OUT/same-candle-f16.log" 2>&1
     echo "bench f16 exit $?"; grep '^|' "$OUT/same-candle-f16.log"
   fi
-  if ! python3 -c 'import diffusers' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine-$PART.txt" 2>&1
+  with_diffusers
   note "diffusers best"
   left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 15 ))
   # each figure shows as it is measured, so a call cut short still reports it
@@ -174,11 +177,7 @@ if [ "$PART" = diffusers ]; then
   echo "bench f16 exit $?"
   timeout 120 "$WORKER" "${BENCH[@]}" --precision fp8 --json "$OUT/same-candle-fp8.json" > "$OUT/same-candle-fp8.log" 2>&1
   echo "bench fp8 exit $?"
-  if ! python3 -c 'import diffusers' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  python3 -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' >> "$OUT/machine-$PART.txt" 2>&1
+  with_diffusers
   note "diffusers eager (+ images/s) and best"
   left=$(( ${DIFFUSERS_BUDGET:-560} - (SECONDS - START) - 70 ))
   timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \

@@ -319,17 +319,21 @@ fn find_algorithm<T: DeviceRepr>(
         .iter()
         .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
         .ok_or_else(|| candle_core::Error::Msg("cuDNN found no algorithm for this convolution".into()))?;
-    plan.algo = best.algo;
-    plan.workspace = best.memory;
-    // the algorithm was timed with this math type; run it with the same
+    tracing::debug!(algo = ?best.algo, ms = best.time, workspace = best.memory, "cuDNN convolution algorithm");
+    adopt(plan, best)
+}
+
+/// Makes `chosen` the plan's algorithm, with the workspace and the math type
+/// cuDNN reported it with (the one it was timed or ranked under).
+fn adopt(plan: &mut ConvPlan, chosen: &sys::cudnnConvolutionFwdAlgoPerf_t) -> Result<()> {
+    plan.algo = chosen.algo;
+    plan.workspace = chosen.memory;
     unsafe {
         check(
-            sys::cudnnSetConvolutionMathType(plan.conv, best.mathType),
+            sys::cudnnSetConvolutionMathType(plan.conv, chosen.mathType),
             "set math type",
-        )?
-    };
-    tracing::debug!(algo = ?best.algo, ms = best.time, workspace = best.memory, "cuDNN convolution algorithm");
-    Ok(())
+        )
+    }
 }
 
 /// Takes cuDNN's first-ranked algorithm that runs with at most `max_workspace`
@@ -357,16 +361,8 @@ fn rank_algorithm(handle: sys::cudnnHandle_t, plan: &mut ConvPlan, max_workspace
         .iter()
         .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.memory <= max_workspace)
         .ok_or_else(|| candle_core::Error::Msg("cuDNN ranked no algorithm for this convolution".into()))?;
-    plan.algo = best.algo;
-    plan.workspace = best.memory;
-    unsafe {
-        check(
-            sys::cudnnSetConvolutionMathType(plan.conv, best.mathType),
-            "set math type",
-        )?
-    };
     tracing::debug!(algo = ?best.algo, workspace = best.memory, "cuDNN convolution algorithm (ranked)");
-    Ok(())
+    adopt(plan, best)
 }
 
 fn forward<T: DeviceRepr>(

@@ -347,14 +347,6 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        if let Some(cuda_module) = ms.mdls[mdl.index()].as_ref() {
-            // another thread loaded it while this one waited for the lock
-            let func = cuda_module.load_function(fn_name).w()?;
-            return Ok(CudaFunc {
-                func,
-                stream: self.stream.clone(),
-            });
-        }
         // sdxl-queue's patch: the module's machine code when the build made it
         // and this GPU takes it (no JIT compilation), its PTX otherwise.
         let cubin = mdl.cubin().and_then(|image| {
