@@ -57,40 +57,68 @@ pub struct Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        {
-            let cfg = self.inner.config();
-            if on_cuda(xs) && Accel::current().conv && cfg.groups == 1 && cfg.dilation == 1 {
-                let w = self.inner.weight();
-                return match self.inner.bias() {
-                    Some(b) => super::cuda::conv::conv2d_bias(xs, w, b, None, cfg.padding, cfg.stride),
-                    None => super::cuda::conv::conv2d(xs, w, cfg.padding, cfg.stride),
-                };
-            }
+        if self.fast(xs) {
+            let (cfg, w) = (self.inner.config(), self.inner.weight());
+            return match self.inner.bias() {
+                Some(b) => super::cuda::conv::conv2d_bias(xs, w, b, None, cfg.padding, cfg.stride),
+                None => super::cuda::conv::conv2d(xs, w, cfg.padding, cfg.stride),
+            };
         }
         self.inner.forward(xs)
     }
 }
 
 impl Conv2d {
+    /// Whether the cuDNN path takes this input (one group, no dilation).
+    #[cfg(feature = "cuda")]
+    fn fast(&self, xs: &Tensor) -> bool {
+        let cfg = self.inner.config();
+        on_cuda(xs) && Accel::current().conv && cfg.groups == 1 && cfg.dilation == 1
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// The convolution without its bias, for a consumer that adds the bias
+    /// as it reads the output ([`GroupNorm::forward_act_biased`]).
+    pub fn forward_without_bias(&self, xs: &Tensor) -> Result<Tensor> {
+        let cfg = self.inner.config();
+        #[cfg(feature = "cuda")]
+        if self.fast(xs) {
+            return super::cuda::conv::conv2d(xs, self.inner.weight(), cfg.padding, cfg.stride);
+        }
+        xs.conv2d(self.inner.weight(), cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
+    }
+
     /// `self.forward(xs) + residual`; on CUDA the bias and the residual are
     /// added in one in-place pass over the convolution's output.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        {
-            let cfg = self.inner.config();
-            if on_cuda(xs)
-                && Accel::current().conv
-                && cfg.groups == 1
-                && cfg.dilation == 1
-                && super::cuda::kernels::aligned(residual)
-            {
-                if let Some(b) = self.inner.bias() {
-                    let w = self.inner.weight();
-                    return super::cuda::conv::conv2d_bias(xs, w, b, Some(residual), cfg.padding, cfg.stride);
-                }
+        if self.fast(xs) && super::cuda::kernels::aligned(residual) {
+            if let Some(b) = self.inner.bias() {
+                let (cfg, w) = (self.inner.config(), self.inner.weight());
+                return super::cuda::conv::conv2d_bias(xs, w, b, Some(residual), cfg.padding, cfg.stride);
             }
         }
         self.forward(xs)? + residual
+    }
+}
+
+/// Whether a convolution's bias is better left to the group norm that reads
+/// its output ([`GroupNorm::forward_act_biased`] with `act`): on CUDA, where
+/// the norm's kernel adds it as it reads and the separate pass over the
+/// output is saved; elsewhere the bias add stays where it was.
+pub fn defer_conv_bias(xs: &Tensor, act: Option<Activation>) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let a = Accel::current();
+        on_cuda(xs) && a.conv && a.norm && a.bias && matches!(act, None | Some(Activation::Silu))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (xs, act);
+        false
     }
 }
 
@@ -340,6 +368,31 @@ impl GroupNorm {
         }
     }
 
+    /// The norm (and `act`) of `xs + pre`, `pre` a bias per channel `[c]` or
+    /// per sample and channel `[b, c]`; on CUDA the norm's kernel adds it as
+    /// it reads `xs` (see [`defer_conv_bias`]).
+    pub fn forward_act_biased(&self, xs: &Tensor, pre: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if on_cuda(xs) && Accel::current().norm && matches!(act, None | Some(Activation::Silu)) {
+            let silu = act.is_some();
+            return super::cuda::kernels::group_norm_biased(
+                xs,
+                Some(pre),
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let mut shape = vec![1; xs.rank()];
+        shape[1] = xs.dim(1)?;
+        if pre.rank() == 2 {
+            shape[0] = pre.dim(0)?;
+        }
+        self.forward_act(&xs.broadcast_add(&pre.reshape(shape)?)?, act)
+    }
+
     /// candle's ops; statistics in f32 for half types, as PyTorch computes them.
     pub fn reference(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims();
@@ -370,6 +423,20 @@ impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_act(xs, None)
     }
+}
+
+/// Nearest-neighbour upsampling of `[b, c, h, w]` to `(th, tw)`; on CUDA a
+/// kernel of ours for the usual doubling (candle's computes a source index
+/// per output element and is several times slower).
+pub fn upsample_nearest(xs: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(xs) && Accel::current().conv {
+        let (_, _, h, w) = xs.dims4()?;
+        if (th, tw) == (2 * h, 2 * w) {
+            return super::cuda::kernels::upsample_nearest2x(xs);
+        }
+    }
+    xs.upsample_nearest2d(th, tw)
 }
 
 /// diffusers' GEGLU on the projection's output: `x · gelu(gate)` where

@@ -5,7 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::nn::{
-    add_channel_bias, conv2d, conv2d_same, group_norm, linear, Activation, Conv2d, Conv2dConfig, GroupNorm, Linear,
+    add_channel_bias, conv2d, conv2d_same, defer_conv_bias, group_norm, linear, upsample_nearest, Activation, Conv2d,
+    Conv2dConfig, GroupNorm, Linear,
 };
 
 /// Shape and numerics of one `ResnetBlock2D`.
@@ -68,12 +69,32 @@ impl ResnetBlock2D {
     /// shadowed binding would live to the end): at full resolution in the
     /// VAE decoder every one of them is hundreds of MB to GBs, and
     /// `vae::decode_bytes` counts on at most three at a time.
+    ///
+    /// On CUDA, conv1's bias (and the time embedding) is added by norm2's
+    /// kernel as it reads conv1's output, which saves a pass over it.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_act(xs, Some(self.act))?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = add_channel_bias(h, &proj.forward(&self.act.forward(temb)?)?)?;
-        }
-        let h = self.norm2.forward_act(&{ h }, Some(self.act))?;
+        let normed = self.norm1.forward_act(xs, Some(self.act))?;
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.act.forward(temb)?)?),
+            _ => None,
+        };
+        let h = match self.conv1.bias() {
+            Some(bias) if defer_conv_bias(&normed, Some(self.act)) => {
+                let h = self.conv1.forward_without_bias(&{ normed })?;
+                let pre = match &temb {
+                    Some(t) => t.broadcast_add(bias)?,
+                    None => bias.clone(),
+                };
+                self.norm2.forward_act_biased(&h, &pre, Some(self.act))?
+            }
+            _ => {
+                let mut h = self.conv1.forward(&{ normed })?;
+                if let Some(t) = &temb {
+                    h = add_channel_bias(h, t)?;
+                }
+                self.norm2.forward_act(&{ h }, Some(self.act))?
+            }
+        };
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -136,7 +157,7 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let xs = xs.upsample_nearest2d(th, tw)?;
+        let xs = upsample_nearest(xs, th, tw)?;
         self.conv.forward(&xs)
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{expect_one_of, TinyVaeConfig};
-use super::nn::{conv2d_same, conv2d_same_no_bias, Activation, Conv2d};
+use super::nn::{conv2d_same, conv2d_same_no_bias, upsample_nearest, Activation, Conv2d};
 use super::ModelError;
 
 /// `AutoencoderTinyBlock`: three convolutions, a skip, and a ReLU on the sum.
@@ -145,7 +145,7 @@ impl TinyDecoder {
                 Layer::Block(block) => block.forward(&xs)?,
                 Layer::Upsample(f) => {
                     let (_, _, h, w) = xs.dims4()?;
-                    xs.upsample_nearest2d(h * f, w * f)?
+                    upsample_nearest(&xs, h * f, w * f)?
                 }
             };
         }

@@ -114,22 +114,26 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
             if !kernels::flash_attention_supports(&q, &k, &v, heads) {
                 bail!("flash attention refused b={b} n_q={n_q} n_kv={n_kv} heads={heads}");
             }
-            let fast = kernels::flash_attention(&q, &k, &v, heads)?;
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             let reference = nn::attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, heads)?;
-            let (rel, max) = errors(&fast, &reference)?;
             let (kc, vc) = (k.contiguous()?, v.contiguous()?);
-            let fast_ms = median_ms(&dev, args.iters, || kernels::flash_attention(&q, &k, &v, heads))?;
             let candle_ms = median_ms(&dev, args.iters, || nn::attention_candle(&q, &kc, &vc, heads))?;
-            rows.push(Row {
-                kernel: "flash attention".into(),
-                shape: format!("b{b} q{n_q} kv{n_kv} h{heads}"),
-                dtype,
-                rel,
-                max,
-                fast_ms,
-                candle_ms,
-            });
+            for warps in kernels::FLASH_WARPS {
+                let fast = kernels::flash_attention_warps(&q, &k, &v, heads, warps)?;
+                let (rel, max) = errors(&fast, &reference)?;
+                let fast_ms = median_ms(&dev, args.iters, || {
+                    kernels::flash_attention_warps(&q, &k, &v, heads, warps)
+                })?;
+                rows.push(Row {
+                    kernel: format!("flash attention, {warps} warps"),
+                    shape: format!("b{b} q{n_q} kv{n_kv} h{heads}"),
+                    dtype,
+                    rel,
+                    max,
+                    fast_ms,
+                    candle_ms,
+                });
+            }
         }
     }
 
@@ -177,11 +181,95 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
         });
     }
 
+    // Group norm of `x + pre` (a convolution's bias folded into the norm that
+    // reads its output), per channel and per sample, on 8-wide and scalar
+    // paths, and on an input that starts off the 16-byte boundary.
+    for &(shape, groups, dtype, per_sample, offset) in &[
+        (&[2usize, 320, 128, 128][..], 32usize, DType::F16, true, 0usize),
+        (&[2, 1280, 32, 32][..], 32, DType::BF16, true, 0),
+        (&[1, 128, 1024, 1024][..], 32, DType::F32, false, 0),
+        (&[2, 12, 7, 9][..], 3, DType::F32, true, 0),
+        (&[3, 6, 5][..], 2, DType::F16, false, 0),
+        (&[2, 64, 16, 16][..], 32, DType::F16, true, 1),
+    ] {
+        let (b, c) = (shape[0], shape[1]);
+        let n: usize = shape.iter().product();
+        let x = (randn(&[n + offset], DType::F32)? * 3.0)?
+            .affine(1.0, 5.0)?
+            .to_dtype(dtype)?;
+        let x = x.narrow(0, offset, n)?.reshape(shape)?;
+        let pre = if per_sample {
+            randn(&[b, c], dtype)?
+        } else {
+            randn(&[c], dtype)?
+        };
+        let w = randn(&[c], dtype)?;
+        let bias = randn(&[c], dtype)?;
+        let fast = kernels::group_norm_biased(&x, Some(&pre), &w, &bias, groups, 1e-5, true)?;
+        let norm32 = nn::GroupNorm::new(w.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?, groups, 1e-5);
+        let mut pre_shape = vec![1; shape.len()];
+        pre_shape[1] = c;
+        if per_sample {
+            pre_shape[0] = b;
+        }
+        let summed = x.broadcast_add(&pre.reshape(pre_shape.clone())?)?;
+        let reference = candle_nn::ops::silu(&norm32.reference(&summed.to_dtype(DType::F32)?)?)?;
+        let (rel, max) = errors(&fast, &reference)?;
+        let fast_ms = median_ms(&dev, args.iters, || {
+            kernels::group_norm_biased(&x, Some(&pre), &w, &bias, groups, 1e-5, true)
+        })?;
+        let candle_ms = median_ms(&dev, args.iters, || {
+            kernels::group_norm(
+                &x.broadcast_add(&pre.reshape(pre_shape.clone())?)?,
+                &w,
+                &bias,
+                groups,
+                1e-5,
+                true,
+            )
+        })?;
+        rows.push(Row {
+            kernel: format!(
+                "group norm of x + {} bias + SiLU",
+                if per_sample { "sample" } else { "channel" }
+            ),
+            shape: format!("{shape:?} g{groups} offset {offset}"),
+            dtype,
+            rel,
+            max,
+            fast_ms,
+            candle_ms,
+        });
+    }
+
+    // Nearest 2× upsampling (exact: a copy), also of a non-contiguous input.
+    for &(shape, dtype, transposed) in &[
+        (&[1usize, 256, 512, 512][..], DType::F32, false),
+        (&[2, 1280, 32, 32][..], DType::F16, false),
+        (&[1, 3, 5, 7][..], DType::BF16, true),
+    ] {
+        let x = randn(shape, dtype)?;
+        let x = if transposed { x.transpose(2, 3)? } else { x };
+        let (_, _, h, w) = x.dims4()?;
+        let fast = kernels::upsample_nearest2x(&x)?;
+        let (rel, max) = errors(&fast, &x.upsample_nearest2d(2 * h, 2 * w)?)?;
+        rows.push(Row {
+            kernel: "upsample nearest 2×".into(),
+            shape: format!("{shape:?}{}", if transposed { " transposed" } else { "" }),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(&dev, args.iters, || kernels::upsample_nearest2x(&x))?,
+            candle_ms: median_ms(&dev, args.iters, || x.upsample_nearest2d(2 * h, 2 * w))?,
+        });
+    }
+
     // GEGLU.
     for &(shape, dtype) in &[
         (&[2usize, 4096, 5120][..], DType::F16),
         (&[2, 1024, 10240][..], DType::BF16),
         (&[3, 7, 10][..], DType::F32),
+        (&[2, 77, 36][..], DType::F16),
     ] {
         let h = randn(shape, dtype)?;
         let fast = kernels::geglu(&h)?;

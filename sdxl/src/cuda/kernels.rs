@@ -1,6 +1,6 @@
 //! candle custom ops over our own CUDA kernels (`sdxl/kernels/sdxl.cu`,
 //! compiled to a fatbin by build.rs, loaded by `module.rs`): flash attention for head dim 64, group norm
-//! (+SiLU) and GEGLU. Each op checks the layout it needs and returns a fresh
+//! (+SiLU, and a producing convolution's bias), GEGLU and 2× upsampling. Each op checks the layout it needs and returns a fresh
 //! contiguous tensor.
 
 use candle_core::backend::BackendStorage;
@@ -34,7 +34,33 @@ pub(crate) fn w<T>(r: std::result::Result<T, impl std::error::Error + Send + Syn
 /// `[b, n_kv, heads·64]` (rows may be strided, e.g. views of a fused projection);
 /// returns `[b, n_q, heads·64]`, contiguous.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    q.apply_op3_no_bwd(k, v, &FlashAttention { heads })
+    flash_attention_warps(q, k, v, heads, flash_warps())
+}
+
+/// [`flash_attention`] with `warps` (4 or 8) warps per block, 16 query rows each.
+pub fn flash_attention_warps(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, warps: usize) -> Result<Tensor> {
+    if !FLASH_WARPS.contains(&warps) {
+        bail!("flash attention: {warps} warps per block (built for {FLASH_WARPS:?})")
+    }
+    q.apply_op3_no_bwd(k, v, &FlashAttention { heads, warps })
+}
+
+/// The block sizes the flash kernel is built for, in warps.
+pub const FLASH_WARPS: [usize; 2] = [4, 8];
+
+/// Warps per flash-attention block: `SDXL_FLASH_WARPS` (4 or 8), else 8. At 8
+/// each K/V tile in shared memory serves 128 queries instead of 64, which
+/// halves the kernel's K/V reads; 4 is the earlier kernel's shape, kept for
+/// comparison on other GPUs.
+pub fn flash_warps() -> usize {
+    static WARPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WARPS.get_or_init(|| {
+        std::env::var("SDXL_FLASH_WARPS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|w| FLASH_WARPS.contains(w))
+            .unwrap_or(8)
+    })
 }
 
 /// Whether [`flash_attention`] can take these inputs as they are laid out.
@@ -59,6 +85,7 @@ pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize
 
 struct FlashAttention {
     heads: usize,
+    warps: usize,
 }
 
 impl FlashAttention {
@@ -86,9 +113,10 @@ impl FlashAttention {
         let (v_bs, v_rs) = (vs[0] as i64, vs[1] as i32);
         let (o_bs, o_rs) = ((n_q * inner) as i64, inner as i32);
         let scale_log2 = std::f32::consts::LOG2_E / 8.0; // 1/sqrt(64), in the exp2 domain
+        let rows = 16 * self.warps;
         let cfg = LaunchConfig {
-            grid_dim: (n_q.div_ceil(64) as u32, self.heads as u32, b as u32),
-            block_dim: (128, 1, 1),
+            grid_dim: (n_q.div_ceil(rows) as u32, self.heads as u32, b as u32),
+            block_dim: (32 * self.warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut builder = func.builder();
@@ -140,8 +168,20 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = q.device().clone();
         match q.dtype() {
-            DType::F16 => self.launch::<f16>(&dev, "flash_attn_d64_f16", q, ql, k, kl, v, vl),
-            DType::BF16 => self.launch::<bf16>(&dev, "flash_attn_d64_bf16", q, ql, k, kl, v, vl),
+            DType::F16 => self.launch::<f16>(
+                &dev,
+                &format!("flash_attn_d64_w{}_f16", self.warps),
+                q,
+                ql,
+                k,
+                kl,
+                v,
+                vl,
+            ),
+            DType::BF16 => {
+                let name = format!("flash_attn_d64_w{}_bf16", self.warps);
+                self.launch::<bf16>(&dev, &name, q, ql, k, kl, v, vl)
+            }
             other => bail!("flash attention: no kernel for {other:?}"),
         }
     }
@@ -150,23 +190,54 @@ impl CustomOp3 for FlashAttention {
 /// diffusers' `GroupNorm` on `[b, c, …]` (made contiguous first), followed by
 /// SiLU when `silu`; statistics in f32 whatever the storage type.
 pub fn group_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    group_norm_biased(xs, None, weight, bias, groups, eps, silu)
+}
+
+/// [`group_norm`] of `xs + pre[:, :, None, None]` without that add's own
+/// pass over `xs` (the sum is rounded to the storage type, as the add would
+/// store it): a convolution's bias `[c]`, or a bias per sample `[b, c]` (the
+/// UNet's time embedding added), folded into the norm that reads the output.
+pub fn group_norm_biased(
+    xs: &Tensor,
+    pre: Option<&Tensor>,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     let xs = xs.contiguous()?;
-    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
-    xs.apply_op3_no_bwd(
-        &weight,
-        &bias,
-        &GroupNormOp {
-            groups,
-            eps: eps as f32,
-            silu,
+    let (b, c) = (xs.dim(0)?, xs.dim(1)?);
+    let pre = match pre {
+        None => None,
+        Some(p) if p.dtype() != xs.dtype() => {
+            bail!(
+                "group norm: pre-norm bias {:?} for an input of {:?}",
+                p.dtype(),
+                xs.dtype()
+            )
+        }
+        Some(p) => match p.elem_count() {
+            n if n == c => Some((p.contiguous()?, false)),
+            n if n == b * c => Some((p.contiguous()?, true)),
+            n => bail!("group norm: a pre-norm bias of {n} elements for {c} channels (batch {b})"),
         },
-    )
+    };
+    let op = GroupNormOp {
+        groups,
+        eps: eps as f32,
+        silu,
+        pre,
+    };
+    xs.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
 }
 
 struct GroupNormOp {
     groups: usize,
     eps: f32,
     silu: bool,
+    /// The pre-norm bias, contiguous, and whether it is per sample.
+    pre: Option<(Tensor, bool)>,
 }
 
 /// Elements each block of the group-norm kernels covers (about 32 per thread).
@@ -195,11 +266,28 @@ impl GroupNormOp {
         }
         let cpg = channels / self.groups;
         let group_size = cpg * hw;
+        let vec = hw.is_multiple_of(8) && xl.start_offset().is_multiple_of(8);
         let splits = group_size.div_ceil(GN_CHUNK).max(1);
-        let chunk = group_size.div_ceil(splits);
+        let mut chunk = group_size.div_ceil(splits);
+        if vec {
+            chunk = chunk.next_multiple_of(8);
+        }
         let n_groups = batch * self.groups;
         let sfx = suffix(T::DTYPE)?;
         let (x, g, b) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
+        let pre_guard = self.pre.as_ref().map(|(p, _)| p.storage_and_layout());
+        let pre = match &pre_guard {
+            None => None,
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cuda(s) => Some(view::<T>(s, l)?),
+                _ => bail!("group norm: the pre-norm bias is not on the GPU"),
+            },
+        };
+        let pre_bs: i64 = match self.pre {
+            Some((_, true)) => channels as i64,
+            _ => 0,
+        };
+        let null: u64 = 0;
         let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n_groups * splits * 2)? };
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(batch * group_size * self.groups)? };
         let cfg = LaunchConfig {
@@ -208,23 +296,33 @@ impl GroupNormOp {
             shared_mem_bytes: 0,
         };
         let (gs, ch, sp) = (group_size as i64, chunk as i64, splits as i32);
+        let (groups, cpg, hw, silu, vec) = (
+            self.groups as i32,
+            cpg as i32,
+            hw as i64,
+            i32::from(self.silu),
+            i32::from(vec),
+        );
         let stats = kernel(dev, Module::Sdxl, &format!("group_norm_stats_{sfx}"))?;
         let mut builder = stats.builder();
-        builder.arg(&x).arg(&partial).arg(&gs).arg(&ch).arg(&sp);
+        builder.arg(&x);
+        match &pre {
+            Some(p) => builder.arg(p),
+            None => builder.arg(&null),
+        };
+        builder.arg(&pre_bs).arg(&partial).arg(&gs).arg(&ch).arg(&sp);
+        builder.arg(&groups).arg(&cpg).arg(&hw).arg(&vec);
         w(unsafe { builder.launch(cfg) })?;
         let apply = kernel(dev, Module::Sdxl, &format!("group_norm_apply_{sfx}"))?;
-        let (groups, cpg, hw, silu) = (self.groups as i32, cpg as i32, hw as i64, i32::from(self.silu));
         let mut builder = apply.builder();
-        builder.arg(&x).arg(&g).arg(&b).arg(&partial).arg(&out);
-        builder
-            .arg(&gs)
-            .arg(&ch)
-            .arg(&sp)
-            .arg(&groups)
-            .arg(&cpg)
-            .arg(&hw)
-            .arg(&self.eps)
-            .arg(&silu);
+        builder.arg(&x);
+        match &pre {
+            Some(p) => builder.arg(p),
+            None => builder.arg(&null),
+        };
+        builder.arg(&pre_bs).arg(&g).arg(&b).arg(&partial).arg(&out);
+        builder.arg(&gs).arg(&ch).arg(&sp).arg(&groups).arg(&cpg).arg(&hw);
+        builder.arg(&self.eps).arg(&silu).arg(&vec);
         w(unsafe { builder.launch(cfg) })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), xl.shape().clone()))
     }
@@ -290,16 +388,17 @@ impl Geglu {
         let rows: usize = dims[..last].iter().product();
         let h = view::<T>(h, hl)?;
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * inner)? };
-        let n = rows * inner;
+        let vec = inner.is_multiple_of(8) && hl.start_offset().is_multiple_of(8);
+        let per_thread = if vec { 8 } else { 1 };
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).min(65535 * 8) as u32, 1, 1),
+            grid_dim: ((rows * inner / per_thread).div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let func = kernel(dev, Module::Sdxl, &format!("geglu_{}", suffix(T::DTYPE)?))?;
-        let (rows_i, inner_i) = (rows as i64, inner as i32);
+        let (rows_i, inner_i, vec) = (rows as i64, inner as i32, i32::from(vec));
         let mut builder = func.builder();
-        builder.arg(&h).arg(&out).arg(&rows_i).arg(&inner_i);
+        builder.arg(&h).arg(&out).arg(&rows_i).arg(&inner_i).arg(&vec);
         w(unsafe { builder.launch(cfg) })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(dims)))
     }
@@ -324,6 +423,64 @@ impl CustomOp1 for Geglu {
             DType::BF16 => self.launch::<bf16>(&dev, h, hl),
             DType::F32 => self.launch::<f32>(&dev, h, hl),
             other => bail!("geglu: no kernel for {other:?}"),
+        }
+    }
+}
+
+/// Nearest-neighbour upsampling by 2 of `[…, h, w]` (made contiguous first)
+/// into `[…, 2h, 2w]`, as `upsample_nearest2d(2h, 2w)`.
+pub fn upsample_nearest2x(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&Upsample2x)
+}
+
+struct Upsample2x;
+
+impl Upsample2x {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let mut dims = xl.shape().dims().to_vec();
+        let r = dims.len();
+        if r < 2 {
+            bail!("upsample: input of rank {r} (needs at least 2)")
+        }
+        let (n, width) = (xl.shape().elem_count(), dims[r - 1]);
+        dims[r - 2] *= 2;
+        dims[r - 1] *= 2;
+        let xv = view::<T>(x, xl)?;
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(4 * n)? };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = kernel(&dev, Module::Sdxl, &format!("upsample_nearest2x_{}", suffix(T::DTYPE)?))?;
+        let (n_i, w_i) = (n as i64, width as i32);
+        let mut builder = func.builder();
+        builder.arg(&xv).arg(&out).arg(&n_i).arg(&w_i);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+    }
+}
+
+impl CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "upsample-nearest-2x"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("the 2x upsampling kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F16 => self.launch::<f16>(x, xl),
+            DType::BF16 => self.launch::<bf16>(x, xl),
+            DType::F32 => self.launch::<f32>(x, xl),
+            other => bail!("upsample: no kernel for {other:?}"),
         }
     }
 }
