@@ -14,6 +14,12 @@
 #   bench/gpu-run-p11.sh best        worker bench f16, then diffusers best alone (its
 #                                    compilation needs most of a call; BEST_RECIPES=graphs
 #                                    for the recipe without coordinate-descent tuning)
+#   bench/gpu-run-p11.sh fuse        the kernels of the fusion work (vectorized group norm and
+#                                    GEGLU, conv bias folded into the norm, 2x upsampling, 8-warp flash
+#                                    attention): check-kernels; worker bench of this binary
+#                                    with 8 and 4 warps and of the binary before it
+#                                    (.device/worker-base.xz) in the same call; diffusers
+#                                    eager and compile; both UNets' cosine to diffusers
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -169,6 +175,42 @@ if [ "$PART" = best ]; then
     | grep --line-buffered -E '^(best|graphs|autotune|compile) '
   echo "diffusers exit ${PIPESTATUS[0]} (limit $left s)"
   note "done"
+fi
+
+if [ "$PART" = fuse ]; then
+  BASE=/tmp/worker-base
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    .device/worker-base.xz "$BASE" && chmod +x "$BASE" && "$BASE" --version >> "$OUT/machine-$PART.txt" 2>&1
+  note "check-kernels"
+  timeout 150 "$WORKER" check-kernels --iters 10 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  make_unet_io /tmp/unet-io.safetensors
+  # base, new, new with the 4-warp attention, base again: drift shows as base-vs-base
+  run_bench() {  # name, binary, then env assignments
+    local name=$1 bin=$2; shift 2
+    note "bench f16: $name"
+    env "$@" timeout 120 "$bin" "${BENCH[@]}" --unet-io /tmp/unet-io.safetensors --json "$OUT/bench-$name.json" \
+      > "$OUT/bench-$name.log" 2>&1
+    echo "bench $name exit $?"
+    cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$name.safetensors" 2>/dev/null
+  }
+  run_bench base "$BASE"
+  run_bench new "$WORKER"
+  run_bench new-w4 "$WORKER" SDXL_FLASH_WARPS=4
+  run_bench base-again "$BASE"
+  with_diffusers
+  note "diffusers eager and compile (UNet output for the cosine)"
+  left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 30 ))
+  timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
+    --recipes eager,compile --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-f16.json" 2>&1 \
+    | tee "$OUT/diffusers-f16.log" | grep --line-buffered -E '^(eager|compile) '
+  echo "diffusers exit ${PIPESTATUS[0]} (limit $left s)"
+  for name in base new new-w4; do
+    cosine "/tmp/unet-io.$name.safetensors" /tmp/unet-io.diffusers.safetensors | tee "$OUT/unet-cosine-$name.json"
+  done
+  note "done"
+  grep -E 'FAIL|^\| (flash|group norm|GEGLU|upsample)' "$OUT/check-kernels.log"
+  for f in base new new-w4 base-again; do echo "== $f"; grep '^|' "$OUT/bench-$f.log"; done
 fi
 
 if [ "$PART" = diffusers ]; then
