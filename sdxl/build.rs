@@ -11,13 +11,14 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel sources, each becoming `$OUT_DIR/{name}.fatbin`.
-const KERNELS: [&str; 2] = ["sdxl", "fp8"];
+const KERNELS: [&str; 3] = ["sdxl", "attention", "fp8"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for name in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{name}.cu");
     }
+    println!("cargo:rerun-if-changed=kernels/common.cuh");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

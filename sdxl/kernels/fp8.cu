@@ -13,27 +13,14 @@
 //
 // Statistics and arithmetic in f32, one rounding to the storage type.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
-#include <stdint.h>
+
+#include "common.cuh"
 
 namespace {
 
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 constexpr float kE4m3Max = 448.f;
 
-template <typename T> struct alignas(16) Pack8 {
-  T e[8];
-};
 
 // One warp per row of `k` elements (k a multiple of 8, rows 16-byte aligned).
 // The row is read twice: the second pass hits L1/L2 (a row is at most a few KB).

@@ -14,8 +14,10 @@ use candle_core::Result;
 /// One of `sdxl/kernels/*.cu`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Module {
-    /// Attention, norms, GEGLU, bias adds (`kernels/sdxl.cu`).
+    /// Norms, GEGLU, bias adds, upsampling (`kernels/sdxl.cu`).
     Sdxl,
+    /// Flash attention (`kernels/attention.cu`).
+    Attention,
     /// FP8 quantization and the FP8 products' epilogue (`kernels/fp8.cu`).
     Fp8,
 }
@@ -24,6 +26,7 @@ impl Module {
     fn image(self) -> &'static [u8] {
         match self {
             Module::Sdxl => include_bytes!(concat!(env!("OUT_DIR"), "/sdxl.fatbin")),
+            Module::Attention => include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
             Module::Fp8 => include_bytes!(concat!(env!("OUT_DIR"), "/fp8.fatbin")),
         }
     }
