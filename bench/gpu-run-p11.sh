@@ -184,6 +184,8 @@ if [ "$PART" = fuse ]; then
   note "check-kernels"
   timeout 150 "$WORKER" check-kernels --iters 10 > "$OUT/check-kernels.log" 2>&1
   echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  # printed as the call goes, so a call cut short still reports what it measured
+  grep -E 'FAIL|^\| (flash|group norm|GEGLU|upsample)' "$OUT/check-kernels.log"
   make_unet_io /tmp/unet-io.safetensors
   # base, new, new with the 4-warp attention, base again: drift shows as base-vs-base
   run_bench() {  # name, binary, then env assignments
@@ -191,7 +193,7 @@ if [ "$PART" = fuse ]; then
     note "bench f16: $name"
     env "$@" timeout 120 "$bin" "${BENCH[@]}" --unet-io /tmp/unet-io.safetensors --json "$OUT/bench-$name.json" \
       > "$OUT/bench-$name.log" 2>&1
-    echo "bench $name exit $?"
+    echo "bench $name exit $?"; grep '^|' "$OUT/bench-$name.log"
     cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$name.safetensors" 2>/dev/null
   }
   run_bench base "$BASE"
@@ -209,8 +211,6 @@ if [ "$PART" = fuse ]; then
     cosine "/tmp/unet-io.$name.safetensors" /tmp/unet-io.diffusers.safetensors | tee "$OUT/unet-cosine-$name.json"
   done
   note "done"
-  grep -E 'FAIL|^\| (flash|group norm|GEGLU|upsample)' "$OUT/check-kernels.log"
-  for f in base new new-w4 base-again; do echo "== $f"; grep '^|' "$OUT/bench-$f.log"; done
 fi
 
 if [ "$PART" = diffusers ]; then
