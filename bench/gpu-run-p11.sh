@@ -199,12 +199,12 @@ if [ "$PART" = fuse ]; then
   run_bench base "$BASE"
   run_bench new "$WORKER"
   run_bench new-w4 "$WORKER" SDXL_FLASH_WARPS=4
-  run_bench base-again "$BASE"
+  [ -n "${SHORT:-}" ] || run_bench base-again "$BASE"  # SHORT=1: a call with little device time left
   with_diffusers
   note "diffusers eager and compile (UNet output for the cosine)"
   left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 30 ))
   timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
-    --recipes eager,compile --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-f16.json" 2>&1 \
+    --recipes "${FUSE_RECIPES:-eager,compile}" --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-f16.json" 2>&1 \
     | tee "$OUT/diffusers-f16.log" | grep --line-buffered -E '^(eager|compile) '
   echo "diffusers exit ${PIPESTATUS[0]} (limit $left s)"
   for name in base new new-w4; do
