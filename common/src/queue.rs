@@ -5,6 +5,8 @@
 //! `{queue}` with `x-max-priority` and a dead-letter exchange `{queue}.dlx`
 //! (direct) that routes rejected messages to the durable queue `{queue}.dead`.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -107,14 +109,31 @@ pub enum QueueError {
     Nacked(Uuid),
     #[error("RabbitMQ returned job {0} as unroutable: is queue `{1}` declared?")]
     Unroutable(Uuid, String),
+    #[error("RabbitMQ did not confirm the publish of job {0} within {1:?}")]
+    Unconfirmed(Uuid, Duration),
+    #[error("RabbitMQ did not complete the connection within {0:?}")]
+    ConnectTimeout(Duration),
     #[error("encoding job message: {0}")]
     Encode(#[from] serde_json::Error),
 }
 
-/// Opens a connection to `url`, named after the process for the management UI.
+/// How long a publish waits for RabbitMQ's confirm unless told otherwise.
+/// A broker that neither confirms nor closes the channel (frozen, cut off
+/// by the network, or blocking publishers on a resource alarm) would
+/// otherwise hold the caller, and the client behind it, forever.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long opening a connection (TCP and the AMQP handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens a connection to `url`, named after the process for the management
+/// UI, within [`CONNECT_TIMEOUT`].
 pub async fn connect(url: &str, name: &str) -> Result<Connection, QueueError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, props).await?)
+    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props))
+        .await
+        .map_err(|_| QueueError::ConnectTimeout(CONNECT_TIMEOUT))?
+        .map_err(QueueError::from)
 }
 
 /// Declares the queue, the dead-letter exchange and the dead-letter queue.
@@ -184,22 +203,31 @@ pub async fn queue_depths(channel: &Channel, names: &Names) -> Result<(u32, u32)
 
 /// Publishes `payload` to the queue `queue` (default exchange, `mandatory`)
 /// on a channel in confirm mode and returns once RabbitMQ confirmed it: a
-/// nack or an unroutable return is an error naming job `id`.
+/// nack, an unroutable return or no confirm `within` is an error naming job
+/// `id`. After [`QueueError::Unconfirmed`] the message may still be queued
+/// (the confirm was late, not refused): the caller treats the job as not
+/// queued and the worker finds its record already terminal.
 pub async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     payload: &[u8],
     props: BasicProperties,
     id: Uuid,
+    within: Duration,
 ) -> Result<(), QueueError> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
-    let confirm = channel
-        .basic_publish("".into(), queue.into(), options, payload, props)
-        .await?
-        .await?;
+    let confirmed = async {
+        channel
+            .basic_publish("".into(), queue.into(), options, payload, props)
+            .await?
+            .await
+    };
+    let confirm = tokio::time::timeout(within, confirmed)
+        .await
+        .map_err(|_| QueueError::Unconfirmed(id, within))??;
     if !confirm.is_ack() {
         return Err(QueueError::Nacked(id));
     }
@@ -214,6 +242,7 @@ pub async fn publish_confirmed(
 pub struct JobPublisher {
     channel: Channel,
     names: Names,
+    confirm_timeout: Duration,
 }
 
 impl JobPublisher {
@@ -222,7 +251,17 @@ impl JobPublisher {
         let channel = conn.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         declare_topology(&channel, &names).await?;
-        Ok(JobPublisher { channel, names })
+        Ok(JobPublisher {
+            channel,
+            names,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+        })
+    }
+
+    /// Waits at most `timeout` for each publish's confirm.
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
     }
 
     /// Publishes one job (persistent, with its priority, `mandatory` so that
@@ -236,7 +275,15 @@ impl JobPublisher {
             .with_priority(priority.min(MAX_PRIORITY))
             .with_content_type("application/json".into())
             .with_message_id(message.id.to_string().as_str().into());
-        publish_confirmed(&self.channel, &self.names.queue, &payload, props, message.id).await
+        publish_confirmed(
+            &self.channel,
+            &self.names.queue,
+            &payload,
+            props,
+            message.id,
+            self.confirm_timeout,
+        )
+        .await
     }
 
     /// The channel (confirm mode), for the webhook events this side publishes.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::names::Names;
-use crate::queue::{publish_confirmed, QueueError};
+use crate::queue::{publish_confirmed, QueueError, DEFAULT_CONFIRM_TIMEOUT};
 use crate::rules::WebhookEvent;
 use crate::status::{JobStatus, WebhookDelivery};
 use crate::status_store::{StatusStore, StatusStoreError};
@@ -160,7 +160,7 @@ pub async fn publish_webhook(channel: &Channel, queue: &str, message: &WebhookMe
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_message_id(message.id.as_str().into());
-    publish_confirmed(channel, queue, &payload, props, message.job_id).await
+    publish_confirmed(channel, queue, &payload, props, message.job_id, DEFAULT_CONFIRM_TIMEOUT).await
 }
 
 #[cfg(test)]

@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// Most bytes of an uploaded LoRA file.
     #[arg(long, env = "SDXL_MAX_LORA_BYTES", default_value_t = DEFAULT_MAX_LORA_BYTES)]
     pub max_lora_bytes: usize,
+    /// How long a submit waits for RabbitMQ to confirm its job; past it the
+    /// job is marked failed and the client gets a 503 (a frozen or blocked
+    /// broker must not hold requests forever).
+    #[arg(long, env = "SDXL_PUBLISH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub publish_timeout: Duration,
     #[command(flatten)]
     pub caps: CapsArgs,
     #[command(flatten)]

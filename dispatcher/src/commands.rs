@@ -91,7 +91,7 @@ pub async fn serve(
         results: results.clone(),
         loras: LoraRegistry::new(results.clone(), args.max_lora_bytes),
     };
-    let jobs = Jobs::with_publisher(status.clone(), &args.service.amqp_url.0, caps)
+    let jobs = Jobs::with_publisher(status.clone(), &args.service.amqp_url.0, caps, args.publish_timeout)
         .await
         .context("connecting to RabbitMQ")?
         .with_storage(storage)
@@ -153,10 +153,15 @@ pub async fn serve(
 /// `submit`: returns the final state with `--wait`.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<JobState>> {
     let status = store(&args.service).await?;
-    let jobs = Jobs::with_publisher(status, &args.service.amqp_url.0, args.caps.caps()?)
-        .await
-        .context("connecting to RabbitMQ")?
-        .with_storage(storage(&args.service)?);
+    let jobs = Jobs::with_publisher(
+        status,
+        &args.service.amqp_url.0,
+        args.caps.caps()?,
+        common::queue::DEFAULT_CONFIRM_TIMEOUT,
+    )
+    .await
+    .context("connecting to RabbitMQ")?
+    .with_storage(storage(&args.service)?);
     // The CLI talks to RabbitMQ and Redis with the service's own credentials:
     // an operator's tool, whose jobs belong to no API key.
     let submitted = jobs

@@ -9,21 +9,20 @@ use std::time::Duration;
 use chrono::Utc;
 use common::event::{EventKind, JobEvent};
 use common::job_index::JobIndex;
-use common::queue::{self, JobMessage, JobPublisher, QueueError};
+use common::queue::{JobMessage, QueueError};
 use common::result_store::{ResultStore, ResultStoreError};
 use common::rules::JobRequest;
-use common::rules::{random_seed, validate_within, Caps, ValidJob, ValidationError};
+use common::rules::{random_seed, validate_within, Caps, ValidationError};
 use common::status::{JobState, JobStatus};
 use common::status_store::{QueueCounts, StatusStore, StatusStoreError, Update};
-use common::webhook;
-use common::Names;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::inputs::Inputs;
 use crate::loras::{LoraRegistry, RegistryError, ResolveError};
+use crate::publishing::Publishing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -94,17 +93,11 @@ const POSITION_POLL: Duration = Duration::from_millis(500);
 
 pub type FollowStream = Pin<Box<dyn Stream<Item = Followed> + Send>>;
 
-/// The publisher and the URL to re-open it with when RabbitMQ drops it.
-struct Publishing {
-    url: String,
-    publisher: Option<JobPublisher>,
-}
-
 pub struct Jobs {
     status: StatusStore,
     /// Every submitted job, for `GET /v1/jobs`.
     index: JobIndex,
-    publishing: Option<Mutex<Publishing>>,
+    publishing: Option<Arc<Publishing>>,
     caps: Caps,
     storage: Option<Storage>,
     /// Webhooks may point at private addresses, over plain http.
@@ -125,16 +118,19 @@ impl Jobs {
     }
 
     /// For submitting too: connects to RabbitMQ and declares the topology.
-    /// Requests are validated within `caps`.
-    pub async fn with_publisher(status: StatusStore, amqp_url: &str, caps: Caps) -> Result<Self, QueueError> {
-        let publisher = open_publisher(amqp_url, status.names().clone()).await?;
+    /// Requests are validated within `caps`; a publish RabbitMQ does not
+    /// confirm within `confirm_timeout` fails the job.
+    pub async fn with_publisher(
+        status: StatusStore,
+        amqp_url: &str,
+        caps: Caps,
+        confirm_timeout: Duration,
+    ) -> Result<Self, QueueError> {
+        let publishing = Publishing::open(amqp_url, status.names().clone(), confirm_timeout).await?;
         Ok(Jobs {
             index: JobIndex::new(status.clone()),
             status,
-            publishing: Some(Mutex::new(Publishing {
-                url: amqp_url.to_string(),
-                publisher: Some(publisher),
-            })),
+            publishing: Some(Arc::new(publishing)),
             caps,
             storage: None,
             webhook_allow_private: false,
@@ -182,13 +178,7 @@ impl Jobs {
     pub async fn health(&self) -> (bool, bool) {
         let rabbit = match &self.publishing {
             None => false,
-            Some(p) => {
-                let mut p = p.lock().await;
-                if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
-                    p.publisher = open_publisher(&p.url, self.status.names().clone()).await.ok();
-                }
-                p.publisher.is_some()
-            }
+            Some(p) => p.is_healthy().await,
         };
         let redis = self.status.ping().await.is_ok();
         (rabbit, redis)
@@ -269,7 +259,7 @@ impl Jobs {
             request: job,
             owner: status.owner.clone(),
         };
-        let published = publish(publishing, self.status.names(), &message).await;
+        let published = publishing.publish(&message).await;
         if let Err(e) = published {
             tracing::error!(%id, error = %e, "publish not confirmed: marking the job failed");
             let reason = format!("the job could not be queued: {e}");
@@ -289,7 +279,10 @@ impl Jobs {
                     .status
                     .publish_event(&terminal_of(&failed, EventKind::Failed))
                     .await;
-                self.announce(&failed).await;
+                // In the background: the broker that did not confirm may
+                // not answer this either, and the client waits for its 503.
+                let (publishing, store) = (publishing.clone(), self.status.clone());
+                tokio::spawn(async move { publishing.announce(&store, &failed).await });
             }
             return Err(JobsError::Publish { id, source: e });
         }
@@ -371,7 +364,9 @@ impl Jobs {
                     error: None,
                 };
                 self.status.publish_event(&event).await?;
-                self.announce(&status).await;
+                if let Some(publishing) = &self.publishing {
+                    publishing.announce(&self.status, &status).await;
+                }
                 Ok(status)
             }
             Update::Unchanged(status) => status.ok_or(JobsError::NotFound(id)),
@@ -483,34 +478,6 @@ impl Jobs {
     }
 }
 
-impl Jobs {
-    /// Puts the webhook event of a state this dispatcher wrote (a cancel
-    /// while queued, a publish that failed) on the webhook queue. Best
-    /// effort, logged: the state is written and answered already, and no
-    /// worker will take the job to announce it again.
-    async fn announce(&self, status: &JobStatus) {
-        let Some(publishing) = &self.publishing else {
-            return;
-        };
-        let channel = {
-            let mut p = publishing.lock().await;
-            if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
-                p.publisher = open_publisher(&p.url, self.status.names().clone()).await.ok();
-            }
-            p.publisher.as_ref().map(|p| p.channel().clone())
-        };
-        let announced = match channel {
-            Some(channel) => webhook::announce(&channel, &self.status, status)
-                .await
-                .map_err(|e| e.to_string()),
-            None => Err("no RabbitMQ connection".to_string()),
-        };
-        if let Err(e) = announced {
-            tracing::error!(id = %status.id, state = %status.state, error = %e, "could not announce the webhook event");
-        }
-    }
-}
-
 fn terminal_of(status: &JobStatus, kind: EventKind) -> JobEvent {
     JobEvent {
         kind,
@@ -520,31 +487,4 @@ fn terminal_of(status: &JobStatus, kind: EventKind) -> JobEvent {
         image: None,
         error: status.error.clone(),
     }
-}
-
-async fn open_publisher(url: &str, names: Names) -> Result<JobPublisher, QueueError> {
-    let conn = queue::connect(url, "sdxl-dispatcher").await?;
-    let publisher = JobPublisher::new(&conn, names.clone()).await?;
-    webhook::declare_webhook_queue(publisher.channel(), &names).await?;
-    Ok(publisher)
-}
-
-/// Publishes, re-opening the connection once if RabbitMQ dropped it. The
-/// lock is held only to take (or re-open) the publisher, not across the
-/// publish and its confirm: submits publish concurrently on the one channel
-/// and each awaits its own confirm, instead of queueing behind each other's
-/// round trip to RabbitMQ.
-async fn publish(
-    publishing: &Mutex<Publishing>,
-    names: &Names,
-    message: &JobMessage<ValidJob>,
-) -> Result<(), QueueError> {
-    let publisher = {
-        let mut p = publishing.lock().await;
-        if !p.publisher.as_ref().is_some_and(JobPublisher::is_connected) {
-            p.publisher = Some(open_publisher(&p.url, names.clone()).await?);
-        }
-        p.publisher.clone().ok_or(QueueError::Nacked(message.id))?
-    };
-    publisher.publish(message, message.request.priority).await
 }

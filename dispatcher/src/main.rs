@@ -12,6 +12,7 @@ mod inputs;
 mod jobs;
 mod loras;
 mod metrics;
+mod publishing;
 mod webhooks;
 
 use std::process::ExitCode;

@@ -186,6 +186,34 @@ impl Server {
         }
     }
 
+    /// SIGSTOP to the whole server: it keeps its connections open and
+    /// answers nothing, as a hung or cut-off server does.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT: a frozen server goes on where it stopped.
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let proc = self
+            .proc
+            .as_ref()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let target = if self.group {
+            format!("-{}", proc.pid())
+        } else {
+            proc.pid().to_string()
+        };
+        let status = Command::new("kill").args([signal, "--", &target]).status()?;
+        if !status.success() {
+            bail!("kill {signal} {target} failed");
+        }
+        Ok(())
+    }
+
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.restart_within(Duration::from_secs(30)).await
     }
