@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod process;
 pub mod server;
 pub mod stack;
+pub mod watchdog;
 
 pub use ledger::{reconcile, Ledger};
 pub use process::Proc;

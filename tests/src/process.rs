@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -102,6 +102,19 @@ fn remove_stale_copies(dir: &Path) {
     }
 }
 
+/// The process ids of every [`Proc`] alive, for the watchdog to kill.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// SIGKILLs every [`Proc`] still alive and its process group, if it leads
+/// one (a watchdog's last act: `Drop` does not run on `exit`).
+pub fn kill_all_children() {
+    let pids = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+    for pid in pids {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+}
+
 /// A child process with its output in a log file; killed on drop.
 pub struct Proc {
     pub name: String,
@@ -118,6 +131,9 @@ impl Proc {
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
+        if let Ok(mut children) = CHILDREN.lock() {
+            children.push(child.id());
+        }
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -196,6 +212,9 @@ impl Drop for Proc {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Ok(mut children) = CHILDREN.lock() {
+            children.retain(|&pid| pid != self.child.id());
         }
     }
 }

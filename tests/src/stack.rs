@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 pub use crate::process::services_env;
 use crate::process::{binaries, workspace_root, Proc};
+use crate::watchdog::Watchdog;
 
 pub fn tiny_model() -> PathBuf {
     workspace_root().join("tests/fixtures/sdxl-reference/tiny-sdxl")
@@ -120,6 +121,7 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     env: Vec<(String, String)>,
     status: StatusStore,
+    _watchdog: Watchdog,
 }
 
 impl Stack {
@@ -173,13 +175,16 @@ impl Stack {
             Duration::from_secs(3600),
         )
         .await?;
+        let dir = tempfile::Builder::new().prefix(&format!("e2e-{name}-")).tempdir()?;
+        let watchdog = Watchdog::arm(name, dir.path().to_path_buf());
         Ok(Stack {
             queue,
             prefix,
             bucket,
-            dir: tempfile::Builder::new().prefix(&format!("e2e-{name}-")).tempdir()?,
+            dir,
             env,
             status,
+            _watchdog: watchdog,
         })
     }
 

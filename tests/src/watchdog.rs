@@ -1,0 +1,71 @@
+//! A hung end-to-end test fails instead of holding CI until its own time
+//! limit runs out: each [`crate::Stack`] arms a watchdog that, if the stack
+//! is still alive after the limit, prints the end of every log in the
+//! stack's folder (the dispatcher's, the workers', the servers'), kills the
+//! processes the harness started and exits the test binary with an error.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+use crate::process::kill_all_children;
+
+/// The limit unless `E2E_HANG_LIMIT` (seconds) says otherwise: far above the
+/// longest test on a 2-core CI machine (about 3 minutes), far below CI's own
+/// limit.
+const DEFAULT_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// The lines of each log printed when the limit passes.
+const LOG_TAIL_LINES: usize = 80;
+
+/// Disarmed when dropped.
+pub struct Watchdog {
+    _disarm: mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Arms a watchdog for the test stack `name`, whose logs are in `dir`.
+    pub fn arm(name: &str, dir: PathBuf) -> Watchdog {
+        let limit = std::env::var("E2E_HANG_LIMIT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(DEFAULT_LIMIT, Duration::from_secs);
+        let (disarm, armed) = mpsc::channel::<()>();
+        let owned = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("watchdog-{name}"))
+            .spawn(move || {
+                // Dropping the sender disconnects: the stack ended in time.
+                if let Err(RecvTimeoutError::Timeout) = armed.recv_timeout(limit) {
+                    fire(&owned, &dir, limit);
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("watchdog for `{name}` not started: {e}");
+        }
+        Watchdog { _disarm: disarm }
+    }
+}
+
+fn fire(name: &str, dir: &std::path::Path, limit: Duration) -> ! {
+    eprintln!(
+        "\n=== test stack `{name}` still running after {limit:?}: it hangs. The end of each log in {}:",
+        dir.display()
+    );
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("--- {} (last {LOG_TAIL_LINES} lines)", log.display());
+        for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
+            eprintln!("{line}");
+        }
+    }
+    eprintln!("=== killing the processes the harness started and failing the test binary");
+    kill_all_children();
+    std::process::exit(101)
+}
