@@ -113,13 +113,20 @@ pub fn defer_conv_bias(xs: &Tensor, act: Option<Activation>) -> bool {
     #[cfg(feature = "cuda")]
     {
         let a = Accel::current();
-        on_cuda(xs) && a.conv && a.norm && a.bias && matches!(act, None | Some(Activation::Silu))
+        a.conv && a.bias && group_norm_kernel(xs, act)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (xs, act);
         false
     }
+}
+
+/// Whether [`GroupNorm`] with `act` runs as our kernel on `xs` (which also
+/// fuses SiLU and a pre-norm bias).
+#[cfg(feature = "cuda")]
+fn group_norm_kernel(xs: &Tensor, act: Option<Activation>) -> bool {
+    on_cuda(xs) && Accel::current().norm && matches!(act, None | Some(Activation::Silu))
 }
 
 /// A convolution with a bias, as `torch.nn.Conv2d(c_in, c_out, kernel, …)`.
@@ -357,7 +364,7 @@ impl GroupNorm {
     /// fused into the norm's kernel.
     pub fn forward_act(&self, xs: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if on_cuda(xs) && Accel::current().norm && matches!(act, None | Some(Activation::Silu)) {
+        if group_norm_kernel(xs, act) {
             let silu = act.is_some();
             return super::cuda::kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
         }
@@ -373,7 +380,7 @@ impl GroupNorm {
     /// it reads `xs` (see [`defer_conv_bias`]).
     pub fn forward_act_biased(&self, xs: &Tensor, pre: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if on_cuda(xs) && Accel::current().norm && matches!(act, None | Some(Activation::Silu)) {
+        if group_norm_kernel(xs, act) {
             let silu = act.is_some();
             return super::cuda::kernels::group_norm_biased(
                 xs,
