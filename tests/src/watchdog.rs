@@ -4,7 +4,8 @@
 //! stack's folder (the dispatcher's, the workers', the servers'), kills the
 //! processes the harness started and exits the test binary with an error.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
@@ -41,14 +42,19 @@ impl Watchdog {
                 }
             });
         if let Err(e) = spawned {
-            eprintln!("watchdog for `{name}` not started: {e}");
+            let _ = writeln!(std::io::stderr(), "watchdog for `{name}` not started: {e}");
         }
         Watchdog { _disarm: disarm }
     }
 }
 
-fn fire(name: &str, dir: &std::path::Path, limit: Duration) -> ! {
-    eprintln!(
+fn fire(name: &str, dir: &Path, limit: Duration) -> ! {
+    // Straight to the process's stderr: the test harness captures what a
+    // test's threads (this one too) print with `eprintln!`, and drops it
+    // when the process exits.
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
         "\n=== test stack `{name}` still running after {limit:?}: it hangs. The end of each log in {}:",
         dir.display()
     );
@@ -60,12 +66,16 @@ fn fire(name: &str, dir: &std::path::Path, limit: Duration) -> ! {
     for log in logs {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        eprintln!("--- {} (last {LOG_TAIL_LINES} lines)", log.display());
+        let _ = writeln!(err, "--- {} (last {LOG_TAIL_LINES} lines)", log.display());
         for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
-            eprintln!("{line}");
+            let _ = writeln!(err, "{line}");
         }
     }
-    eprintln!("=== killing the processes the harness started and failing the test binary");
+    let _ = writeln!(
+        err,
+        "=== killing the processes the harness started and failing the test binary"
+    );
+    let _ = err.flush();
     kill_all_children();
     std::process::exit(101)
 }
