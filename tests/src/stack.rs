@@ -121,7 +121,7 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     env: Vec<(String, String)>,
     status: StatusStore,
-    _watchdog: Watchdog,
+    watchdog: Watchdog,
 }
 
 impl Stack {
@@ -184,8 +184,14 @@ impl Stack {
             dir,
             env,
             status,
-            _watchdog: watchdog,
+            watchdog,
         })
+    }
+
+    /// Lets this stack's test run `limit` in all before the watchdog calls
+    /// it hung (for a test meant to run longer than the default 20 min).
+    pub fn expect_to_run_for(&self, limit: Duration) {
+        self.watchdog.extend_to(limit);
     }
 
     pub fn env(&self, key: &str) -> Option<&str> {

@@ -7,13 +7,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::process::kill_all_children;
 
-/// The limit unless `E2E_HANG_LIMIT` (seconds) says otherwise: far above the
-/// longest test on a 2-core CI machine (about 3 minutes), far below CI's own
-/// limit.
+/// The limit unless `E2E_HANG_LIMIT` (seconds) or the test
+/// ([`Watchdog::extend_to`]) says otherwise: far above the e2e tests on a
+/// 2-core CI machine (a few minutes; the load test, which runs longer,
+/// raises its own), far below CI's own limit.
 const DEFAULT_LIMIT: Duration = Duration::from_secs(20 * 60);
 
 /// The lines of each log printed when the limit passes.
@@ -21,7 +22,7 @@ const LOG_TAIL_LINES: usize = 80;
 
 /// Disarmed when dropped.
 pub struct Watchdog {
-    _disarm: mpsc::Sender<()>,
+    limits: mpsc::Sender<Duration>,
 }
 
 impl Watchdog {
@@ -31,20 +32,32 @@ impl Watchdog {
             .ok()
             .and_then(|s| s.parse().ok())
             .map_or(DEFAULT_LIMIT, Duration::from_secs);
-        let (disarm, armed) = mpsc::channel::<()>();
+        let (limits, armed) = mpsc::channel::<Duration>();
         let owned = name.to_string();
         let spawned = std::thread::Builder::new()
             .name(format!("watchdog-{name}"))
             .spawn(move || {
-                // Dropping the sender disconnects: the stack ended in time.
-                if let Err(RecvTimeoutError::Timeout) = armed.recv_timeout(limit) {
-                    fire(&owned, &dir, limit);
+                let start = Instant::now();
+                let mut limit = limit;
+                loop {
+                    match armed.recv_timeout(limit.saturating_sub(start.elapsed())) {
+                        Ok(longer) => limit = limit.max(longer),
+                        Err(RecvTimeoutError::Timeout) => fire(&owned, &dir, limit),
+                        // Dropping the sender disconnects: the stack ended in time.
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             });
         if let Err(e) = spawned {
             let _ = writeln!(std::io::stderr(), "watchdog for `{name}` not started: {e}");
         }
-        Watchdog { _disarm: disarm }
+        Watchdog { limits }
+    }
+
+    /// Lets the stack run `limit` in all, from when it was made, for a test
+    /// that is meant to run longer than the default (never shortens it).
+    pub fn extend_to(&self, limit: Duration) {
+        let _ = self.limits.send(limit);
     }
 }
 

@@ -64,6 +64,8 @@ async fn a_thousand_jobs_through_the_api_with_two_workers_all_succeed_once() -> 
         ],
     )
     .await?;
+    // Longer than the watchdog's default: the ledger alone may wait TIMEOUT.
+    stack.expect_to_run_for(TIMEOUT + Duration::from_secs(5 * 60));
     let (_dispatcher, base) = stack.spawn_dispatcher().await?;
     let (_a, _b) = tokio::try_join!(stack.spawn_worker("load-a", &[]), stack.spawn_worker("load-b", &[]))?;
     let events = stack.record_events().await?;
