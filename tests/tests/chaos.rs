@@ -182,10 +182,24 @@ async fn s3_down_during_uploads() -> anyhow::Result<()> {
     let worker = stack.spawn_worker("s3-outage-worker", &[]).await?;
     let http = reqwest::Client::new();
     let ids = submit_all(&http, &base, "stored despite S3", 6, 4).await?;
+    let retries = || worker.log_text().matches("failed; retrying").count();
     for outage in 0..2 {
         one_running(&stack, &ids[outage * 3..], 1).await?;
+        let before = retries();
         s3.stop();
+        // Down 4 s, and on until an upload has failed on it: a job that was
+        // still denoising after 4 s on a loaded machine would otherwise
+        // upload only once S3 was back, and the outage would test nothing.
+        let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(4)).await;
+        while retries() == before {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(90),
+                "no upload met outage {outage} in 90 s:\n{}",
+                worker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         s3.restart().await?;
     }
     let ledger = reconcile(&stack, &ids, TIMEOUT, Some(&events)).await?;
@@ -194,7 +208,7 @@ async fn s3_down_during_uploads() -> anyhow::Result<()> {
         worker.log_text().contains("failed; retrying"),
         "the worker met the outage"
     );
-    report("s3", "2 S3 outages of 4 s during uploads", &ledger);
+    report("s3", "2 S3 outages of at least 4 s, each met by an upload", &ledger);
     Ok(())
 }
 
