@@ -19,8 +19,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 struct Open {
     connection: Connection,
     publisher: JobPublisher,
-    /// Counts the connections opened, to tell this one from a later one.
-    generation: u64,
 }
 
 struct State {
@@ -28,6 +26,7 @@ struct State {
     names: Names,
     confirm_timeout: Duration,
     open: Option<Open>,
+    /// Connections opened so far: the open one, if any, is the last.
     opened: u64,
 }
 
@@ -36,7 +35,7 @@ impl State {
     /// dropped it.
     async fn publisher(&mut self) -> Result<(JobPublisher, u64), QueueError> {
         if let Some(open) = self.open.as_ref().filter(|o| o.publisher.is_connected()) {
-            return Ok((open.publisher.clone(), open.generation));
+            return Ok((open.publisher.clone(), self.opened));
         }
         let (connection, publisher) = connect(&self.url, &self.names, self.confirm_timeout).await?;
         self.discard();
@@ -44,7 +43,6 @@ impl State {
         self.open = Some(Open {
             connection,
             publisher: publisher.clone(),
-            generation: self.opened,
         });
         Ok((publisher, self.opened))
     }
@@ -72,19 +70,16 @@ impl Publishing {
     /// Connects to `url` and declares the topology; each publish then waits
     /// at most `confirm_timeout` for RabbitMQ's confirm.
     pub async fn open(url: &str, names: Names, confirm_timeout: Duration) -> Result<Self, QueueError> {
-        let (connection, publisher) = connect(url, &names, confirm_timeout).await?;
+        let mut state = State {
+            url: url.to_string(),
+            names,
+            confirm_timeout,
+            open: None,
+            opened: 0,
+        };
+        state.publisher().await?;
         Ok(Publishing {
-            state: Mutex::new(State {
-                url: url.to_string(),
-                names,
-                confirm_timeout,
-                open: Some(Open {
-                    connection,
-                    publisher,
-                    generation: 1,
-                }),
-                opened: 1,
-            }),
+            state: Mutex::new(state),
         })
     }
 
@@ -97,7 +92,7 @@ impl Publishing {
         if let Err(QueueError::Unconfirmed(..)) = &published {
             let mut state = self.state.lock().await;
             // Unless another publish replaced it already.
-            if state.open.as_ref().is_some_and(|o| o.generation == generation) {
+            if state.open.is_some() && state.opened == generation {
                 state.discard();
             }
         }
