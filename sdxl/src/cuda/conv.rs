@@ -16,9 +16,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
+use super::op::{CudaOp, Elem, Launch2, OnCuda};
 use crate::accel::{Accel, ConvAlgo};
 
 /// `conv2d(xs, weight)` with symmetric `padding` and `stride` (no bias, no
@@ -26,7 +26,7 @@ use crate::accel::{Accel, ConvAlgo};
 pub fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let xs = xs.contiguous()?;
     let weight = weight.contiguous()?;
-    xs.apply_op2_no_bwd(&weight, &CudnnConv { padding, stride })
+    xs.apply_op2_no_bwd(&weight, &OnCuda(CudnnConv { padding, stride }))
 }
 
 /// [`conv2d`] plus a per-channel `bias` (and a `residual` of the output's
@@ -409,25 +409,18 @@ fn forward<T: DeviceRepr>(
     }
 }
 
-impl CustomOp2 for CudnnConv {
-    fn name(&self) -> &'static str {
-        "cudnn-conv2d"
-    }
+impl CudaOp for CudnnConv {
+    const NAME: &'static str = "cudnn-conv2d";
+}
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("the cuDNN convolution runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device().clone();
-        if w.dtype() != x.dtype() {
-            bail!("convolution: weight {:?} and input {:?} differ", w.dtype(), x.dtype())
-        }
-        match x.dtype() {
-            DType::F16 => self.run::<f16>(&dev, x, xl, w, wl),
-            DType::BF16 => self.run::<bf16>(&dev, x, xl, w, wl),
-            DType::F32 => self.run::<f32>(&dev, x, xl, w, wl),
-            other => bail!("convolution: no cuDNN path for {other:?}"),
-        }
+impl Launch2 for CudnnConv {
+    fn launch<T: Elem>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run::<T>(&x.device().clone(), x, xl, w, wl)
     }
 }

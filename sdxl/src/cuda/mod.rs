@@ -10,3 +10,4 @@ pub mod gemm;
 pub mod kernels;
 pub mod linear;
 pub mod module;
+pub mod op;

@@ -1,13 +1,12 @@
 //! Flash attention for head dim 64 (`kernels/attention.cu`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use half::{bf16, f16};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
 use super::super::module::{kernel, Module};
-use super::{view, w};
+use super::super::op::{CudaOp, Elem, Launch3, OnCuda};
+use super::{suffix, view, w};
 
 /// `softmax(q kᵀ / √64) v` per head, for q `[b, n_q, heads·64]` and k, v
 /// `[b, n_kv, heads·64]` (rows may be strided, e.g. views of a fused projection);
@@ -21,7 +20,7 @@ pub fn flash_attention_warps(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, w
     if !FLASH_WARPS.contains(&warps) {
         bail!("flash attention: {warps} warps per block (built for {FLASH_WARPS:?})")
     }
-    q.apply_op3_no_bwd(k, v, &FlashAttention { heads, warps })
+    q.apply_op3_no_bwd(k, v, &OnCuda(FlashAttention { heads, warps }))
 }
 
 /// The block sizes the flash kernel is built for, in warps.
@@ -67,12 +66,14 @@ struct FlashAttention {
     warps: usize,
 }
 
-impl FlashAttention {
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+impl CudaOp for FlashAttention {
+    const NAME: &'static str = "flash-attention-d64";
+    const DTYPES: &'static [DType] = &[DType::F16, DType::BF16];
+}
+
+impl Launch3 for FlashAttention {
+    fn launch<T: Elem>(
         &self,
-        dev: &CudaDevice,
-        name: &str,
         q: &CudaStorage,
         ql: &Layout,
         k: &CudaStorage,
@@ -80,12 +81,14 @@ impl FlashAttention {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device();
+        let name = format!("flash_attn_d64_w{}_{}", self.warps, suffix(T::DTYPE)?);
         let (b, n_q, inner) = ql.shape().dims3()?;
         let n_kv = kl.shape().dims()[1];
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let (q, k, v) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * n_q * inner)? };
-        let func = kernel(dev, Module::Attention, name)?;
+        let func = kernel(dev, Module::Attention, &name)?;
         let (n_q_i, n_kv_i) = (n_q as i32, n_kv as i32);
         let (q_bs, q_rs) = (qs[0] as i64, qs[1] as i32);
         let (k_bs, k_rs) = (ks[0] as i64, ks[1] as i32);
@@ -116,52 +119,5 @@ impl FlashAttention {
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((b, n_q, inner)),
         ))
-    }
-}
-
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "flash-attention-d64"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("flash attention runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = q.device().clone();
-        match q.dtype() {
-            DType::F16 => self.launch::<f16>(
-                &dev,
-                &format!("flash_attn_d64_w{}_f16", self.warps),
-                q,
-                ql,
-                k,
-                kl,
-                v,
-                vl,
-            ),
-            DType::BF16 => {
-                let name = format!("flash_attn_d64_w{}_bf16", self.warps);
-                self.launch::<bf16>(&dev, &name, q, ql, k, kl, v, vl)
-            }
-            other => bail!("flash attention: no kernel for {other:?}"),
-        }
     }
 }

@@ -1,30 +1,30 @@
 //! GEGLU, 2× upsampling and in-place bias (+ residual) adds (`kernels/sdxl.cu`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
-use half::{bf16, f16};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor};
 
 use super::super::module::{kernel, Module};
-use super::{suffix, view, w};
-
-use super::aligned;
+use super::super::op::{CudaOp, Elem, Launch1, LaunchInPlace, OnCuda};
+use super::{aligned, suffix, view, w};
 
 /// GEGLU over the last dimension: `x[.., :n] * gelu_erf(x[.., n:])`.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1_no_bwd(&Geglu)
+    xs.contiguous()?.apply_op1_no_bwd(&OnCuda(Geglu))
 }
 
 struct Geglu;
 
-impl Geglu {
-    fn launch<T: CudaDType + DeviceRepr + WithDType>(
-        &self,
-        dev: &CudaDevice,
-        h: &CudaStorage,
-        hl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+impl CudaOp for Geglu {
+    const NAME: &'static str = "geglu";
+}
+
+impl Launch1 for Geglu {
+    fn launch<T: Elem>(&self, h: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+        if hl.shape().dims().last().is_none_or(|d| !d.is_multiple_of(2)) {
+            bail!("geglu: the last dimension of {:?} is not even", hl.shape())
+        }
+        let dev = h.device();
         let mut dims = hl.shape().dims().to_vec();
         let last = dims.len() - 1;
         let inner = dims[last] / 2;
@@ -48,43 +48,20 @@ impl Geglu {
     }
 }
 
-impl CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "geglu"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused GEGLU runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = h.device().clone();
-        if hl.shape().dims().last().is_none_or(|d| !d.is_multiple_of(2)) {
-            bail!("geglu: the last dimension of {:?} is not even", hl.shape())
-        }
-        match h.dtype() {
-            DType::F16 => self.launch::<f16>(&dev, h, hl),
-            DType::BF16 => self.launch::<bf16>(&dev, h, hl),
-            DType::F32 => self.launch::<f32>(&dev, h, hl),
-            other => bail!("geglu: no kernel for {other:?}"),
-        }
-    }
-}
-
 /// Nearest-neighbour upsampling by 2 of `[…, h, w]` (made contiguous first)
 /// into `[…, 2h, 2w]`, as `upsample_nearest2d(2h, 2w)`.
 pub fn upsample_nearest2x(xs: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1_no_bwd(&Upsample2x)
+    xs.contiguous()?.apply_op1_no_bwd(&OnCuda(Upsample2x))
 }
 
 struct Upsample2x;
 
-impl Upsample2x {
-    fn launch<T: CudaDType + DeviceRepr + WithDType>(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+impl CudaOp for Upsample2x {
+    const NAME: &'static str = "upsample-nearest-2x";
+}
+
+impl Launch1 for Upsample2x {
+    fn launch<T: Elem>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let mut dims = xl.shape().dims().to_vec();
         let r = dims.len();
@@ -110,25 +87,6 @@ impl Upsample2x {
     }
 }
 
-impl CustomOp1 for Upsample2x {
-    fn name(&self) -> &'static str {
-        "upsample-nearest-2x"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("the 2x upsampling kernel runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.launch::<f16>(x, xl),
-            DType::BF16 => self.launch::<bf16>(x, xl),
-            DType::F32 => self.launch::<f32>(x, xl),
-            other => bail!("upsample: no kernel for {other:?}"),
-        }
-    }
-}
-
 /// `xs += bias` in place, broadcast over every dimension but `channel_dim`
 /// (and, for a per-sample bias of `batch·c` elements, over the dimensions after
 /// it), plus `residual` (same shape) in the same pass when given. `xs` must be
@@ -149,7 +107,7 @@ pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, c
     let bias = bias.contiguous()?;
     let op = BiasAdd { inner, c, per_sample };
     match residual {
-        None => xs.inplace_op2(&bias, &op),
+        None => xs.inplace_op2(&bias, &OnCuda(op)),
         Some(r) => {
             if r.dims() != dims {
                 bail!("residual {:?} for an output of {:?}", r.dims(), dims)
@@ -157,7 +115,7 @@ pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, c
             if !aligned(r) {
                 bail!("in-place residual add needs a contiguous, aligned residual")
             }
-            xs.inplace_op3(&bias, r, &op)
+            xs.inplace_op3(&bias, r, &OnCuda(op))
         }
     }
 }
@@ -168,8 +126,12 @@ struct BiasAdd {
     per_sample: bool,
 }
 
-impl BiasAdd {
-    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+impl CudaOp for BiasAdd {
+    const NAME: &'static str = "bias-add";
+}
+
+impl LaunchInPlace for BiasAdd {
+    fn launch<T: Elem>(
         &self,
         x: &mut CudaStorage,
         xl: &Layout,
@@ -200,68 +162,5 @@ impl BiasAdd {
         builder.arg(&n).arg(&inner).arg(&c).arg(&bias_bs);
         w(unsafe { builder.launch(cfg) })?;
         Ok(())
-    }
-
-    fn dispatch(
-        &self,
-        x: &mut CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-        res: Option<(&CudaStorage, &Layout)>,
-    ) -> Result<()> {
-        if b.dtype() != x.dtype() || res.is_some_and(|(r, _)| r.dtype() != x.dtype()) {
-            bail!("bias add: operands of different dtypes")
-        }
-        match x.dtype() {
-            DType::F16 => self.launch::<f16>(x, xl, b, bl, res),
-            DType::BF16 => self.launch::<bf16>(x, xl, b, bl, res),
-            DType::F32 => self.launch::<f32>(x, xl, b, bl, res),
-            other => bail!("bias add: no kernel for {other:?}"),
-        }
-    }
-}
-
-impl candle_core::InplaceOp2 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "bias-add"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        bail!("the in-place bias add runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, x: &mut CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<()> {
-        self.dispatch(x, xl, b, bl, None)
-    }
-}
-
-impl candle_core::InplaceOp3 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "bias-residual-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        bail!("the in-place bias add runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &mut CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-        r: &CudaStorage,
-        rl: &Layout,
-    ) -> Result<()> {
-        self.dispatch(x, xl, b, bl, Some((r, rl)))
     }
 }

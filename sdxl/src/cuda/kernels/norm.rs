@@ -1,12 +1,11 @@
 //! Group norm (with an optional pre-norm bias) and layer norm (`kernels/sdxl.cu`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use half::{bf16, f16};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
 use super::super::module::{kernel, Module};
+use super::super::op::{CudaOp, Elem, Launch3, OnCuda};
 use super::{suffix, view, w};
 
 /// diffusers' `GroupNorm` on `[b, c, …]` (made contiguous first), followed by
@@ -51,7 +50,7 @@ pub fn group_norm_biased(
         silu,
         pre,
     };
-    xs.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    xs.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &OnCuda(op))
 }
 
 struct GroupNormOp {
@@ -65,11 +64,13 @@ struct GroupNormOp {
 /// Elements each block of the group-norm kernels covers (about 32 per thread).
 const GN_CHUNK: usize = 8192;
 
-impl GroupNormOp {
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+impl CudaOp for GroupNormOp {
+    const NAME: &'static str = "group-norm";
+}
+
+impl Launch3 for GroupNormOp {
+    fn launch<T: Elem>(
         &self,
-        dev: &CudaDevice,
         x: &CudaStorage,
         xl: &Layout,
         g: &CudaStorage,
@@ -77,6 +78,7 @@ impl GroupNormOp {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
         let dims = xl.shape().dims();
         let (batch, channels) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
@@ -150,45 +152,6 @@ impl GroupNormOp {
     }
 }
 
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused group norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device().clone();
-        if g.dtype() != x.dtype() || b.dtype() != x.dtype() {
-            bail!("group norm: weight {:?} and input {:?} differ", g.dtype(), x.dtype())
-        }
-        match x.dtype() {
-            DType::F16 => self.launch::<f16>(&dev, x, xl, g, gl, b, bl),
-            DType::BF16 => self.launch::<bf16>(&dev, x, xl, g, gl, b, bl),
-            DType::F32 => self.launch::<f32>(&dev, x, xl, g, gl, b, bl),
-            other => bail!("group norm: no kernel for {other:?}"),
-        }
-    }
-}
-
 /// `torch.nn.LayerNorm` over the last dimension (≤ 2048 and a multiple of 8,
 /// see [`layer_norm_supports`]), statistics in f32.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -196,7 +159,7 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     xs.apply_op3_no_bwd(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        &LayerNormOp { eps: eps as f32 },
+        &OnCuda(LayerNormOp { eps: eps as f32 }),
     )
 }
 
@@ -209,9 +172,12 @@ struct LayerNormOp {
     eps: f32,
 }
 
-impl LayerNormOp {
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+impl CudaOp for LayerNormOp {
+    const NAME: &'static str = "layer-norm";
+}
+
+impl Launch3 for LayerNormOp {
+    fn launch<T: Elem>(
         &self,
         x: &CudaStorage,
         xl: &Layout,
@@ -243,43 +209,5 @@ impl LayerNormOp {
             .arg(&self.eps);
         w(unsafe { builder.launch(cfg) })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
-    }
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the layer-norm kernel runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        if g.dtype() != x.dtype() || b.dtype() != x.dtype() {
-            bail!("layer norm: weight and input dtypes differ")
-        }
-        match x.dtype() {
-            DType::F16 => self.launch::<f16>(x, xl, g, gl, b, bl),
-            DType::BF16 => self.launch::<bf16>(x, xl, g, gl, b, bl),
-            DType::F32 => self.launch::<f32>(x, xl, g, gl, b, bl),
-            other => bail!("layer norm: no kernel for {other:?}"),
-        }
     }
 }
