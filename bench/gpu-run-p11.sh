@@ -20,6 +20,11 @@
 #                                    with 8 and 4 warps and of the binary before it
 #                                    (.device/worker-base.xz) in the same call; diffusers
 #                                    eager and compile; both UNets' cosine to diffusers
+#   bench/gpu-run-p11.sh fp8         FP8 with the scales in cuBLASLt's product: the outer-vector
+#                                    probe (.device/fp8-probe, built from bench/fp8_outer_vec_probe.cu),
+#                                    worker bench fp8 of this binary and of the one before it
+#                                    (.device/worker-prev.xz), cosine and image PSNR against f16,
+#                                    ncu of one FP8 UNet forward
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -34,11 +39,15 @@ mkdir -p "$OUT" "$DEST"
 trap 'tar czf "$DEST/p11-$PART.tgz" -C "$OUT" --exclude="big-*.png" . 2>/dev/null' EXIT
 START=$SECONDS
 note() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/steps.txt"; }
-WORKER=/tmp/worker-cuda
-if [ ! -x "$WORKER" ]; then
-  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' .device/worker.xz "$WORKER"
-  chmod +x "$WORKER"
-fi
+unpack() {  # .device/NAME.xz to /tmp/NAME-cuda, once
+  local bin=/tmp/$1-cuda
+  if [ ! -x "$bin" ]; then
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      ".device/$1.xz" "$bin" && chmod +x "$bin"
+  fi
+  echo "$bin"
+}
+WORKER=$(unpack worker)
 SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$SP/nvidia/cu13/lib:$SP/nvidia/nccl/lib:$SP/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export NCCL_NVLS_ENABLE=0
@@ -81,6 +90,15 @@ a, b = (load_file(p)["unet_out"].double().flatten() for p in sys.argv[1:3])
 print(json.dumps({"cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item(),
                   "relative_l2": ((a - b).norm() / b.norm()).item(), "a": sys.argv[1], "b": sys.argv[2]}))
 PY
+}
+
+run_bench() {  # name, binary, then bench flags; keeps the UNet output as /tmp/unet-io.NAME.safetensors
+  local name=$1 bin=$2; shift 2
+  note "bench: $name"
+  timeout 120 "$bin" "${BENCH[@]}" "$@" --unet-io /tmp/unet-io.safetensors --json "$OUT/bench-$name.json" \
+    > "$OUT/bench-$name.log" 2>&1
+  echo "bench $name exit $?"; grep -E '^\| (UNet|VAE|whole)' "$OUT/bench-$name.log"
+  cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$name.safetensors" 2>/dev/null
 }
 
 if [ "$PART" = ours ]; then
@@ -188,25 +206,15 @@ if [ "$PART" = fuse ]; then
   grep -E 'FAIL|^\| (flash|group norm|GEGLU|upsample)' "$OUT/check-kernels.log"
   make_unet_io /tmp/unet-io.safetensors
   # base, new, new with the 4-warp attention, base again: drift shows as base-vs-base
-  run_bench() {  # name, binary, then env assignments
-    local name=$1 bin=$2; shift 2
-    note "bench f16: $name"
-    env "$@" timeout 120 "$bin" "${BENCH[@]}" --unet-io /tmp/unet-io.safetensors --json "$OUT/bench-$name.json" \
-      > "$OUT/bench-$name.log" 2>&1
-    echo "bench $name exit $?"; grep '^|' "$OUT/bench-$name.log"
-    cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$name.safetensors" 2>/dev/null
-  }
   run_bench base "$BASE"
   run_bench new "$WORKER"
-  # SHORT=1, MINIMAL=1: calls with little device time left
-  [ -n "${MINIMAL:-}" ] && { note "done (minimal)"; exit 0; }
-  run_bench new-w4 "$WORKER" SDXL_FLASH_WARPS=4
-  [ -n "${SHORT:-}" ] || run_bench base-again "$BASE"
+  SDXL_FLASH_WARPS=4 run_bench new-w4 "$WORKER"
+  run_bench base-again "$BASE"
   with_diffusers
   note "diffusers eager and compile (UNet output for the cosine)"
   left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 30 ))
   timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
-    --recipes "${FUSE_RECIPES:-eager,compile}" --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-f16.json" 2>&1 \
+    --recipes eager,compile --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-f16.json" 2>&1 \
     | tee "$OUT/diffusers-f16.log" | grep --line-buffered -E '^(eager|compile) '
   echo "diffusers exit ${PIPESTATUS[0]} (limit $left s)"
   for name in base new new-w4; do
@@ -237,4 +245,40 @@ if [ "$PART" = diffusers ]; then
   note "done"
   for f in same-candle-f16 same-candle-fp8; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
   grep -E '^\{"label"|throughput' "$OUT/diffusers-f16.log"
+fi
+
+if [ "$PART" = fp8 ]; then
+  # FP8's A/B: this binary against the one before it (.device/worker-prev.xz), which
+  # applied the scales in a pass of its own; the cuBLASLt probe; quality against f16.
+  PREV=$(unpack worker-prev)
+  note "cuBLASLt FP8 outer-vector probe"
+  timeout 120 .device/fp8-probe > "$OUT/fp8-probe.txt" 2>&1
+  echo "probe exit $?"; grep -c '| ok |' "$OUT/fp8-probe.txt"; grep 'after the heuristic' "$OUT/fp8-probe.txt"
+  make_unet_io /tmp/unet-io.safetensors
+  run_bench f16 "$WORKER" --no-image
+  run_bench fp8-prev "$PREV" --precision fp8 --no-image
+  run_bench fp8 "$WORKER" --precision fp8
+  cosine /tmp/unet-io.fp8.safetensors /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-fp8-vs-f16.json"
+  cosine /tmp/unet-io.fp8-prev.safetensors /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-fp8-prev-vs-f16.json"
+  for p in dtype fp8; do
+    note "generate, precision $p"
+    "$WORKER" "${GEN[@]}" --precision $p --output "$OUT/gen-$p.png" > "$OUT/gen-$p.log" 2>&1
+    echo "generate $p exit $?"
+  done
+  python3 - "$OUT/gen-dtype.png" "$OUT/gen-fp8.png" <<'PY' | tee "$OUT/fp8-psnr.json"
+import sys, json, numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
+mse = ((a - b) ** 2).mean()
+print(json.dumps({"psnr_db_fp8_vs_f16": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")}))
+PY
+  note "ncu: one FP8 UNet forward"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 200 "$NCU" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \
+    "$WORKER" bench --model "$MODEL" --device cuda --dtype f16 --precision fp8 --profile unet \
+    > /tmp/ncu-fp8.csv 2> "$OUT/ncu-fp8.err"
+  echo "ncu exit $?"
+  python3 bench/ncu_summary.py /tmp/ncu-fp8.csv > "$OUT/ncu-unet-fp8-summary.txt" 2>&1
+  head -32 "$OUT/ncu-unet-fp8-summary.txt"
+  note "done"
 fi

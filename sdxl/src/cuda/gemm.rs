@@ -182,7 +182,28 @@ unsafe fn set_desc<T>(
     )
 }
 
-fn build_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Option<Plan>> {
+/// `p`'s bias and scale pointers into `desc`.
+///
+/// # Safety
+/// `desc` must be a live descriptor.
+unsafe fn set_pointers(desc: sys::cublasLtMatmulDesc_t, p: &Product) -> Result<()> {
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    unsafe {
+        if let Some(bias) = &p.bias {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)?;
+        }
+        if let Some((sa, sb)) = &p.scales {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, sa)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, sb)?;
+        }
+    }
+    Ok(())
+}
+
+/// The plan of `key`'s shape; `first` is the product it is built for, whose
+/// bias and scale pointers the heuristic is shown (each later product sets
+/// its own before it runs).
+fn build_plan(handle: sys::cublasLtHandle_t, key: &PlanKey, first: &Product) -> Result<Option<Plan>> {
     use sys::cublasLtMatmulDescAttributes_t as A;
     let op = key.operands;
     let desc = lt::create_matmul_desc(
@@ -226,6 +247,11 @@ fn build_plan(handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Option<Pla
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
         }
+        // With outer-vector scale modes set and the scale pointers not yet
+        // set, the heuristic answers CUBLAS_STATUS_INVALID_VALUE (cuBLASLt
+        // 13.1 on an H100, `bench/fp8_outer_vec_probe.cu`): so it is shown
+        // the first product's pointers.
+        set_pointers(desc, first)?;
     }
     let pref = lt::create_matmul_pref().map_err(|e| candle_core::Error::Msg(format!("cuBLASLt preference: {e:?}")))?;
     let found = (|| -> Result<Option<sys::cublasLtMatmulHeuristicResult_t>> {
@@ -305,23 +331,14 @@ pub unsafe fn run(dev: &CudaDevice, p: &Product) -> Result<bool> {
             if let Some(p) = plans.get(&key) {
                 return Ok(p.clone());
             }
-            let plan = build_plan(state.handle, &key)?.map(Rc::new);
+            let plan = build_plan(state.handle, &key, p)?.map(Rc::new);
             plans.insert(key, plan.clone());
             Ok(plan)
         })?;
         let Some(plan) = plan else {
             return Ok(false);
         };
-        use sys::cublasLtMatmulDescAttributes_t as A;
-        unsafe {
-            if let Some(bias) = &p.bias {
-                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)?;
-            }
-            if let Some((sa, sb)) = &p.scales {
-                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, sa)?;
-                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, sb)?;
-            }
-        }
+        unsafe { set_pointers(plan.desc, p)? };
         let (alpha, beta) = (1f32, if p.residual.is_some() { 1f32 } else { 0f32 });
         let c = p.residual.unwrap_or(p.d);
         let (ws, _ws_guard) = {
