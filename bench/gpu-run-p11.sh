@@ -25,6 +25,9 @@
 #                                    worker bench fp8 of this binary and of the one before it
 #                                    (.device/worker-prev.xz), cosine and image PSNR against f16,
 #                                    ncu of one FP8 UNet forward
+#   bench/gpu-run-p11.sh tf32        the VAE's f32 matrix products in TF32: worker bench and one
+#                                    image of this binary and of the one before it
+#                                    (.device/worker-prev.xz), their PSNR, ncu of one VAE decode
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -280,5 +283,35 @@ PY
   echo "ncu exit $?"
   python3 bench/ncu_summary.py /tmp/ncu-fp8.csv > "$OUT/ncu-unet-fp8-summary.txt" 2>&1
   head -32 "$OUT/ncu-unet-fp8-summary.txt"
+  note "done"
+fi
+
+if [ "$PART" = tf32 ]; then
+  PREV=$(unpack worker-prev)
+  make_unet_io /tmp/unet-io.safetensors
+  run_bench prev "$PREV"
+  run_bench new "$WORKER"
+  run_bench prev-again "$PREV"
+  for name in prev new; do
+    bin=$WORKER; [ $name = prev ] && bin=$PREV
+    note "generate: $name"
+    "$bin" "${GEN[@]}" --output "$OUT/gen-$name.png" > "$OUT/gen-$name.log" 2>&1
+    echo "generate $name exit $?"
+  done
+  python3 - "$OUT/gen-prev.png" "$OUT/gen-new.png" <<'PY' | tee "$OUT/tf32-psnr.json"
+import sys, json, numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
+mse = ((a - b) ** 2).mean()
+print(json.dumps({"psnr_db_new_vs_prev": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf"),
+                  "max_abs": float(np.abs(a - b).max()), "mean_abs": float(np.abs(a - b).mean())}))
+PY
+  note "ncu: one VAE decode"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 200 "$NCU" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \
+    "$WORKER" bench --model "$MODEL" --device cuda --dtype f16 --profile vae > /tmp/ncu-vae.csv 2> "$OUT/ncu-vae.err"
+  echo "ncu exit $?"
+  python3 bench/ncu_summary.py /tmp/ncu-vae.csv > "$OUT/ncu-vae-summary.txt" 2>&1
+  head -24 "$OUT/ncu-vae-summary.txt"
   note "done"
 fi

@@ -35,8 +35,10 @@ pub struct Accel {
     /// Linear layers through cuBLASLt with the bias (and residual) in the
     /// product's epilogue.
     pub lt: bool,
-    /// f32 convolutions (the VAE under `force_upcast`) in TF32 on tensor
-    /// cores, as PyTorch's `cudnn.allow_tf32` default.
+    /// f32 convolutions and matrix products (the VAE under `force_upcast`)
+    /// in TF32 on tensor cores: PyTorch's `cudnn.allow_tf32` default for
+    /// the convolutions, and `torch.backends.cuda.matmul.allow_tf32` (off
+    /// by default in PyTorch) for the products.
     pub tf32: bool,
     /// The UNet's transformer linear layers quantized to e4m3 when they are
     /// built, and their products on FP8 tensor cores.
@@ -177,6 +179,10 @@ impl Accel {
     /// Makes `self` the paths in force for every model in this process.
     pub fn install(self) {
         CURRENT.store(self.bits(), Ordering::Relaxed);
+        // candle's own f32 matrix products (the VAE's attention under
+        // `force_upcast`) follow the convolutions' TF32 choice.
+        #[cfg(feature = "cuda")]
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(self.tf32);
     }
 
     /// The paths in force (all of them until a pipeline installs others).

@@ -178,7 +178,7 @@ pub struct AccelArgs {
     /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias, lt.
     #[arg(long, env = "SDXL_KERNELS", default_value = "all", value_parser = Accel::parse)]
     pub kernels: Accel,
-    /// TF32 for f32 convolutions (the VAE under `force_upcast`), as PyTorch does; 0 turns it off.
+    /// TF32 for f32 convolutions and matrix products (the VAE under `force_upcast`); 0 turns it off.
     #[arg(long, env = "SDXL_TF32", default_value = "1", value_parser = BoolishValueParser::new())]
     pub tf32: bool,
     /// How cuDNN's algorithm for each new convolution shape is chosen: `find` times the
