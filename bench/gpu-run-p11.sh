@@ -95,6 +95,27 @@ print(json.dumps({"cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).i
 PY
 }
 
+psnr() {  # PSNR (and largest and mean difference) of two 8-bit images: A B LABEL
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys, json, numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
+mse = ((a - b) ** 2).mean()
+print(json.dumps({f"psnr_db_{sys.argv[3]}": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf"),
+                  "max_abs": float(np.abs(a - b).max()), "mean_abs": float(np.abs(a - b).mean())}))
+PY
+}
+ncu_profile() {  # kernel times of one forward under ncu, summed per family: NAME STAGE, then bench flags
+  local name=$1 stage=$2; shift 2
+  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 200 "$ncu" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \
+    "$WORKER" bench --model "$MODEL" --device cuda --dtype f16 "$@" --profile "$stage" \
+    > "/tmp/ncu-$name.csv" 2> "$OUT/ncu-$name.err"
+  echo "ncu exit $?"
+  python3 bench/ncu_summary.py "/tmp/ncu-$name.csv" > "$OUT/ncu-$name-summary.txt" 2>&1
+  head -32 "$OUT/ncu-$name-summary.txt"
+}
+
 run_bench() {  # name, binary, then bench flags; keeps the UNet output as /tmp/unet-io.NAME.safetensors
   local name=$1 bin=$2; shift 2
   note "bench: $name"
@@ -116,14 +137,7 @@ if [ "$PART" = ours ]; then
   note "generate, precision fp8 (same seed)"
   "$WORKER" "${GEN[@]}" --precision fp8 --output "$OUT/fp8.png" > "$OUT/fp8-generate.log" 2>&1
   echo "fp8 generate exit $?"
-  python3 - "$OUT/warm.png" "$OUT/fp8.png" <<'PY' | tee "$OUT/fp8-psnr.json"
-import sys, json, numpy as np
-from PIL import Image
-a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
-mse = ((a - b) ** 2).mean()
-print(json.dumps({"psnr_db_fp8_vs_f16": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf"),
-                  "max_abs": float(np.abs(a - b).max())}))
-PY
+  psnr "$OUT/warm.png" "$OUT/fp8.png" fp8_vs_f16 | tee "$OUT/fp8-psnr.json"
   note "check-kernels"
   timeout 200 "$WORKER" check-kernels --iters 5 > "$OUT/check-kernels.log" 2>&1
   echo "check-kernels exit $?"
@@ -268,21 +282,9 @@ if [ "$PART" = fp8 ]; then
     "$WORKER" "${GEN[@]}" --precision $p --output "$OUT/gen-$p.png" > "$OUT/gen-$p.log" 2>&1
     echo "generate $p exit $?"
   done
-  python3 - "$OUT/gen-dtype.png" "$OUT/gen-fp8.png" <<'PY' | tee "$OUT/fp8-psnr.json"
-import sys, json, numpy as np
-from PIL import Image
-a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
-mse = ((a - b) ** 2).mean()
-print(json.dumps({"psnr_db_fp8_vs_f16": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")}))
-PY
+  psnr "$OUT/gen-dtype.png" "$OUT/gen-fp8.png" fp8_vs_f16 | tee "$OUT/fp8-psnr.json"
   note "ncu: one FP8 UNet forward"
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  timeout 200 "$NCU" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \
-    "$WORKER" bench --model "$MODEL" --device cuda --dtype f16 --precision fp8 --profile unet \
-    > /tmp/ncu-fp8.csv 2> "$OUT/ncu-fp8.err"
-  echo "ncu exit $?"
-  python3 bench/ncu_summary.py /tmp/ncu-fp8.csv > "$OUT/ncu-unet-fp8-summary.txt" 2>&1
-  head -32 "$OUT/ncu-unet-fp8-summary.txt"
+  ncu_profile unet-fp8 unet --precision fp8
   note "done"
 fi
 
@@ -298,20 +300,8 @@ if [ "$PART" = tf32 ]; then
     "$bin" "${GEN[@]}" --output "$OUT/gen-$name.png" > "$OUT/gen-$name.log" 2>&1
     echo "generate $name exit $?"
   done
-  python3 - "$OUT/gen-prev.png" "$OUT/gen-new.png" <<'PY' | tee "$OUT/tf32-psnr.json"
-import sys, json, numpy as np
-from PIL import Image
-a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
-mse = ((a - b) ** 2).mean()
-print(json.dumps({"psnr_db_new_vs_prev": 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf"),
-                  "max_abs": float(np.abs(a - b).max()), "mean_abs": float(np.abs(a - b).mean())}))
-PY
+  psnr "$OUT/gen-prev.png" "$OUT/gen-new.png" new_vs_prev | tee "$OUT/tf32-psnr.json"
   note "ncu: one VAE decode"
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  timeout 200 "$NCU" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw \
-    "$WORKER" bench --model "$MODEL" --device cuda --dtype f16 --profile vae > /tmp/ncu-vae.csv 2> "$OUT/ncu-vae.err"
-  echo "ncu exit $?"
-  python3 bench/ncu_summary.py /tmp/ncu-vae.csv > "$OUT/ncu-vae-summary.txt" 2>&1
-  head -24 "$OUT/ncu-vae-summary.txt"
+  ncu_profile vae vae
   note "done"
 fi
