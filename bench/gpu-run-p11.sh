@@ -28,6 +28,13 @@
 #   bench/gpu-run-p11.sh tf32        the VAE's f32 matrix products in TF32: worker bench and one
 #                                    image of this binary and of the one before it
 #                                    (.device/worker-prev.xz), their PSNR, ncu of one VAE decode
+#   bench/gpu-run-p11.sh nhwc        channels-last activations (SDXL_KERNELS's `nhwc` path):
+#                                    check-kernels (the NHWC rows); worker bench with and without
+#                                    the path, alternating, in the same call; the same-seed images'
+#                                    PSNR; worker bench fp8; diffusers eager's UNet output for
+#                                    both UNets' cosine; ncu of one UNet forward and one VAE decode
+#   bench/gpu-run-p11.sh many        images/s: worker bench --throughput and diffusers eager's
+#                                    --throughput in the same call
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -121,7 +128,7 @@ run_bench() {  # name, binary, then bench flags; keeps the UNet output as /tmp/u
   note "bench: $name"
   timeout 120 "$bin" "${BENCH[@]}" "$@" --unet-io /tmp/unet-io.safetensors --json "$OUT/bench-$name.json" \
     > "$OUT/bench-$name.log" 2>&1
-  echo "bench $name exit $?"; grep -E '^\| (UNet|VAE|whole)' "$OUT/bench-$name.log"
+  echo "bench $name exit $?"; grep -E '^\| (UNet|VAE|TAESD|preview|whole)' "$OUT/bench-$name.log"
   cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$name.safetensors" 2>/dev/null
 }
 
@@ -303,5 +310,56 @@ if [ "$PART" = tf32 ]; then
   psnr "$OUT/gen-prev.png" "$OUT/gen-new.png" new_vs_prev | tee "$OUT/tf32-psnr.json"
   note "ncu: one VAE decode"
   ncu_profile vae vae
+  note "done"
+fi
+
+if [ "$PART" = nhwc ]; then
+  NCHW=attention,conv,norm,geglu,bias,lt  # every path but nhwc
+  note "check-kernels"
+  timeout 150 "$WORKER" check-kernels --iters 10 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  # printed as the call goes, so a call cut short still reports what it measured
+  grep -E 'FAIL|NHWC|fell back' "$OUT/check-kernels.log"
+  make_unet_io /tmp/unet-io.safetensors
+  SDXL_KERNELS=$NCHW run_bench nchw "$WORKER"
+  run_bench nhwc "$WORKER"
+  SDXL_KERNELS=$NCHW run_bench nchw-again "$WORKER"
+  run_bench nhwc-again "$WORKER"
+  run_bench fp8 "$WORKER" --precision fp8 --no-image
+  for name in nchw nhwc; do
+    note "generate: $name"
+    kernels=all; [ $name = nchw ] && kernels=$NCHW
+    SDXL_KERNELS=$kernels "$WORKER" "${GEN[@]}" --output "$OUT/gen-$name.png" > "$OUT/gen-$name.log" 2>&1
+    echo "generate $name exit $?"
+  done
+  psnr "$OUT/gen-nchw.png" "$OUT/gen-nhwc.png" nhwc_vs_nchw | tee "$OUT/nhwc-psnr.json"
+  cosine /tmp/unet-io.nhwc.safetensors /tmp/unet-io.nchw.safetensors | tee "$OUT/unet-cosine-nhwc-vs-nchw.json"
+  with_diffusers
+  note "diffusers eager (UNet output for the cosine)"
+  timeout 150 python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
+    --recipes eager --unet-io /tmp/unet-io.safetensors --json "$OUT/diffusers-f16.json" 2>&1 \
+    | tee "$OUT/diffusers-f16.log" | grep --line-buffered -E '^eager '
+  echo "diffusers exit ${PIPESTATUS[0]}"
+  for name in nchw nhwc; do
+    cosine "/tmp/unet-io.$name.safetensors" /tmp/unet-io.diffusers.safetensors | tee "$OUT/unet-cosine-$name.json"
+  done
+  note "ncu: one UNet forward, one VAE decode (nhwc)"
+  ncu_profile unet-nhwc unet
+  ncu_profile vae-nhwc vae
+  note "done"
+fi
+
+if [ "$PART" = many ]; then
+  note "worker bench --throughput $THROUGHPUT"
+  timeout 240 "$WORKER" "${BENCH[@]}" --no-image --iters 5 --throughput "$THROUGHPUT" \
+    --json "$OUT/candle-throughput.json" > "$OUT/candle-throughput.log" 2>&1
+  echo "bench exit $?"; grep -iE 'images/s|throughput' "$OUT/candle-throughput.log"
+  with_diffusers
+  note "diffusers eager --throughput 1,4,8"
+  left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 15 ))
+  timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
+    --recipes eager --throughput 1,4,8 --json "$OUT/diffusers-throughput.json" 2>&1 \
+    | tee "$OUT/diffusers-throughput.log" | grep --line-buffered -iE 'images/s|throughput'
+  echo "diffusers exit ${PIPESTATUS[0]} (limit $left s)"
   note "done"
 fi

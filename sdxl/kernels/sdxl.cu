@@ -5,9 +5,12 @@
 //   group_norm_stats_* /        GroupNorm (+ optional SiLU) on NCHW in two passes:
 //   group_norm_apply_*          shifted sums per chunk, then normalise + affine;
 //                               optionally adds the producing convolution's bias first.
+//   group_norm_nhwc_*           the same on channels-last [b, h*w, c] storage: per-channel
+//                               sums per chunk of pixels, folded per group, then applied.
 //   geglu_*                     x * gelu_erf(gate) over the two halves of a row.
-//   upsample_nearest2x_*        nearest 2x upsampling, a 2x2 block per input element.
-//   bias_add_*                  in-place bias (+ residual) add.
+//   upsample_nearest2x_*        nearest 2x upsampling, a 2x2 block per input element
+//                               (_nhwc_*: of channels-last storage, 8 channels per thread).
+//   bias_add_*                  in-place bias (+ residual) add (+ ReLU).
 //   layer_norm_*                LayerNorm over the last dimension, one warp per row.
 //
 // All accumulation is in f32; results are rounded once to the storage type.
@@ -165,6 +168,134 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x, const 
 }
 
 // ---------------------------------------------------------------------------
+// GroupNorm on channels-last storage: x is [batch, hw, c] (c % 8 == 0, x and
+// y 16-byte aligned), a group is `cpg` neighbouring channels of every pixel.
+// The block is (c / 8, rows): thread (tx, ty) owns channels 8tx .. 8tx + 7 and
+// visits every rows-th pixel of the block's chunk of `chunk` pixels, so its
+// loads are 16 bytes and a warp's are contiguous.
+//
+// Pass 1 (stats, grid (splits, batch)): per-channel shifted sums in
+// registers, the pivot being the group's first element (pixel 0, channel
+// g*cpg), then folded through shared memory per group in a fixed order into
+// partial[(b, split, g)]. Pass 2 (finalize, grid (groups, batch)): the chunk
+// sums of a group, in a fixed order, into its mean and 1/std. Pass 3 (apply,
+// grid (splits, batch)): (x - mean) * rstd * gamma + beta (+ SiLU), with the
+// same rounding as the NCHW kernels. `pre` as there. Deterministic, and a
+// batch item's numbers do not depend on the batch it is in.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float gn_pre(const T* pre, long long pre_bs, int b, int c) {
+  return pre == nullptr ? 0.f : to_f32(pre[b * pre_bs + c]);
+}
+
+template <typename T>
+__device__ __forceinline__ void group_norm_nhwc_stats(const T* __restrict__ x, const T* __restrict__ pre,
+                                                      long long pre_bs, float* __restrict__ partial, long long hw,
+                                                      int c, int cpg, int groups, long long chunk, int splits) {
+  extern __shared__ float gn_shared[];  // [2][rows][c]
+  const int b = blockIdx.y, s = blockIdx.x;
+  const int c0 = threadIdx.x * 8, rows = blockDim.y;
+  const T* xb = x + b * hw * c;
+  float pivot[8], bias[8], s1[8], s2[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int g0 = (c0 + j) / cpg * cpg;
+    pivot[j] = gn_in(xb[g0], gn_pre(pre, pre_bs, b, g0));
+    bias[j] = gn_pre(pre, pre_bs, b, c0 + j);
+    s1[j] = 0.f;
+    s2[j] = 0.f;
+  }
+  const long long start = s * chunk, end = min(start + chunk, hw);
+  for (long long p = start + threadIdx.y; p < end; p += rows) {
+    const Pack8<T> v = *reinterpret_cast<const Pack8<T>*>(xb + p * c + c0);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float d = gn_in(v.e[j], bias[j]) - pivot[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  }
+  float* sh1 = gn_shared;
+  float* sh2 = gn_shared + rows * c;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    sh1[threadIdx.y * c + c0 + j] = s1[j];
+    sh2[threadIdx.y * c + c0 + j] = s2[j];
+  }
+  __syncthreads();
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int g = tid; g < groups; g += blockDim.x * blockDim.y) {
+    float a1 = 0.f, a2 = 0.f;
+    for (int r = 0; r < rows; ++r) {
+      for (int k = g * cpg; k < (g + 1) * cpg; ++k) {
+        a1 += sh1[r * c + k];
+        a2 += sh2[r * c + k];
+      }
+    }
+    float* out = partial + ((b * (long long)splits + s) * groups + g) * 2;
+    out[0] = a1;
+    out[1] = a2;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void group_norm_nhwc_finalize(const T* __restrict__ x, const T* __restrict__ pre,
+                                                         long long pre_bs, const float* __restrict__ partial,
+                                                         float* __restrict__ stats, long long hw, int c, int cpg,
+                                                         int groups, int splits, float eps) {
+  const int g = blockIdx.x, b = blockIdx.y;
+  float s1 = 0.f, s2 = 0.f;
+  for (int i = threadIdx.x; i < splits; i += blockDim.x) {
+    const float* p = partial + ((b * (long long)splits + i) * groups + g) * 2;
+    s1 += p[0];
+    s2 += p[1];
+  }
+  block_sum2(s1, s2);
+  if (threadIdx.x == 0) {
+    const float n = (float)(hw * cpg);
+    const float dmean = s1 / n;
+    const float var = fmaxf(s2 / n - dmean * dmean, 0.f);
+    const int g0 = g * cpg;
+    stats[(b * groups + g) * 2] = gn_in(x[b * hw * c + g0], gn_pre(pre, pre_bs, b, g0)) + dmean;
+    stats[(b * groups + g) * 2 + 1] = rsqrtf(var + eps);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void group_norm_nhwc_apply(const T* __restrict__ x, const T* __restrict__ pre,
+                                                      long long pre_bs, const T* __restrict__ gamma,
+                                                      const T* __restrict__ beta, const float* __restrict__ stats,
+                                                      T* __restrict__ y, long long hw, int c, int cpg, int groups,
+                                                      long long chunk, int silu) {
+  const int b = blockIdx.y, s = blockIdx.x;
+  const int c0 = threadIdx.x * 8;
+  float mean[8], sc[8], sh[8], bias[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int g = (c0 + j) / cpg;
+    mean[j] = stats[(b * groups + g) * 2];
+    sc[j] = stats[(b * groups + g) * 2 + 1] * to_f32(gamma[c0 + j]);
+    sh[j] = to_f32(beta[c0 + j]);
+    bias[j] = gn_pre(pre, pre_bs, b, c0 + j);
+  }
+  const T* xb = x + b * hw * c;
+  T* yb = y + b * hw * c;
+  const long long start = s * chunk, end = min(start + chunk, hw);
+  for (long long p = start + threadIdx.y; p < end; p += blockDim.y) {
+    const Pack8<T> v = *reinterpret_cast<const Pack8<T>*>(xb + p * c + c0);
+    Pack8<T> o;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float r = (gn_in(v.e[j], bias[j]) - mean[j]) * sc[j] + sh[j];
+      if (silu) r = r / (1.f + __expf(-r));
+      o.e[j] = from_f32<T>(r);
+    }
+    *reinterpret_cast<Pack8<T>*>(yb + p * c + c0) = o;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // GEGLU: h is [rows, 2*inner]; out[r, c] = h[r, c] * gelu_erf(h[r, inner + c]).
 // `vec`: inner is a multiple of 8 and h, out start 16-byte aligned: 8 outputs
 // per thread from two 16-byte loads.
@@ -225,18 +356,45 @@ __device__ __forceinline__ void upsample_nearest2x(const T* __restrict__ x, T* _
   }
 }
 
+// Nearest 2x upsampling of channels-last [batch, h, w, c] (c % 8 == 0, 16-byte
+// aligned) into [batch, 2h, 2w, c]: a thread per 8 channels of an input pixel
+// writes them to the four output pixels it covers.
+template <typename T>
+__device__ __forceinline__ void upsample_nearest2x_nhwc(const T* __restrict__ x, T* __restrict__ y, long long nv,
+                                                        int w, int cv) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv; v += stride) {
+    const long long pix = v / cv;
+    const int k = (int)(v - pix * cv);
+    const int j = (int)(pix % w);
+    const long long bi = pix / w;  // batch * h + i
+    const Pack8<T> p = *reinterpret_cast<const Pack8<T>*>(x + v * 8);
+    const long long c = cv * 8LL;
+    T* out = y + ((2 * bi) * 2LL * w + 2LL * j) * c + k * 8;
+    *reinterpret_cast<Pack8<T>*>(out) = p;
+    *reinterpret_cast<Pack8<T>*>(out + c) = p;
+    *reinterpret_cast<Pack8<T>*>(out + 2LL * w * c) = p;
+    *reinterpret_cast<Pack8<T>*>(out + 2LL * w * c + c) = p;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // In-place bias add: x[i] += bias[batch * bias_bs + channel] (+ res[i] when
 // res is not null: a residual connection in the same pass), where x is
-// contiguous [batch, c, inner] (inner = 1 for a Linear's [rows, c] output,
-// inner = h*w for NCHW; bias_bs = c for a per-sample bias such as the UNet's
-// time embedding, 0 for a shared one). Eight elements per step when they
-// share one channel (inner % 8 == 0) or are eight channels (inner == 1).
+// contiguous [batch, c, inner] (inner = 1 for a Linear's [rows, c] output or
+// channels-last [pixels, c] storage, inner = h*w for NCHW; bias_bs = c for a
+// per-sample bias such as the UNet's time embedding, 0 for a shared one).
+// `rps` rows of c share one sample's bias (h*w for channels-last storage, 1
+// otherwise). `relu`: max(0, sum) is stored (TAESD's blocks). Eight
+// elements per step when they share one channel (inner % 8 == 0) or are
+// eight channels (inner == 1).
 // ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float relu_if(float v, int relu) { return relu ? fmaxf(v, 0.f) : v; }
 
 template <typename T>
 __device__ __forceinline__ void bias_add(T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ res,
-                                         long long n, long long inner, int c, long long bias_bs) {
+                                         long long n, long long inner, int c, long long bias_bs, long long rps, int relu) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   // every 8-element run is 16-byte aligned: n % 8 == 0 and the host passes
@@ -259,15 +417,15 @@ __device__ __forceinline__ void bias_add(T* __restrict__ x, const T* __restrict_
       if (inner == 1) {
         const long long bt = i / c;
         const int ch = (int)(i - bt * c);
-        const T* b = bias + bt * bias_bs + ch;
+        const T* b = bias + (bt / rps) * bias_bs + ch;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) p.e[j] = from_f32<T>(to_f32(p.e[j]) + to_f32(b[j]) + r[j]);
+        for (int j = 0; j < 8; ++j) p.e[j] = from_f32<T>(relu_if(to_f32(p.e[j]) + to_f32(b[j]) + r[j], relu));
       } else {
         const long long row = i / inner;
         const long long bt = row / c;
-        const float b = to_f32(bias[bt * bias_bs + (row - bt * c)]);
+        const float b = to_f32(bias[(bt / rps) * bias_bs + (row - bt * c)]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) p.e[j] = from_f32<T>(to_f32(p.e[j]) + b + r[j]);
+        for (int j = 0; j < 8; ++j) p.e[j] = from_f32<T>(relu_if(to_f32(p.e[j]) + b + r[j], relu));
       }
       *reinterpret_cast<Pack*>(x + i) = p;
     }
@@ -277,7 +435,7 @@ __device__ __forceinline__ void bias_add(T* __restrict__ x, const T* __restrict_
     const long long row = i / inner;
     const long long bt = row / c;
     const float r = res != nullptr ? to_f32(res[i]) : 0.f;
-    x[i] = from_f32<T>(to_f32(x[i]) + to_f32(bias[bt * bias_bs + (row - bt * c)]) + r);
+    x[i] = from_f32<T>(relu_if(to_f32(x[i]) + to_f32(bias[(bt / rps) * bias_bs + (row - bt * c)]) + r, relu));
   }
 }
 
@@ -362,6 +520,27 @@ GROUP_NORM(f32, float)
 GROUP_NORM(f16, __half)
 GROUP_NORM(bf16, __nv_bfloat16)
 
+#define GROUP_NORM_NHWC(SUFFIX, T)                                                                                 \
+  extern "C" __global__ void group_norm_nhwc_stats_##SUFFIX(const T* x, const T* pre, long long pre_bs,            \
+                                                            float* partial, long long hw, int c, int cpg,          \
+                                                            int groups, long long chunk, int splits) {             \
+    group_norm_nhwc_stats<T>(x, pre, pre_bs, partial, hw, c, cpg, groups, chunk, splits);                          \
+  }                                                                                                                \
+  extern "C" __global__ void group_norm_nhwc_finalize_##SUFFIX(const T* x, const T* pre, long long pre_bs,         \
+                                                               const float* partial, float* stats, long long hw,   \
+                                                               int c, int cpg, int groups, int splits, float eps) {\
+    group_norm_nhwc_finalize<T>(x, pre, pre_bs, partial, stats, hw, c, cpg, groups, splits, eps);                 \
+  }                                                                                                                \
+  extern "C" __global__ void group_norm_nhwc_apply_##SUFFIX(const T* x, const T* pre, long long pre_bs,            \
+                                                            const T* gamma, const T* beta, const float* stats,     \
+                                                            T* y, long long hw, int c, int cpg, int groups,        \
+                                                            long long chunk, int silu) {                           \
+    group_norm_nhwc_apply<T>(x, pre, pre_bs, gamma, beta, stats, y, hw, c, cpg, groups, chunk, silu);             \
+  }
+GROUP_NORM_NHWC(f32, float)
+GROUP_NORM_NHWC(f16, __half)
+GROUP_NORM_NHWC(bf16, __nv_bfloat16)
+
 #define GEGLU(SUFFIX, T)                                                                             \
   extern "C" __global__ void geglu_##SUFFIX(const T* h, T* out, long long rows, int inner, int vec) { \
     geglu<T>(h, out, rows, inner, vec);                                                                \
@@ -372,8 +551,8 @@ GEGLU(bf16, __nv_bfloat16)
 
 #define BIAS_ADD(SUFFIX, T)                                                                                       \
   extern "C" __global__ void bias_add_##SUFFIX(T* x, const T* bias, const T* res, long long n, long long inner,   \
-                                               int c, long long bias_bs) {                                       \
-    bias_add<T>(x, bias, res, n, inner, c, bias_bs);                                                              \
+                                               int c, long long bias_bs, long long rps, int relu) {              \
+    bias_add<T>(x, bias, res, n, inner, c, bias_bs, rps, relu);                                                   \
   }
 BIAS_ADD(f32, float)
 BIAS_ADD(f16, __half)
@@ -395,3 +574,11 @@ LAYER_NORM(bf16, __nv_bfloat16)
 UPSAMPLE2X(f32, float)
 UPSAMPLE2X(f16, __half)
 UPSAMPLE2X(bf16, __nv_bfloat16)
+
+#define UPSAMPLE2X_NHWC(SUFFIX, T)                                                                            \
+  extern "C" __global__ void upsample_nearest2x_nhwc_##SUFFIX(const T* x, T* y, long long nv, int w, int cv) { \
+    upsample_nearest2x_nhwc<T>(x, y, nv, w, cv);                                                              \
+  }
+UPSAMPLE2X_NHWC(f32, float)
+UPSAMPLE2X_NHWC(f16, __half)
+UPSAMPLE2X_NHWC(bf16, __nv_bfloat16)

@@ -8,7 +8,8 @@
 //!   `conv` (cuDNN convolutions), `norm` (fused group norm + SiLU), `geglu`,
 //!   `bias` (in-place bias adds after linear layers and time embeddings),
 //!   `lt` (linear layers through cuBLASLt, bias and residual in the GEMM's
-//!   epilogue).
+//!   epilogue), `nhwc` (the UNet's and VAE decoder's activations stored
+//!   channels-last, so cuDNN convolves without transposing; needs `conv`).
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -35,6 +36,11 @@ pub struct Accel {
     /// Linear layers through cuBLASLt with the bias (and residual) in the
     /// product's epilogue.
     pub lt: bool,
+    /// Image activations of the UNet and the VAE decoder kept channels-last
+    /// (NHWC storage) between layers, as `torch.channels_last`: cuDNN's
+    /// tensor-core convolutions read and write it without transposes, and
+    /// the transformers' tokens are a view of it. Takes effect with `conv`.
+    pub nhwc: bool,
     /// f32 convolutions and matrix products (the VAE under `force_upcast`)
     /// in TF32 on tensor cores: PyTorch's `cudnn.allow_tf32` default for
     /// the convolutions, and `torch.backends.cuda.matmul.allow_tf32` (off
@@ -90,7 +96,7 @@ impl Default for Accel {
 }
 
 /// The names `parse` takes, in the order of the bits below.
-const PATHS: [&str; 6] = ["attention", "conv", "norm", "geglu", "bias", "lt"];
+const PATHS: [&str; 7] = ["attention", "conv", "norm", "geglu", "bias", "lt", "nhwc"];
 
 impl Accel {
     pub const ALL: Accel = Accel {
@@ -100,6 +106,7 @@ impl Accel {
         geglu: true,
         bias: true,
         lt: true,
+        nhwc: true,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -111,6 +118,7 @@ impl Accel {
         geglu: false,
         bias: false,
         lt: false,
+        nhwc: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -133,6 +141,7 @@ impl Accel {
                 "geglu" => accel.geglu = true,
                 "bias" => accel.bias = true,
                 "lt" => accel.lt = true,
+                "nhwc" => accel.nhwc = true,
                 other => {
                     return Err(format!(
                         "unknown kernel path {other:?} (allowed: all, none, or a list of {})",
@@ -155,6 +164,7 @@ impl Accel {
             self.lt,
             self.fp8,
             self.conv_algo == ConvAlgo::Heuristic,
+            self.nhwc,
         ]
         .iter()
         .enumerate()
@@ -173,6 +183,7 @@ impl Accel {
             lt: on(6),
             fp8: on(7),
             conv_algo: if on(8) { ConvAlgo::Heuristic } else { ConvAlgo::Find },
+            nhwc: on(9),
         }
     }
 
@@ -240,11 +251,12 @@ mod tests {
         assert_eq!(Accel::parse("all"), Ok(Accel::ALL));
         assert_eq!(Accel::parse("none"), Ok(Accel::NONE));
         let a = Accel::parse("conv, norm").unwrap();
-        assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias && !a.lt);
+        assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias && !a.lt && !a.nhwc);
+        assert!(Accel::ALL.nhwc && Accel::parse("conv,nhwc").unwrap().nhwc);
         assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(
-            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt"),
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc"),
             "{e}"
         );
     }
@@ -266,6 +278,6 @@ mod tests {
         for name in ConvAlgo::NAMES {
             assert_eq!(ConvAlgo::from_name(name).map(ConvAlgo::name), Some(name));
         }
-        assert_eq!(Accel::from_bits(0b0111_1111), Accel::ALL);
+        assert_eq!(Accel::from_bits(0b10_0111_1111), Accel::ALL);
     }
 }

@@ -52,16 +52,20 @@ impl Module for Activation {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
+    /// The weight stored channels-last (`KRSC`), made on the first
+    /// channels-last input.
+    #[cfg(feature = "cuda")]
+    weight_nhwc: std::sync::OnceLock<Tensor>,
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fast(xs) {
-            let (cfg, w) = (self.inner.config(), self.inner.weight());
+            let (cfg, w) = (self.inner.config(), self.weight_for(xs)?);
             return match self.inner.bias() {
-                Some(b) => super::cuda::conv::conv2d_bias(xs, w, b, None, cfg.padding, cfg.stride),
-                None => super::cuda::conv::conv2d(xs, w, cfg.padding, cfg.stride),
+                Some(b) => super::cuda::conv::conv2d_bias(xs, &w, b, None, false, cfg.padding, cfg.stride),
+                None => super::cuda::conv::conv2d(xs, &w, cfg.padding, cfg.stride),
             };
         }
         self.inner.forward(xs)
@@ -69,11 +73,34 @@ impl Module for Conv2d {
 }
 
 impl Conv2d {
+    fn new(inner: candle_nn::Conv2d) -> Self {
+        Self {
+            inner,
+            #[cfg(feature = "cuda")]
+            weight_nhwc: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Whether the cuDNN path takes this input (one group, no dilation).
     #[cfg(feature = "cuda")]
     fn fast(&self, xs: &Tensor) -> bool {
         let cfg = self.inner.config();
         on_cuda(xs) && Accel::current().conv && cfg.groups == 1 && cfg.dilation == 1
+    }
+
+    /// The weight in the storage order that matches `xs`'s: channels-last
+    /// (made once) for a channels-last input, else as loaded.
+    #[cfg(feature = "cuda")]
+    fn weight_for(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        if !is_channels_last(xs) {
+            return Ok(w.clone());
+        }
+        if let Some(cl) = self.weight_nhwc.get() {
+            return Ok(cl.clone());
+        }
+        let cl = channels_last(w)?;
+        Ok(self.weight_nhwc.get_or_init(|| cl).clone())
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -86,7 +113,7 @@ impl Conv2d {
         let cfg = self.inner.config();
         #[cfg(feature = "cuda")]
         if self.fast(xs) {
-            return super::cuda::conv::conv2d(xs, self.inner.weight(), cfg.padding, cfg.stride);
+            return super::cuda::conv::conv2d(xs, &self.weight_for(xs)?, cfg.padding, cfg.stride);
         }
         xs.conv2d(self.inner.weight(), cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
     }
@@ -94,14 +121,33 @@ impl Conv2d {
     /// `self.forward(xs) + residual`; on CUDA the bias and the residual are
     /// added in one in-place pass over the convolution's output.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_fused(xs, Some(residual), false)
+    }
+
+    /// `relu(self.forward(xs) (+ residual))`; on CUDA the bias, the residual
+    /// and the ReLU are one in-place pass over the convolution's output.
+    pub fn forward_relu(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_fused(xs, residual, true)
+    }
+
+    fn forward_fused(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if self.fast(xs) && super::cuda::kernels::aligned(residual) {
+        if self.fast(xs) {
             if let Some(b) = self.inner.bias() {
-                let (cfg, w) = (self.inner.config(), self.inner.weight());
-                return super::cuda::conv::conv2d_bias(xs, w, b, Some(residual), cfg.padding, cfg.stride);
+                let (cfg, w) = (self.inner.config(), self.weight_for(xs)?);
+                return super::cuda::conv::conv2d_bias(xs, &w, b, residual, relu, cfg.padding, cfg.stride);
             }
         }
-        self.forward(xs)? + residual
+        let y = self.forward(xs)?;
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -131,9 +177,7 @@ fn group_norm_kernel(xs: &Tensor, act: Option<Activation>) -> bool {
 
 /// A convolution with a bias, as `torch.nn.Conv2d(c_in, c_out, kernel, …)`.
 pub fn conv2d(c_in: usize, c_out: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
-    Ok(Conv2d {
-        inner: candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?,
-    })
+    Ok(Conv2d::new(candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?))
 }
 
 /// A `kernel`×`kernel` convolution with "same" padding, stride 1.
@@ -151,9 +195,7 @@ pub fn conv2d_same_no_bias(c_in: usize, c_out: usize, kernel: usize, vb: VarBuil
         padding: (kernel - 1) / 2,
         ..Default::default()
     };
-    Ok(Conv2d {
-        inner: candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)?,
-    })
+    Ok(Conv2d::new(candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)?))
 }
 
 /// `torch.nn.Linear`. On CUDA the product runs through cuBLASLt with the
@@ -322,7 +364,7 @@ pub fn linear_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linea
 /// convolution output.
 pub fn add_channel_bias(xs: Tensor, bias: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if on_cuda(&xs) && Accel::current().bias && super::cuda::kernels::aligned(&xs) {
+    if on_cuda(&xs) && Accel::current().bias && super::cuda::kernels::aligned_like(&xs, &xs) {
         super::cuda::kernels::bias_add_inplace(&xs, bias, None, 1)?;
         return Ok(xs);
     }
@@ -446,6 +488,66 @@ pub fn upsample_nearest(xs: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
     xs.upsample_nearest2d(th, tw)
 }
 
+/// Whether `t` is an image `[b, c, h, w]` stored channels-last: the storage
+/// of a contiguous `[b, h, w, c]` seen through `permute((0, 3, 1, 2))` (what
+/// PyTorch calls `torch.channels_last`). On CUDA the UNet and the VAE decoder
+/// keep their activations so ([`to_layer_layout`]): cuDNN then convolves
+/// without transposing, and the transformers' `[b, h·w, c]` tokens are a
+/// view, not a copy.
+pub fn is_channels_last(t: &Tensor) -> bool {
+    let Ok((b, c, h, w)) = t.dims4() else {
+        return false;
+    };
+    let s = t.stride();
+    s[1] == 1 && s[3] == c && s[2] == w * c && (b == 1 || s[0] == h * w * c)
+}
+
+/// `t` `[b, c, h, w]` with channels-last storage: a copy, unless it already is.
+pub fn channels_last(t: &Tensor) -> Result<Tensor> {
+    if is_channels_last(t) {
+        return Ok(t.clone());
+    }
+    t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
+}
+
+/// `xs` `[b, c, h, w]` in the layout the layers keep images in: channels-last
+/// where [`layers_keep_channels_last`], else as it is. The UNet and the VAE
+/// decoder call it once, after their first convolution; every later layer
+/// keeps the layout it is given.
+pub fn to_layer_layout(xs: &Tensor) -> Result<Tensor> {
+    if layers_keep_channels_last(xs) {
+        return channels_last(xs);
+    }
+    Ok(xs.clone())
+}
+
+/// Whether the layers keep an image `xs` channels-last: on CUDA with the
+/// `conv` and `nhwc` paths.
+pub fn layers_keep_channels_last(xs: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let a = Accel::current();
+        on_cuda(xs) && a.conv && a.nhwc && xs.rank() == 4
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = xs;
+        false
+    }
+}
+
+/// `Tensor::cat(xs, 1)` for images: channels-last inputs give a
+/// channels-last output, by a concatenation along the storage's last
+/// dimension (candle's `cat` along dimension 1 of such views would copy
+/// element by element into yet another layout).
+pub fn cat_channels(xs: &[&Tensor]) -> Result<Tensor> {
+    if xs.iter().all(|t| is_channels_last(t)) {
+        let rows = xs.iter().map(|t| t.permute((0, 2, 3, 1))).collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&rows, 3)?.permute((0, 3, 1, 2));
+    }
+    Tensor::cat(xs, 1)
+}
+
 /// diffusers' GEGLU on the projection's output: `x · gelu(gate)` where
 /// `x, gate = h.chunk(2, dim=-1)`.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -562,7 +664,40 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::attention_in_blocks;
+    use super::{attention_in_blocks, cat_channels, channels_last, is_channels_last};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn channels_last_keeps_the_values_and_changes_the_storage() -> candle_core::Result<()> {
+        let x = Tensor::randn(0f32, 1., (2, 5, 3, 4), &Device::Cpu)?;
+        assert!(!is_channels_last(&x));
+        let cl = channels_last(&x)?;
+        assert!(is_channels_last(&cl) && !cl.is_contiguous());
+        assert_eq!(cl.dims(), x.dims());
+        assert_eq!(max_diff(&cl, &x)?, 0.0);
+        // its [b, h, w, c] view is the storage, contiguous
+        assert!(cl.permute((0, 2, 3, 1))?.is_contiguous());
+        // a slice of rows is not channels-last storage of its own shape
+        assert!(!is_channels_last(&cl.narrow(2, 0, 2)?.narrow(3, 0, 2)?));
+        Ok(())
+    }
+
+    #[test]
+    fn cat_channels_of_channels_last_images_equals_cat_and_stays_channels_last() -> candle_core::Result<()> {
+        let a = Tensor::randn(0f32, 1., (2, 3, 4, 5), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1., (2, 6, 4, 5), &Device::Cpu)?;
+        let want = Tensor::cat(&[&a, &b], 1)?;
+        let got = cat_channels(&[&channels_last(&a)?, &channels_last(&b)?])?;
+        assert!(is_channels_last(&got));
+        assert_eq!(max_diff(&got, &want)?, 0.0);
+        // mixed layouts: candle's cat, same numbers
+        let mixed = cat_channels(&[&a, &channels_last(&b)?])?;
+        assert_eq!(max_diff(&mixed, &want)?, 0.0);
+        Ok(())
+    }
 
     #[test]
     fn attention_in_blocks_of_queries_equals_attention_at_once() -> candle_core::Result<()> {

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{expect_one_of, TinyVaeConfig};
-use super::nn::{conv2d_same, conv2d_same_no_bias, upsample_nearest, Activation, Conv2d};
+use super::nn::{conv2d_same, conv2d_same_no_bias, to_layer_layout, upsample_nearest, Activation, Conv2d};
 use super::ModelError;
 
 /// `AutoencoderTinyBlock`: three convolutions, a skip, and a ReLU on the sum.
@@ -35,15 +35,22 @@ impl TinyBlock {
         })
     }
 
+    /// On CUDA each ReLU (and the skip's add) happens in the pass that adds
+    /// the convolution's bias.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.act.forward(&self.convs[0].forward(xs)?)?;
-        let h = self.act.forward(&self.convs[1].forward(&h)?)?;
-        let h = self.convs[2].forward(&h)?;
+        let conv_act = |conv: &Conv2d, xs: &Tensor| -> Result<Tensor> {
+            match self.act {
+                Activation::Relu => conv.forward_relu(xs, None),
+                act => act.forward(&conv.forward(xs)?),
+            }
+        };
+        let h = conv_act(&self.convs[0], xs)?;
+        let h = conv_act(&self.convs[1], &h)?;
         let skip = match &self.skip {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        (h + skip)?.relu()
+        self.convs[2].forward_relu(&h, Some(&skip))
     }
 }
 
@@ -51,7 +58,7 @@ impl TinyBlock {
 enum Layer {
     Conv(Conv2d),
     Act(Activation),
-    Block(TinyBlock),
+    Block(Box<TinyBlock>),
     Upsample(usize),
 }
 
@@ -101,7 +108,12 @@ impl TinyDecoder {
             for (i, (&ch, &blocks)) in channels.iter().zip(&c.num_decoder_blocks).enumerate() {
                 for _ in 0..blocks {
                     let idx = layers.len();
-                    layers.push(Layer::Block(TinyBlock::new(ch, ch, act, dec.pp(idx.to_string()))?));
+                    layers.push(Layer::Block(Box::new(TinyBlock::new(
+                        ch,
+                        ch,
+                        act,
+                        dec.pp(idx.to_string()),
+                    )?)));
                 }
                 if i != last {
                     layers.push(Layer::Upsample(c.upsampling_scaling_factor));
@@ -142,7 +154,8 @@ impl TinyDecoder {
             xs = match layer {
                 Layer::Conv(conv) => conv.forward(&xs)?,
                 Layer::Act(act) => act.forward(&xs)?,
-                Layer::Block(block) => block.forward(&xs)?,
+                // channels-last from the first block on, where the CUDA path keeps it
+                Layer::Block(block) => block.forward(&to_layer_layout(&xs)?)?,
                 Layer::Upsample(f) => {
                     let (_, _, h, w) = xs.dims4()?;
                     upsample_nearest(&xs, h * f, w * f)?

@@ -175,7 +175,8 @@ fn precision_parser() -> impl clap::builder::TypedValueParser<Value = Precision>
 /// The CUDA fast paths (A/B runs and bisection; CPU runs ignore them).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AccelArgs {
-    /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias, lt.
+    /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias, lt,
+    /// nhwc (channels-last activations).
     #[arg(long, env = "SDXL_KERNELS", default_value = "all", value_parser = Accel::parse)]
     pub kernels: Accel,
     /// TF32 for f32 convolutions and matrix products (the VAE under `force_upcast`); 0 turns it off.

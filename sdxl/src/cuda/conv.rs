@@ -1,4 +1,5 @@
-//! 2-D convolutions through cuDNN, NCHW, as PyTorch runs them: f32 accumulation
+//! 2-D convolutions through cuDNN, NCHW or channels-last (NHWC storage, see
+//! [`crate::nn::is_channels_last`]), as PyTorch runs them: f32 accumulation
 //! for half types with tensor-core math, TF32 allowed for f32 (PyTorch's
 //! `cudnn.allow_tf32` default), and the algorithm chosen once per shape, as
 //! [`ConvAlgo`] says: by timing the candidates
@@ -18,30 +19,101 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
+use super::kernels::channels_last;
 use super::op::{CudaOp, Elem, Launch2, OnCuda};
 use crate::accel::{Accel, ConvAlgo};
 
 /// `conv2d(xs, weight)` with symmetric `padding` and `stride` (no bias, no
-/// dilation, one group); inputs are made contiguous first.
+/// dilation, one group). A channels-last input with its channels in 8-element
+/// vectors is convolved as NHWC (no transposes inside cuDNN) and gives a
+/// channels-last output; `weight` is best channels-last then too (`KRSC`,
+/// made so here otherwise). Output channels that are not a multiple of 8 (the
+/// UNet's and the VAE's last convolution: 4 and 3) are computed padded with
+/// zero filters to the next multiple, and the output is a view of the first
+/// ones (neither contiguous nor channels-last). Any other input is made
+/// contiguous and gives a contiguous output.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if channels_last(xs) && nhwc_supports(xs) {
+        match conv2d_nhwc(xs, weight, padding, stride) {
+            Ok(y) => return Ok(y),
+            // A shape cuDNN has no NHWC algorithm for: NCHW below.
+            Err(e) => {
+                static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(error = %e, shape = ?xs.dims(), "NHWC convolution failed; NCHW instead");
+                }
+            }
+        }
+    }
     let xs = xs.contiguous()?;
     let weight = weight.contiguous()?;
-    xs.apply_op2_no_bwd(&weight, &OnCuda(CudnnConv { padding, stride }))
+    let op = CudnnConv {
+        padding,
+        stride,
+        nhwc: false,
+    };
+    xs.apply_op2_no_bwd(&weight, &OnCuda(op))
+}
+
+fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    // [k, r, s, c], contiguous
+    let mut rows = crate::nn::channels_last(weight)?.permute((0, 2, 3, 1))?;
+    let k = rows.dim(0)?;
+    let padded = k.next_multiple_of(8);
+    if padded != k {
+        let (_, r, s, c) = rows.dims4()?;
+        let zeros = Tensor::zeros((padded - k, r, s, c), rows.dtype(), rows.device())?;
+        rows = Tensor::cat(&[&rows, &zeros], 0)?;
+    }
+    let op = CudnnConv {
+        padding,
+        stride,
+        nhwc: true,
+    };
+    // both [n, h, w, c] views are contiguous; cuDNN gets NHWC descriptors
+    let y = xs.permute((0, 2, 3, 1))?.apply_op2_no_bwd(&rows, &OnCuda(op))?;
+    let y = if padded != k { y.narrow(3, 0, k)? } else { y };
+    y.permute((0, 3, 1, 2))
+}
+
+/// Input channels in whole 8-element vectors (16 bytes of f16), what cuDNN's
+/// NHWC tensor-core kernels read; the first convolutions (3 or 4 channels in)
+/// stay NCHW.
+fn nhwc_supports(xs: &Tensor) -> bool {
+    xs.dims().get(1).is_some_and(|c| c % 8 == 0)
 }
 
 /// [`conv2d`] plus a per-channel `bias` (and a `residual` of the output's
-/// shape), added in place on the fresh output in one pass.
+/// shape), then a ReLU when `relu`, in place on the fresh output in one pass.
 pub fn conv2d_bias(
     xs: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
+    relu: bool,
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    use super::kernels::{aligned_like, bias_add_act_inplace};
     let y = conv2d(xs, weight, padding, stride)?;
-    super::kernels::bias_add_inplace(&y, bias, residual, 1)?;
-    Ok(y)
+    // a padded NHWC output's view is copied out first (3 or 4 channels)
+    let y = if aligned_like(&y, &y) { y } else { y.contiguous()? };
+    match residual {
+        // the residual's layout is not the output's: added apart
+        Some(r) if !aligned_like(r, &y) => {
+            bias_add_act_inplace(&y, bias, None, 1, false)?;
+            let sum = (y + r)?;
+            if relu {
+                sum.relu()
+            } else {
+                Ok(sum)
+            }
+        }
+        _ => {
+            bias_add_act_inplace(&y, bias, residual, 1, relu)?;
+            Ok(y)
+        }
+    }
 }
 
 fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
@@ -61,6 +133,8 @@ struct ConvKey {
     padding: usize,
     stride: usize,
     algo: ConvAlgo,
+    /// NHWC storage of x, w (`KRSC`) and y.
+    nhwc: bool,
 }
 
 /// Descriptors and algorithm for one shape. Raw cuDNN handles: they live and
@@ -141,7 +215,12 @@ impl ConvPlan {
         let [n, c, h, w] = as_i32(key.x);
         let [k, kc, kh, kw] = as_i32(key.w);
         let (p, s) = (key.padding as c_int, key.stride as c_int);
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        // the dims are given in NCHW order whatever the storage format
+        let nchw = if key.nhwc {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
         unsafe {
             check(sys::cudnnCreateTensorDescriptor(&mut plan.x), "create x")?;
             check(sys::cudnnSetTensor4dDescriptor(plan.x, nchw, data, n, c, h, w), "set x")?;
@@ -200,6 +279,8 @@ fn find_workspace(stream: &CudaStream) -> usize {
 struct CudnnConv {
     padding: usize,
     stride: usize,
+    /// x `[n, h, w, c]`, w `[k, r, s, c]`, y `[n, oh, ow, k]` (else NCHW/KCRS).
+    nhwc: bool,
 }
 
 impl CudnnConv {
@@ -211,14 +292,19 @@ impl CudnnConv {
         w: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let nchw_order = |l: &Layout| -> Result<[usize; 4]> {
+            let (a, b, c, d) = l.shape().dims4()?;
+            Ok(if self.nhwc { [a, d, b, c] } else { [a, b, c, d] })
+        };
         let key = ConvKey {
             device: dev.id(),
             dtype: x.dtype(),
-            x: xl.shape().dims4()?.into(),
-            w: wl.shape().dims4()?.into(),
+            x: nchw_order(xl)?,
+            w: nchw_order(wl)?,
             padding: self.padding,
             stride: self.stride,
             algo: Accel::current().conv_algo,
+            nhwc: self.nhwc,
         };
         let stream = dev.cuda_stream();
         let xv = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
@@ -250,14 +336,17 @@ impl CudnnConv {
                 let out_len: usize = plan.out.iter().product();
                 let mut y: CudaSlice<T> = unsafe { dev.alloc::<T>(out_len)? };
                 if fresh {
-                    match key.algo {
-                        ConvAlgo::Find => {
-                            let mut ws = stream
-                                .alloc_zeros::<u8>(find_workspace(&stream))
-                                .map_err(candle_core::Error::wrap)?;
-                            find_algorithm(state.handle, plan, &stream, &xv, &wv, &mut y, &mut ws)?;
-                        }
-                        ConvAlgo::Heuristic => rank_algorithm(state.handle, plan, find_workspace(&stream))?,
+                    let chosen = match key.algo {
+                        ConvAlgo::Find => stream
+                            .alloc_zeros::<u8>(find_workspace(&stream))
+                            .map_err(candle_core::Error::wrap)
+                            .and_then(|mut ws| find_algorithm(state.handle, plan, &stream, &xv, &wv, &mut y, &mut ws)),
+                        ConvAlgo::Heuristic => rank_algorithm(state.handle, plan, find_workspace(&stream)),
+                    };
+                    if let Err(e) = chosen {
+                        // no plan without an algorithm: the next call searches again
+                        plans.remove(&key);
+                        return Err(e);
                     }
                 }
                 if plan.workspace > 0 && state.workspace.as_ref().is_none_or(|w| w.len() < plan.workspace) {
@@ -268,7 +357,12 @@ impl CudnnConv {
                     );
                 }
                 forward(state.handle, plan, &stream, &xv, &wv, &mut y, state.workspace.as_mut())?;
-                let shape = Shape::from(plan.out.to_vec());
+                let [n, k, oh, ow] = plan.out;
+                let shape = if key.nhwc {
+                    Shape::from((n, oh, ow, k))
+                } else {
+                    Shape::from((n, k, oh, ow))
+                };
                 Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
             })
         })

@@ -5,8 +5,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::nn::{
-    attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear,
+    attention, conv2d, geglu, group_norm, layer_norm, layers_keep_channels_last, linear, linear_no_bias, Conv2d,
+    Conv2dConfig, GroupNorm, LayerNorm, Linear,
 };
 
 /// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.
@@ -201,6 +201,9 @@ impl Transformer2DModel {
         })
     }
 
+    /// On channels-last input (see `nn::to_layer_layout`) the tokens
+    /// `[b, h·w, c]` are a view of the image, not a copy, and the residual
+    /// is added in `proj_out`'s epilogue; the output is channels-last too.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
@@ -216,13 +219,30 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             xs = block.forward(&xs, context)?;
         }
-        let xs = match &self.proj_out {
-            Projection::Linear(l) => l.forward(&xs)?.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?,
+        match &self.proj_out {
+            Projection::Linear(l) => {
+                // a contiguous [b, h, w, c] is the residual's storage when it is channels-last
+                let residual_rows = residual.permute((0, 2, 3, 1))?;
+                if residual_rows.is_contiguous() {
+                    let residual_tokens = residual_rows.reshape((b, h * w, c))?;
+                    l.forward_add(&xs, &residual_tokens)?
+                        .reshape((b, h, w, c))?
+                        .permute((0, 3, 1, 2))
+                } else {
+                    l.forward(&xs)?.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + residual
+                }
+            }
             Projection::Conv(conv) => {
                 let inner = xs.dim(2)?;
-                conv.forward(&xs.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?.contiguous()?)?
+                // a channels-last view of the tokens, which the CUDA path convolves as it is
+                let image = xs.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?;
+                let image = if layers_keep_channels_last(&image) {
+                    image
+                } else {
+                    image.contiguous()?
+                };
+                conv.forward_add(&image, residual)
             }
-        };
-        xs + residual
+        }
     }
 }

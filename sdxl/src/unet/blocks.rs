@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Transformer2DModel, TransformerConfig};
+use crate::nn::cat_channels;
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
 /// What every block of one UNet shares.
@@ -241,7 +242,7 @@ impl UpBlock {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
-            xs = Tensor::cat(&[&xs, skip], 1)?;
+            xs = cat_channels(&[&xs, skip])?;
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, context)?;

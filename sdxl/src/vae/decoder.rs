@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::mid::{activation, resnet, MidBlock, FILE};
 use crate::config::{expect_one_of, VaeConfig};
-use crate::nn::{conv2d, conv2d_same, group_norm, Activation, Conv2d, Conv2dConfig, GroupNorm};
+use crate::nn::{conv2d, conv2d_same, group_norm, to_layer_layout, Activation, Conv2d, Conv2dConfig, GroupNorm};
 use crate::resnet::{ResnetBlock2D, Upsample2D};
 use crate::ModelError;
 
@@ -97,7 +97,8 @@ impl Decoder {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        let mut xs = self.conv_in.forward(&z)?;
+        // channels-last from here on, where the CUDA path keeps it (a no-op elsewhere)
+        let mut xs = to_layer_layout(&self.conv_in.forward(&z)?)?;
         xs = self.mid_block.forward(&xs)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
@@ -108,6 +109,6 @@ impl Decoder {
             }
         }
         let xs = self.conv_norm_out.forward_act(&xs, Some(self.act))?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&xs)?.contiguous()
     }
 }

@@ -68,14 +68,33 @@ impl VaeAttention {
         })
     }
 
+    /// On a channels-last input (see `nn::to_layer_layout`) the tokens are
+    /// a view of the normed image and the residual is added by `to_out`;
+    /// the output is channels-last too.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.group_norm.forward(xs)?;
-        let tokens = normed.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        // [b, h, w, c] rows are contiguous exactly when the image is channels-last
+        let rows = normed.permute((0, 2, 3, 1))?;
+        let tokens = if rows.is_contiguous() {
+            rows.reshape((b, h * w, c))?
+        } else {
+            normed.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?
+        };
+        drop(normed);
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1)?)?;
+        drop(tokens);
+        let attended = attention(&q, &k, &v, 1)?;
+        let residual_rows = xs.permute((0, 2, 3, 1))?;
+        if residual_rows.is_contiguous() {
+            let out = self
+                .to_out
+                .forward_add(&attended, &residual_rows.reshape((b, h * w, c))?)?;
+            return out.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
+        }
+        let out = self.to_out.forward(&attended)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }

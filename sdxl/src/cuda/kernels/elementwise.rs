@@ -1,4 +1,4 @@
-//! GEGLU, 2× upsampling and in-place bias (+ residual) adds (`kernels/sdxl.cu`).
+//! GEGLU, 2× upsampling and in-place bias (+ residual) (+ ReLU) adds (`kernels/sdxl.cu`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -6,7 +6,7 @@ use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor};
 
 use super::super::module::{kernel, Module};
 use super::super::op::{CudaOp, Elem, Launch1, LaunchInPlace, OnCuda};
-use super::{aligned, suffix, view, w};
+use super::{aligned, aligned_like, channels_last, suffix, view, w};
 
 /// GEGLU over the last dimension: `x[.., :n] * gelu_erf(x[.., n:])`.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
@@ -48,10 +48,52 @@ impl Launch1 for Geglu {
     }
 }
 
-/// Nearest-neighbour upsampling by 2 of `[…, h, w]` (made contiguous first)
-/// into `[…, 2h, 2w]`, as `upsample_nearest2d(2h, 2w)`.
+/// Nearest-neighbour upsampling by 2 of `[…, h, w]` into `[…, 2h, 2w]`, as
+/// `upsample_nearest2d(2h, 2w)`. A channels-last image with channels in
+/// 8-element vectors stays channels-last; any other input is made
+/// contiguous first.
 pub fn upsample_nearest2x(xs: &Tensor) -> Result<Tensor> {
+    if channels_last(xs) && xs.dim(1)?.is_multiple_of(8) && xs.layout().start_offset().is_multiple_of(8) {
+        let y = xs.permute((0, 2, 3, 1))?.apply_op1_no_bwd(&OnCuda(Upsample2xNhwc))?;
+        return y.permute((0, 3, 1, 2));
+    }
     xs.contiguous()?.apply_op1_no_bwd(&OnCuda(Upsample2x))
+}
+
+/// [`Upsample2x`] of channels-last storage, seen as a contiguous `[b, h, w, c]`.
+struct Upsample2xNhwc;
+
+impl CudaOp for Upsample2xNhwc {
+    const NAME: &'static str = "upsample-nearest-2x-nhwc";
+}
+
+impl Launch1 for Upsample2xNhwc {
+    fn launch<T: Elem>(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (b, h, wd, c) = xl.shape().dims4()?;
+        let n = xl.shape().elem_count();
+        let xv = view::<T>(x, xl)?;
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(4 * n)? };
+        let nv = n / 8;
+        let cfg = LaunchConfig {
+            grid_dim: (nv.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = kernel(
+            &dev,
+            Module::Sdxl,
+            &format!("upsample_nearest2x_nhwc_{}", suffix(T::DTYPE)?),
+        )?;
+        let (nv_i, w_i, cv_i) = (nv as i64, wd as i32, (c / 8) as i32);
+        let mut builder = func.builder();
+        builder.arg(&xv).arg(&out).arg(&nv_i).arg(&w_i).arg(&cv_i);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((b, 2 * h, 2 * wd, c)),
+        ))
+    }
 }
 
 struct Upsample2x;
@@ -90,8 +132,23 @@ impl Launch1 for Upsample2x {
 /// `xs += bias` in place, broadcast over every dimension but `channel_dim`
 /// (and, for a per-sample bias of `batch·c` elements, over the dimensions after
 /// it), plus `residual` (same shape) in the same pass when given. `xs` must be
-/// contiguous and own its storage: a fresh layer output.
+/// contiguous, or a channels-last image with `channel_dim` 1 (the residual
+/// then channels-last too), and own its storage: a fresh layer output.
 pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, channel_dim: usize) -> Result<()> {
+    bias_add_act_inplace(xs, bias, residual, channel_dim, false)
+}
+
+/// [`bias_add_inplace`], then a ReLU on the sum when `relu`, in the same pass.
+pub fn bias_add_act_inplace(
+    xs: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    channel_dim: usize,
+    relu: bool,
+) -> Result<()> {
+    if channel_dim == 1 && channels_last(xs) && !xs.is_contiguous() {
+        return bias_add_nhwc(xs, bias, residual, relu);
+    }
     let dims = xs.dims();
     let c = dims[channel_dim];
     let batch: usize = dims[..channel_dim].iter().product();
@@ -104,13 +161,52 @@ pub fn bias_add_inplace(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, c
     if !aligned(xs) {
         bail!("in-place bias add needs a contiguous, aligned tensor")
     }
+    let op = BiasAdd {
+        inner,
+        c,
+        per_sample,
+        rows_per_sample: 1,
+        relu,
+    };
+    launch_bias_add(xs, bias, residual, op)
+}
+
+/// [`bias_add_inplace`] on a channels-last image: its storage is `[b·h·w, c]`
+/// rows, `h·w` of them per sample.
+fn bias_add_nhwc(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<()> {
+    let (b, c, h, wd) = xs.dims4()?;
+    let per_sample = match bias.elem_count() {
+        n if n == c => false,
+        n if n == b * c => true,
+        n => bail!("bias of {n} elements for {c} channels (batch {b})"),
+    };
+    if !xs.layout().start_offset().is_multiple_of(8) {
+        bail!("in-place bias add needs an aligned tensor")
+    }
+    if let Some(r) = residual {
+        if !aligned_like(r, xs) {
+            bail!("in-place residual add on a channels-last output needs an aligned channels-last residual")
+        }
+    }
+    let op = BiasAdd {
+        inner: 1,
+        c,
+        per_sample,
+        rows_per_sample: h * wd,
+        relu,
+    };
+    let rows = |t: &Tensor| t.permute((0, 2, 3, 1));
+    let residual = residual.map(rows).transpose()?;
+    launch_bias_add(&rows(xs)?, bias, residual.as_ref(), op)
+}
+
+fn launch_bias_add(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>, op: BiasAdd) -> Result<()> {
     let bias = bias.contiguous()?;
-    let op = BiasAdd { inner, c, per_sample };
     match residual {
         None => xs.inplace_op2(&bias, &OnCuda(op)),
         Some(r) => {
-            if r.dims() != dims {
-                bail!("residual {:?} for an output of {:?}", r.dims(), dims)
+            if r.dims() != xs.dims() {
+                bail!("residual {:?} for an output of {:?}", r.dims(), xs.dims())
             }
             if !aligned(r) {
                 bail!("in-place residual add needs a contiguous, aligned residual")
@@ -124,6 +220,10 @@ struct BiasAdd {
     inner: usize,
     c: usize,
     per_sample: bool,
+    /// Rows of `c` that share a sample's bias (`h·w` on channels-last storage).
+    rows_per_sample: usize,
+    /// A ReLU on the sum.
+    relu: bool,
 }
 
 impl CudaOp for BiasAdd {
@@ -152,6 +252,7 @@ impl LaunchInPlace for BiasAdd {
         let func = kernel(&dev, Module::Sdxl, &format!("bias_add_{}", suffix(T::DTYPE)?))?;
         let (n, inner, c) = (n as i64, self.inner as i64, self.c as i32);
         let bias_bs: i64 = if self.per_sample { self.c as i64 } else { 0 };
+        let rps = self.rows_per_sample.max(1) as i64;
         let null: u64 = 0;
         let mut builder = func.builder();
         builder.arg(&mut xv).arg(&b);
@@ -159,7 +260,8 @@ impl LaunchInPlace for BiasAdd {
             Some(r) => builder.arg(r),
             None => builder.arg(&null),
         };
-        builder.arg(&n).arg(&inner).arg(&c).arg(&bias_bs);
+        let relu = i32::from(self.relu);
+        builder.arg(&n).arg(&inner).arg(&c).arg(&bias_bs).arg(&rps).arg(&relu);
         w(unsafe { builder.launch(cfg) })?;
         Ok(())
     }

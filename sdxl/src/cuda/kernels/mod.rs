@@ -3,7 +3,8 @@
 //! for head dim 64, group norm (+SiLU, and a producing convolution's bias),
 //! layer norm, GEGLU, bias (+ residual) adds and 2× upsampling. Each op
 //! checks the layout it needs; all but the in-place bias add return a fresh
-//! contiguous tensor.
+//! tensor: contiguous, or for the ops on images (group norm, upsampling, bias
+//! adds) channels-last when the input is (see [`crate::nn::is_channels_last`]).
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
@@ -14,7 +15,7 @@ mod elementwise;
 mod norm;
 
 pub use attention::{flash_attention, flash_attention_supports, flash_attention_warps, flash_warps, FLASH_WARPS};
-pub use elementwise::{bias_add_inplace, geglu, upsample_nearest2x};
+pub use elementwise::{bias_add_act_inplace, bias_add_inplace, geglu, upsample_nearest2x};
 pub use norm::{group_norm, group_norm_biased, layer_norm, layer_norm_supports};
 
 pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
@@ -37,4 +38,15 @@ pub(crate) fn w<T>(r: std::result::Result<T, impl std::error::Error + Send + Syn
 /// Contiguous and starting on a 16-byte boundary (8 elements of any dtype we use).
 pub fn aligned(t: &Tensor) -> bool {
     t.is_contiguous() && t.layout().start_offset().is_multiple_of(8)
+}
+
+pub use crate::nn::is_channels_last as channels_last;
+
+/// [`aligned`] for `layout_of`'s layout: channels-last when it is, else contiguous.
+pub fn aligned_like(t: &Tensor, layout_of: &Tensor) -> bool {
+    if channels_last(layout_of) {
+        channels_last(t) && t.layout().start_offset().is_multiple_of(8)
+    } else {
+        aligned(t)
+    }
 }

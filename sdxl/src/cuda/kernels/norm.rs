@@ -1,4 +1,5 @@
-//! Group norm (with an optional pre-norm bias) and layer norm (`kernels/sdxl.cu`).
+//! Group norm (with an optional pre-norm bias), on NCHW or channels-last
+//! storage, and layer norm (`kernels/sdxl.cu`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -6,10 +7,12 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
 use super::super::module::{kernel, Module};
 use super::super::op::{CudaOp, Elem, Launch3, OnCuda};
-use super::{suffix, view, w};
+use super::{channels_last, suffix, view, w};
 
-/// diffusers' `GroupNorm` on `[b, c, …]` (made contiguous first), followed by
-/// SiLU when `silu`; statistics in f32 whatever the storage type.
+/// diffusers' `GroupNorm` on `[b, c, …]`, followed by SiLU when `silu`;
+/// statistics in f32 whatever the storage type. A channels-last input (see
+/// [`channels_last`]) gives a channels-last output; any other is made
+/// contiguous first and gives a contiguous one.
 pub fn group_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
     group_norm_biased(xs, None, weight, bias, groups, eps, silu)
 }
@@ -27,7 +30,8 @@ pub fn group_norm_biased(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let xs = xs.contiguous()?;
+    let nhwc = channels_last(xs) && nhwc_supports(xs, groups);
+    let xs = if nhwc { xs.clone() } else { xs.contiguous()? };
     let (b, c) = (xs.dim(0)?, xs.dim(1)?);
     let pre = match pre {
         None => None,
@@ -50,7 +54,26 @@ pub fn group_norm_biased(
         silu,
         pre,
     };
-    xs.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &OnCuda(op))
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    if nhwc {
+        // the [b, h, w, c] view is contiguous
+        let y = xs
+            .permute((0, 2, 3, 1))?
+            .apply_op3_no_bwd(&weight, &bias, &OnCuda(GroupNormNhwc(op)))?;
+        return y.permute((0, 3, 1, 2));
+    }
+    xs.apply_op3_no_bwd(&weight, &bias, &OnCuda(op))
+}
+
+/// Whether the channels-last kernels take `xs`: 8-channel vectors, at most
+/// 4096 channels (a block holds a pixel's channels), 16-byte aligned.
+fn nhwc_supports(xs: &Tensor, groups: usize) -> bool {
+    let c = xs.dims().get(1).copied().unwrap_or(0);
+    c.is_multiple_of(8)
+        && c <= 4096
+        && groups > 0
+        && c.is_multiple_of(groups)
+        && xs.layout().start_offset().is_multiple_of(8)
 }
 
 struct GroupNormOp {
@@ -148,6 +171,118 @@ impl Launch3 for GroupNormOp {
         builder.arg(&gs).arg(&ch).arg(&sp).arg(&groups).arg(&cpg).arg(&hw);
         builder.arg(&self.eps).arg(&silu).arg(&vec);
         w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), xl.shape().clone()))
+    }
+}
+
+/// [`GroupNormOp`] on channels-last storage, seen as a contiguous
+/// `[b, h, w, c]`.
+struct GroupNormNhwc(GroupNormOp);
+
+impl CudaOp for GroupNormNhwc {
+    const NAME: &'static str = "group-norm-nhwc";
+}
+
+impl Launch3 for GroupNormNhwc {
+    fn launch<T: Elem>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = &self.0;
+        let dev = x.device();
+        let (batch, h, wd, c) = xl.shape().dims4()?;
+        let hw = h * wd;
+        let cpg = c / op.groups;
+        let tx = c / 8;
+        let rows = (256 / tx).max(1);
+        // about four blocks per SM of an H100 over the batch, each thread at
+        // most 32 pixels
+        let target_splits = 528usize.div_ceil(batch.max(1));
+        let chunk = rows * hw.div_ceil(rows * target_splits).clamp(1, 32);
+        let splits = hw.div_ceil(chunk).max(1);
+        let sfx = suffix(T::DTYPE)?;
+        let (x, g, b) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
+        let pre_guard = op.pre.as_ref().map(|(p, _)| p.storage_and_layout());
+        let pre = match &pre_guard {
+            None => None,
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cuda(s) => Some(view::<T>(s, l)?),
+                _ => bail!("group norm: the pre-norm bias is not on the GPU"),
+            },
+        };
+        let pre_bs: i64 = match op.pre {
+            Some((_, true)) => c as i64,
+            _ => 0,
+        };
+        let null: u64 = 0;
+        let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(batch * splits * op.groups * 2)? };
+        let stats: CudaSlice<f32> = unsafe { dev.alloc::<f32>(batch * op.groups * 2)? };
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(batch * hw * c)? };
+        let tiles = LaunchConfig {
+            grid_dim: (splits as u32, batch as u32, 1),
+            block_dim: (tx as u32, rows as u32, 1),
+            shared_mem_bytes: (2 * rows * c * std::mem::size_of::<f32>()) as u32,
+        };
+        let (hw_i, c_i, cpg_i, groups_i) = (hw as i64, c as i32, cpg as i32, op.groups as i32);
+        let (chunk_i, splits_i, silu) = (chunk as i64, splits as i32, i32::from(op.silu));
+        // x, the pre-norm bias (or null) and its per-sample stride lead
+        // every kernel's arguments
+        macro_rules! push_pre {
+            ($builder:expr) => {{
+                $builder.arg(&x);
+                match &pre {
+                    Some(p) => $builder.arg(p),
+                    None => $builder.arg(&null),
+                };
+                $builder.arg(&pre_bs);
+            }};
+        }
+        let stats_fn = kernel(dev, Module::Sdxl, &format!("group_norm_nhwc_stats_{sfx}"))?;
+        let mut builder = stats_fn.builder();
+        push_pre!(builder);
+        builder.arg(&partial).arg(&hw_i).arg(&c_i).arg(&cpg_i).arg(&groups_i);
+        builder.arg(&chunk_i).arg(&splits_i);
+        w(unsafe { builder.launch(tiles) })?;
+        let finalize = kernel(dev, Module::Sdxl, &format!("group_norm_nhwc_finalize_{sfx}"))?;
+        let mut builder = finalize.builder();
+        push_pre!(builder);
+        builder
+            .arg(&partial)
+            .arg(&stats)
+            .arg(&hw_i)
+            .arg(&c_i)
+            .arg(&cpg_i)
+            .arg(&groups_i);
+        builder.arg(&splits_i).arg(&op.eps);
+        let per_group = LaunchConfig {
+            grid_dim: (op.groups as u32, batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        w(unsafe { builder.launch(per_group) })?;
+        let apply = kernel(dev, Module::Sdxl, &format!("group_norm_nhwc_apply_{sfx}"))?;
+        let mut builder = apply.builder();
+        push_pre!(builder);
+        builder
+            .arg(&g)
+            .arg(&b)
+            .arg(&stats)
+            .arg(&out)
+            .arg(&hw_i)
+            .arg(&c_i)
+            .arg(&cpg_i);
+        builder.arg(&groups_i).arg(&chunk_i).arg(&silu);
+        w(unsafe {
+            builder.launch(LaunchConfig {
+                shared_mem_bytes: 0,
+                ..tiles
+            })
+        })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), xl.shape().clone()))
     }
 }
