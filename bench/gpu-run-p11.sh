@@ -31,7 +31,8 @@
 #   bench/gpu-run-p11.sh nhwc        channels-last activations (SDXL_KERNELS's `nhwc` path):
 #                                    check-kernels (the NHWC rows); worker bench with and without
 #                                    the path, alternating, in the same call; the same-seed images'
-#                                    PSNR; worker bench fp8; diffusers eager's UNet output for
+#                                    PSNR; worker bench with the 4x2 flash block, and fp8; diffusers
+#                                    eager's UNet output for
 #                                    both UNets' cosine; ncu of one UNet forward and one VAE decode
 #   bench/gpu-run-p11.sh many        images/s: worker bench --throughput and diffusers eager's
 #                                    --throughput in the same call
@@ -319,12 +320,13 @@ if [ "$PART" = nhwc ]; then
   timeout 150 "$WORKER" check-kernels --iters 10 > "$OUT/check-kernels.log" 2>&1
   echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
   # printed as the call goes, so a call cut short still reports what it measured
-  grep -E 'FAIL|NHWC|fell back' "$OUT/check-kernels.log"
+  grep -E 'FAIL|NHWC|fell back|flash' "$OUT/check-kernels.log"
   make_unet_io /tmp/unet-io.safetensors
   SDXL_KERNELS=$NCHW run_bench nchw "$WORKER"
   run_bench nhwc "$WORKER"
   SDXL_KERNELS=$NCHW run_bench nchw-again "$WORKER"
   run_bench nhwc-again "$WORKER"
+  SDXL_FLASH_WARPS=4x2 run_bench nhwc-4x2 "$WORKER"
   run_bench fp8 "$WORKER" --precision fp8 --no-image
   for name in nchw nhwc; do
     note "generate: $name"

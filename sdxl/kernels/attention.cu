@@ -1,7 +1,7 @@
 // Flash attention for head dim 64 on mma.sync, compiled to a fatbin by
 // sdxl/build.rs and loaded by src/cuda/kernels/attention.rs:
 //
-//   flash_attn_d64_w{4,8}_*     softmax(q k^T * scale) v, reading q/k/v straight
+//   flash_attn_d64_w{4,8,4m2}_* softmax(q k^T * scale) v, reading q/k/v straight
 //                               from the projections' [b, n, heads*64] layout and
 //                               writing o in the same layout: no head split/merge
 //                               copies, no n×n score matrix in memory.
@@ -14,8 +14,8 @@ namespace {
 
 // ---------------------------------------------------------------------------
 // Flash attention, head dim 64 (FlashAttention-2's forward pass on mma.sync).
-// A block of kWarps warps owns 16 * kWarps query rows (16 per warp) of one
-// (batch, head) and walks the keys in tiles of 64, double-buffered in shared
+// A block of kWarps warps owns 16 * kMT * kWarps query rows (16 * kMT per
+// warp) of one (batch, head) and walks the keys in tiles of 64, double-buffered in shared
 // memory by cp.async; more warps per block share each K/V tile among more
 // queries (half the K/V traffic at 8 warps). Each warp reads its Q fragments
 // straight from global memory, once. Scores and the running max/sum stay in
@@ -88,18 +88,22 @@ __device__ __forceinline__ uint32_t ld_u32(const T* p) {
 
 // Strides are in elements; every row stride and the head offset are multiples
 // of 8 (checked by the host), so each 8-element chunk is one 16-byte copy.
-template <typename T, int kWarps>
+// kMT: 16-row query tiles per warp. At 2 each B fragment loaded from shared
+// memory (ldmatrix) feeds two products instead of one, halving the shared
+// memory traffic per product, at the cost of twice the accumulators.
+template <typename T, int kWarps, int kMT>
 __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T* __restrict__ k,
                                                const T* __restrict__ v, T* __restrict__ o, int n_q, int n_kv,
                                                long long q_bs, int q_rs, long long k_bs, int k_rs, long long v_bs,
                                                int v_rs, long long o_bs, int o_rs, float scale_log2) {
   constexpr int kThreads = 32 * kWarps;
+  constexpr int kRows = 16 * kMT;  // query rows per warp
   __shared__ __align__(16) T ks[2][kTile][kLd];
   __shared__ __align__(16) T vs[2][kTile][kLd];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
-  const int q0 = blockIdx.x * 16 * kWarps, h = blockIdx.y, b = blockIdx.z;
+  const int q0 = blockIdx.x * kRows * kWarps, h = blockIdx.y, b = blockIdx.z;
   const T* qb = q + b * q_bs + h * kD;
   const T* kb = k + b * k_bs + h * kD;
   const T* vb = v + b * v_bs + h * kD;
@@ -119,24 +123,29 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
   cp_async_commit();  // group 0: the first K/V tile
 
   // this warp's rows of Q as m16n8k16 A fragments (rows past n_q read as 0)
-  const int qr = warp * 16 + g;
-  uint32_t qf[4][4];
-  {
-    const int r0 = q0 + qr, r1 = r0 + 8;
+  uint32_t qf[kMT][4][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    const int r0 = q0 + warp * kRows + mt * 16 + g, r1 = r0 + 8;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const int c = kk * 16 + 2 * t;
-      qf[kk][0] = r0 < n_q ? ld_u32(qb + (long long)r0 * q_rs + c) : 0u;
-      qf[kk][1] = r1 < n_q ? ld_u32(qb + (long long)r1 * q_rs + c) : 0u;
-      qf[kk][2] = r0 < n_q ? ld_u32(qb + (long long)r0 * q_rs + c + 8) : 0u;
-      qf[kk][3] = r1 < n_q ? ld_u32(qb + (long long)r1 * q_rs + c + 8) : 0u;
+      qf[mt][kk][0] = r0 < n_q ? ld_u32(qb + (long long)r0 * q_rs + c) : 0u;
+      qf[mt][kk][1] = r1 < n_q ? ld_u32(qb + (long long)r1 * q_rs + c) : 0u;
+      qf[mt][kk][2] = r0 < n_q ? ld_u32(qb + (long long)r0 * q_rs + c + 8) : 0u;
+      qf[mt][kk][3] = r1 < n_q ? ld_u32(qb + (long long)r1 * q_rs + c + 8) : 0u;
     }
   }
-  float acc[8][4];
+  float acc[kMT][8][4];
+  float m0[kMT], m1[kMT];  // running max (log2 domain) of rows g and g+8
+  float l0[kMT], l1[kMT];  // this thread's share of the running sums
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows g and g+8
-  float l0 = 0.f, l1 = 0.f;              // this thread's share of the running sums
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    m0[mt] = m1[mt] = -INFINITY;
+    l0[mt] = l1[mt] = 0.f;
+  }
 
   for (int j = 0; j < tiles; ++j) {
     if (j + 1 < tiles) {
@@ -149,9 +158,12 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
     __syncthreads();
     const int buf = j & 1;
 
-    float s[8][4];
+    float s[kMT][8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
@@ -161,54 +173,62 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
         // lanes 16-31 the next eight keys likewise
         uint32_t r[4];
         ldmatrix_x4(r, &ks[buf][(nt + (lane >> 4)) * 8 + (lane & 7)][kk * 16 + ((lane >> 3) & 1) * 8]);
-        Mma<T>::run(s[nt], qf[kk], r[0], r[1]);
-        Mma<T>::run(s[nt + 1], qf[kk], r[2], r[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>::run(s[mt][nt], qf[mt][kk], r[0], r[1]);
+          Mma<T>::run(s[mt][nt + 1], qf[mt][kk], r[2], r[3]);
+        }
       }
     }
     if ((j + 1) * kTile > n_kv) {  // keys past the end of the sequence
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         const int key = j * kTile + nt * 8 + 2 * t;
-        if (key >= n_kv) s[nt][0] = s[nt][2] = -INFINITY;
-        if (key + 1 >= n_kv) s[nt][1] = s[nt][3] = -INFINITY;
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if (key >= n_kv) s[mt][nt][0] = s[mt][nt][2] = -INFINITY;
+          if (key + 1 >= n_kv) s[mt][nt][1] = s[mt][nt][3] = -INFINITY;
+        }
       }
     }
 
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    uint32_t pa[kMT][4][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-    }
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-    }
-    const float new0 = fmaxf(m0, mx0 * scale_log2), new1 = fmaxf(m1, mx1 * scale_log2);
-    const float c0 = exp2f(m0 - new0), c1 = exp2f(m1 - new1);
-    m0 = new0;
-    m1 = new1;
-    l0 *= c0;
-    l1 *= c1;
+      for (int nt = 0; nt < 8; ++nt) {
+        mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+      }
 #pragma unroll
-    for (int dt = 0; dt < 8; ++dt) {
-      acc[dt][0] *= c0;
-      acc[dt][1] *= c0;
-      acc[dt][2] *= c1;
-      acc[dt][3] *= c1;
-    }
-
-    uint32_t pa[4][4];
+      for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float new0 = fmaxf(m0[mt], mx0 * scale_log2), new1 = fmaxf(m1[mt], mx1 * scale_log2);
+      const float c0 = exp2f(m0[mt] - new0), c1 = exp2f(m1[mt] - new1);
+      m0[mt] = new0;
+      m1[mt] = new1;
+      l0[mt] *= c0;
+      l1[mt] *= c1;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const float p0 = exp2f(s[nt][0] * scale_log2 - m0), p1 = exp2f(s[nt][1] * scale_log2 - m0);
-      const float p2 = exp2f(s[nt][2] * scale_log2 - m1), p3 = exp2f(s[nt][3] * scale_log2 - m1);
-      l0 += p0 + p1;
-      l1 += p2 + p3;
-      const int kk = nt >> 1, hi = (nt & 1) * 2;
-      pa[kk][hi] = Mma<T>::pack(p0, p1);
-      pa[kk][hi + 1] = Mma<T>::pack(p2, p3);
+      for (int dt = 0; dt < 8; ++dt) {
+        acc[mt][dt][0] *= c0;
+        acc[mt][dt][1] *= c0;
+        acc[mt][dt][2] *= c1;
+        acc[mt][dt][3] *= c1;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const float p0 = exp2f(s[mt][nt][0] * scale_log2 - new0), p1 = exp2f(s[mt][nt][1] * scale_log2 - new0);
+        const float p2 = exp2f(s[mt][nt][2] * scale_log2 - new1), p3 = exp2f(s[mt][nt][3] * scale_log2 - new1);
+        l0[mt] += p0 + p1;
+        l1[mt] += p2 + p3;
+        const int kk = nt >> 1, hi = (nt & 1) * 2;
+        pa[mt][kk][hi] = Mma<T>::pack(p0, p1);
+        pa[mt][kk][hi + 1] = Mma<T>::pack(p2, p3);
+      }
     }
 
 #pragma unroll
@@ -217,40 +237,52 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
       for (int dp = 0; dp < 4; ++dp) {
         uint32_t r[4];
         ldmatrix_x4_trans(r, &vs[buf][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][dp * 16 + (lane >> 4) * 8]);
-        Mma<T>::run(acc[2 * dp], pa[kk], r[0], r[1]);
-        Mma<T>::run(acc[2 * dp + 1], pa[kk], r[2], r[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>::run(acc[mt][2 * dp], pa[mt][kk], r[0], r[1]);
+          Mma<T>::run(acc[mt][2 * dp + 1], pa[mt][kk], r[2], r[3]);
+        }
       }
     }
     __syncthreads();  // the next iteration's copy overwrites the buffer read here
   }
 
-#pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-  }
-  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-  const int r0 = q0 + qr, r1 = r0 + 8;
   T* ob = o + b * o_bs + h * kD;
 #pragma unroll
-  for (int dt = 0; dt < 8; ++dt) {
-    const int col = dt * 8 + 2 * t;
-    if (r0 < n_q)
-      *reinterpret_cast<uint32_t*>(ob + (long long)r0 * o_rs + col) = Mma<T>::pack(acc[dt][0] * inv0, acc[dt][1] * inv0);
-    if (r1 < n_q)
-      *reinterpret_cast<uint32_t*>(ob + (long long)r1 * o_rs + col) = Mma<T>::pack(acc[dt][2] * inv1, acc[dt][3] * inv1);
+  for (int mt = 0; mt < kMT; ++mt) {
+    float s0 = l0[mt], s1 = l1[mt];
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      s0 += __shfl_xor_sync(0xffffffffu, s0, off);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+    }
+    const float inv0 = 1.f / s0, inv1 = 1.f / s1;
+    const int r0 = q0 + warp * kRows + mt * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int dt = 0; dt < 8; ++dt) {
+      const int col = dt * 8 + 2 * t;
+      if (r0 < n_q)
+        *reinterpret_cast<uint32_t*>(ob + (long long)r0 * o_rs + col) =
+            Mma<T>::pack(acc[mt][dt][0] * inv0, acc[mt][dt][1] * inv0);
+      if (r1 < n_q)
+        *reinterpret_cast<uint32_t*>(ob + (long long)r1 * o_rs + col) =
+            Mma<T>::pack(acc[mt][dt][2] * inv1, acc[mt][dt][3] * inv1);
+    }
   }
 }
 
 }  // namespace
 
-#define FLASH_ATTN(NAME, T, WARPS)                                                                               \
+#define FLASH_ATTN(NAME, T, WARPS, MT)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * WARPS)                                                     \
       NAME(const T* q, const T* k, const T* v, T* o, int n_q, int n_kv, long long q_bs, int q_rs, long long k_bs, \
            int k_rs, long long v_bs, int v_rs, long long o_bs, int o_rs, float scale_log2) {                   \
-    flash_attn_d64<T, WARPS>(q, k, v, o, n_q, n_kv, q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, o_bs, o_rs, scale_log2); \
+    flash_attn_d64<T, WARPS, MT>(q, k, v, o, n_q, n_kv, q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, o_bs, o_rs,        \
+                                 scale_log2);                                                                  \
   }
-FLASH_ATTN(flash_attn_d64_w4_f16, __half, 4)
-FLASH_ATTN(flash_attn_d64_w4_bf16, __nv_bfloat16, 4)
-FLASH_ATTN(flash_attn_d64_w8_f16, __half, 8)
-FLASH_ATTN(flash_attn_d64_w8_bf16, __nv_bfloat16, 8)
+FLASH_ATTN(flash_attn_d64_w4_f16, __half, 4, 1)
+FLASH_ATTN(flash_attn_d64_w4_bf16, __nv_bfloat16, 4, 1)
+FLASH_ATTN(flash_attn_d64_w8_f16, __half, 8, 1)
+FLASH_ATTN(flash_attn_d64_w8_bf16, __nv_bfloat16, 8, 1)
+FLASH_ATTN(flash_attn_d64_w4m2_f16, __half, 4, 2)
+FLASH_ATTN(flash_attn_d64_w4m2_bf16, __nv_bfloat16, 4, 2)

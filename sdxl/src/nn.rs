@@ -73,12 +73,20 @@ impl Module for Conv2d {
 }
 
 impl Conv2d {
-    fn new(inner: candle_nn::Conv2d) -> Self {
-        Self {
+    /// Where the layers keep images channels-last, the weight is kept
+    /// channels-last (`KRSC` storage) instead of as loaded: one copy of it,
+    /// in the order cuDNN's NHWC kernels read.
+    fn new(inner: candle_nn::Conv2d) -> Result<Self> {
+        let inner = if layers_keep_channels_last(inner.weight()) && inner.config().groups == 1 {
+            candle_nn::Conv2d::new(channels_last(inner.weight())?, inner.bias().cloned(), *inner.config())
+        } else {
+            inner
+        };
+        Ok(Self {
             inner,
             #[cfg(feature = "cuda")]
             weight_nhwc: std::sync::OnceLock::new(),
-        }
+        })
     }
 
     /// Whether the cuDNN path takes this input (one group, no dilation).
@@ -89,11 +97,11 @@ impl Conv2d {
     }
 
     /// The weight in the storage order that matches `xs`'s: channels-last
-    /// (made once) for a channels-last input, else as loaded.
+    /// (as built, or made once) for a channels-last input, else as it is.
     #[cfg(feature = "cuda")]
     fn weight_for(&self, xs: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
-        if !is_channels_last(xs) {
+        if !is_channels_last(xs) || is_channels_last(w) {
             return Ok(w.clone());
         }
         if let Some(cl) = self.weight_nhwc.get() {
@@ -177,7 +185,7 @@ fn group_norm_kernel(xs: &Tensor, act: Option<Activation>) -> bool {
 
 /// A convolution with a bias, as `torch.nn.Conv2d(c_in, c_out, kernel, …)`.
 pub fn conv2d(c_in: usize, c_out: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
-    Ok(Conv2d::new(candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?))
+    Conv2d::new(candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?)
 }
 
 /// A `kernel`×`kernel` convolution with "same" padding, stride 1.
@@ -195,7 +203,7 @@ pub fn conv2d_same_no_bias(c_in: usize, c_out: usize, kernel: usize, vb: VarBuil
         padding: (kernel - 1) / 2,
         ..Default::default()
     };
-    Ok(Conv2d::new(candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)?))
+    Conv2d::new(candle_nn::conv2d_no_bias(c_in, c_out, kernel, cfg, vb)?)
 }
 
 /// `torch.nn.Linear`. On CUDA the product runs through cuBLASLt with the

@@ -118,14 +118,16 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
             let reference = nn::attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, heads)?;
             let (kc, vc) = (k.contiguous()?, v.contiguous()?);
             let candle_ms = median_ms(&dev, args.iters, || nn::attention_candle(&q, &kc, &vc, heads))?;
-            for warps in kernels::FLASH_WARPS {
-                let fast = kernels::flash_attention_warps(&q, &k, &v, heads, warps)?;
+            for block in kernels::FLASH_BLOCKS {
+                let fast = kernels::flash_attention_block(&q, &k, &v, heads, block)?;
                 let (rel, max) = errors(&fast, &reference)?;
                 let fast_ms = median_ms(&dev, args.iters, || {
-                    kernels::flash_attention_warps(&q, &k, &v, heads, warps)
+                    kernels::flash_attention_block(&q, &k, &v, heads, block)
                 })?;
+                // the TFLOP/s of q·kᵀ and p·v
+                let tflops = 4.0 * (b * heads * n_q * n_kv * 64) as f64 / (fast_ms * 1e9);
                 rows.push(Row {
-                    kernel: format!("flash attention, {warps} warps"),
+                    kernel: format!("flash attention, {block} ({tflops:.0} TFLOP/s)"),
                     shape: format!("b{b} q{n_q} kv{n_kv} h{heads}"),
                     dtype,
                     rel,

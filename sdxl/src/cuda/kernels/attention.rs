@@ -12,32 +12,75 @@ use super::{suffix, view, w};
 /// `[b, n_kv, heads·64]` (rows may be strided, e.g. views of a fused projection);
 /// returns `[b, n_q, heads·64]`, contiguous.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    flash_attention_warps(q, k, v, heads, flash_warps())
+    flash_attention_block(q, k, v, heads, flash_block())
 }
 
-/// [`flash_attention`] with `warps` (4 or 8) warps per block, 16 query rows each.
-pub fn flash_attention_warps(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, warps: usize) -> Result<Tensor> {
-    if !FLASH_WARPS.contains(&warps) {
-        bail!("flash attention: {warps} warps per block (built for {FLASH_WARPS:?})")
+/// [`flash_attention`] with the block shape `block` (one of [`FLASH_BLOCKS`]).
+pub fn flash_attention_block(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, block: FlashBlock) -> Result<Tensor> {
+    if !FLASH_BLOCKS.contains(&block) {
+        bail!("flash attention: a block of {block} (built for {FLASH_BLOCKS:?})")
     }
-    q.apply_op3_no_bwd(k, v, &OnCuda(FlashAttention { heads, warps }))
+    q.apply_op3_no_bwd(k, v, &OnCuda(FlashAttention { heads, block }))
 }
 
-/// The block sizes the flash kernel is built for, in warps.
-pub const FLASH_WARPS: [usize; 2] = [4, 8];
+/// A flash-attention block: `warps` warps of `tiles` 16-row query tiles each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashBlock {
+    pub warps: usize,
+    pub tiles: usize,
+}
 
-/// Warps per flash-attention block: `SDXL_FLASH_WARPS` (4 or 8), else 8. At 8
-/// each K/V tile in shared memory serves 128 queries instead of 64, which
-/// halves the kernel's K/V reads; 4 is the earlier kernel's shape, kept for
-/// comparison on other GPUs.
-pub fn flash_warps() -> usize {
-    static WARPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *WARPS.get_or_init(|| {
+impl FlashBlock {
+    /// Query rows per block.
+    pub fn rows(self) -> usize {
+        16 * self.tiles * self.warps
+    }
+
+    /// The kernel's name part: `w8`, or `w4m2` for two tiles a warp.
+    fn kernel(self) -> String {
+        match self.tiles {
+            1 => format!("w{}", self.warps),
+            t => format!("w{}m{t}", self.warps),
+        }
+    }
+
+    /// `SDXL_FLASH_WARPS`'s spelling: `8`, `4`, or `4x2` (4 warps of 2 tiles).
+    fn parse(value: &str) -> Option<FlashBlock> {
+        let (warps, tiles) = match value.trim().split_once('x') {
+            Some((w, t)) => (w.parse().ok()?, t.parse().ok()?),
+            None => (value.trim().parse().ok()?, 1),
+        };
+        Some(FlashBlock { warps, tiles }).filter(|b| FLASH_BLOCKS.contains(b))
+    }
+}
+
+impl std::fmt::Display for FlashBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} warps × {} rows", self.warps, 16 * self.tiles)
+    }
+}
+
+/// The block shapes the flash kernel is built for: 4 and 8 warps of 16
+/// query rows, and 4 warps of 32 (each K/V fragment read from shared memory
+/// serves two products).
+pub const FLASH_BLOCKS: [FlashBlock; 3] = [
+    FlashBlock { warps: 4, tiles: 1 },
+    FlashBlock { warps: 8, tiles: 1 },
+    FlashBlock { warps: 4, tiles: 2 },
+];
+
+/// The flash-attention block: `SDXL_FLASH_WARPS` (`4`, `8` or `4x2`), else
+/// 8 warps of 16 rows. At 8 each K/V tile in shared memory serves 128
+/// queries instead of 64, which halves the kernel's K/V reads; `4x2` serves
+/// 128 queries with 4 warps and halves the shared-memory reads per product;
+/// 4 is the earlier kernel's shape, kept for comparison on other GPUs.
+pub fn flash_block() -> FlashBlock {
+    static BLOCK: std::sync::OnceLock<FlashBlock> = std::sync::OnceLock::new();
+    *BLOCK.get_or_init(|| {
         std::env::var("SDXL_FLASH_WARPS")
             .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|w| FLASH_WARPS.contains(w))
-            .unwrap_or(8)
+            .and_then(|v| FlashBlock::parse(&v))
+            .unwrap_or(FlashBlock { warps: 8, tiles: 1 })
     })
 }
 
@@ -63,7 +106,7 @@ pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize
 
 struct FlashAttention {
     heads: usize,
-    warps: usize,
+    block: FlashBlock,
 }
 
 impl CudaOp for FlashAttention {
@@ -82,7 +125,7 @@ impl Launch3 for FlashAttention {
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = q.device();
-        let name = format!("flash_attn_d64_w{}_{}", self.warps, suffix(T::DTYPE)?);
+        let name = format!("flash_attn_d64_{}_{}", self.block.kernel(), suffix(T::DTYPE)?);
         let (b, n_q, inner) = ql.shape().dims3()?;
         let n_kv = kl.shape().dims()[1];
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
@@ -95,10 +138,10 @@ impl Launch3 for FlashAttention {
         let (v_bs, v_rs) = (vs[0] as i64, vs[1] as i32);
         let (o_bs, o_rs) = ((n_q * inner) as i64, inner as i32);
         let scale_log2 = std::f32::consts::LOG2_E / 8.0; // 1/sqrt(64), in the exp2 domain
-        let rows = 16 * self.warps;
+        let rows = self.block.rows();
         let cfg = LaunchConfig {
             grid_dim: (n_q.div_ceil(rows) as u32, self.heads as u32, b as u32),
-            block_dim: (32 * self.warps as u32, 1, 1),
+            block_dim: (32 * self.block.warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut builder = func.builder();
@@ -119,5 +162,21 @@ impl Launch3 for FlashAttention {
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((b, n_q, inner)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FlashBlock, FLASH_BLOCKS};
+
+    #[test]
+    fn block_spellings() {
+        assert_eq!(FlashBlock::parse("8"), Some(FLASH_BLOCKS[1]));
+        assert_eq!(FlashBlock::parse(" 4x2 "), Some(FLASH_BLOCKS[2]));
+        assert_eq!(FlashBlock::parse("4x1"), Some(FLASH_BLOCKS[0]));
+        assert_eq!(FlashBlock::parse("16"), None);
+        assert_eq!(FLASH_BLOCKS[2].kernel(), "w4m2");
+        assert_eq!(FLASH_BLOCKS[1].kernel(), "w8");
+        assert_eq!(FLASH_BLOCKS.map(FlashBlock::rows), [64, 128, 128]);
     }
 }
