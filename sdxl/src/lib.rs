@@ -35,8 +35,10 @@ pub mod vae;
 pub mod accel;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod layout;
 pub mod nn;
 mod resnet;
+pub mod sdpa;
 
 use std::path::Path;
 

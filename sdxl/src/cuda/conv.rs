@@ -1,5 +1,5 @@
 //! 2-D convolutions through cuDNN, NCHW or channels-last (NHWC storage, see
-//! [`crate::nn::is_channels_last`]), as PyTorch runs them: f32 accumulation
+//! [`crate::layout::is_channels_last`]), as PyTorch runs them: f32 accumulation
 //! for half types with tensor-core math, TF32 allowed for f32 (PyTorch's
 //! `cudnn.allow_tf32` default), and the algorithm chosen once per shape, as
 //! [`ConvAlgo`] says: by timing the candidates
@@ -57,7 +57,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Re
 
 fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     // [k, r, s, c], contiguous
-    let mut rows = crate::nn::channels_last(weight)?.permute((0, 2, 3, 1))?;
+    let mut rows = crate::layout::channels_last(weight)?.permute((0, 2, 3, 1))?;
     let k = rows.dim(0)?;
     let padded = k.next_multiple_of(8);
     if padded != k {

@@ -4,7 +4,7 @@
 //! layer norm, GEGLU, bias (+ residual) adds and 2× upsampling. Each op
 //! checks the layout it needs; all but the in-place bias add return a fresh
 //! tensor: contiguous, or for the ops on images (group norm, upsampling, bias
-//! adds) channels-last when the input is (see [`crate::nn::is_channels_last`]).
+//! adds) channels-last when the input is (see [`crate::layout::is_channels_last`]).
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
@@ -42,7 +42,7 @@ pub fn aligned(t: &Tensor) -> bool {
     t.is_contiguous() && t.layout().start_offset().is_multiple_of(8)
 }
 
-pub use crate::nn::is_channels_last as channels_last;
+pub use crate::layout::is_channels_last as channels_last;
 
 /// [`aligned`] for `layout_of`'s layout: channels-last when it is, else contiguous.
 pub fn aligned_like(t: &Tensor, layout_of: &Tensor) -> bool {
