@@ -1,9 +1,11 @@
 //! Group norm (with an optional pre-norm bias), on NCHW or channels-last
 //! storage, and layer norm (`kernels/sdxl.cu`).
 
+use std::ops::Deref;
+
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::super::module::{kernel, Module};
 use super::super::op::{CudaOp, Elem, Launch3, OnCuda};
@@ -87,6 +89,36 @@ struct GroupNormOp {
 /// Elements each block of the group-norm kernels covers (about 32 per thread).
 const GN_CHUNK: usize = 8192;
 
+impl GroupNormOp {
+    /// The pre-norm bias's storage (read-locked, held while a launch reads
+    /// it) and layout.
+    fn pre_storage(&self) -> Option<(impl Deref<Target = Storage> + '_, &Layout)> {
+        self.pre.as_ref().map(|(p, _)| p.storage_and_layout())
+    }
+
+    /// Elements from one sample's pre-norm bias to the next's: `channels`
+    /// for a bias per sample, 0 for one shared by all.
+    fn pre_stride(&self, channels: usize) -> i64 {
+        match self.pre {
+            Some((_, true)) => channels as i64,
+            _ => 0,
+        }
+    }
+}
+
+/// The pre-norm bias as the kernels read it (`None`: no bias).
+fn pre_view<'a, T: Elem, S: Deref<Target = Storage>>(
+    held: &'a Option<(S, &Layout)>,
+) -> Result<Option<CudaView<'a, T>>> {
+    match held {
+        None => Ok(None),
+        Some((st, l)) => match &**st {
+            Storage::Cuda(s) => Ok(Some(view::<T>(s, l)?)),
+            _ => bail!("group norm: the pre-norm bias is not on the GPU"),
+        },
+    }
+}
+
 impl CudaOp for GroupNormOp {
     const NAME: &'static str = "group-norm";
 }
@@ -122,18 +154,9 @@ impl Launch3 for GroupNormOp {
         let n_groups = batch * self.groups;
         let sfx = suffix(T::DTYPE)?;
         let (x, g, b) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
-        let pre_guard = self.pre.as_ref().map(|(p, _)| p.storage_and_layout());
-        let pre = match &pre_guard {
-            None => None,
-            Some((st, l)) => match &**st {
-                candle_core::Storage::Cuda(s) => Some(view::<T>(s, l)?),
-                _ => bail!("group norm: the pre-norm bias is not on the GPU"),
-            },
-        };
-        let pre_bs: i64 = match self.pre {
-            Some((_, true)) => channels as i64,
-            _ => 0,
-        };
+        let held = self.pre_storage();
+        let pre = pre_view::<T, _>(&held)?;
+        let pre_bs = self.pre_stride(channels);
         let null: u64 = 0;
         let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n_groups * splits * 2)? };
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(batch * group_size * self.groups)? };
@@ -207,18 +230,9 @@ impl Launch3 for GroupNormNhwc {
         let splits = hw.div_ceil(chunk).max(1);
         let sfx = suffix(T::DTYPE)?;
         let (x, g, b) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
-        let pre_guard = op.pre.as_ref().map(|(p, _)| p.storage_and_layout());
-        let pre = match &pre_guard {
-            None => None,
-            Some((st, l)) => match &**st {
-                candle_core::Storage::Cuda(s) => Some(view::<T>(s, l)?),
-                _ => bail!("group norm: the pre-norm bias is not on the GPU"),
-            },
-        };
-        let pre_bs: i64 = match op.pre {
-            Some((_, true)) => c as i64,
-            _ => 0,
-        };
+        let held = op.pre_storage();
+        let pre = pre_view::<T, _>(&held)?;
+        let pre_bs = op.pre_stride(c);
         let null: u64 = 0;
         let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(batch * splits * op.groups * 2)? };
         let stats: CudaSlice<f32> = unsafe { dev.alloc::<f32>(batch * op.groups * 2)? };
