@@ -54,20 +54,16 @@ impl Module for Activation {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
-    /// The weight stored channels-last (`KRSC`), made on the first
-    /// channels-last input.
-    #[cfg(feature = "cuda")]
-    weight_nhwc: std::sync::OnceLock<Tensor>,
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fast(xs) {
-            let (cfg, w) = (self.inner.config(), self.weight_for(xs)?);
+            let (cfg, w) = (self.inner.config(), self.inner.weight());
             return match self.inner.bias() {
-                Some(b) => super::cuda::conv::conv2d_bias(xs, &w, b, None, false, cfg.padding, cfg.stride),
-                None => super::cuda::conv::conv2d(xs, &w, cfg.padding, cfg.stride),
+                Some(b) => super::cuda::conv::conv2d_bias(xs, w, b, None, false, cfg.padding, cfg.stride),
+                None => super::cuda::conv::conv2d(xs, w, cfg.padding, cfg.stride),
             };
         }
         self.inner.forward(xs)
@@ -77,18 +73,16 @@ impl Module for Conv2d {
 impl Conv2d {
     /// Where the layers keep images channels-last, the weight is kept
     /// channels-last (`KRSC` storage) instead of as loaded: one copy of it,
-    /// in the order cuDNN's NHWC kernels read.
+    /// in the order cuDNN's NHWC kernels read (an NCHW call makes its own
+    /// contiguous copy, and a channels-last call on a weight built otherwise
+    /// its KRSC one).
     fn new(inner: candle_nn::Conv2d) -> Result<Self> {
         let inner = if layers_keep_channels_last(inner.weight()) && inner.config().groups == 1 {
             candle_nn::Conv2d::new(channels_last(inner.weight())?, inner.bias().cloned(), *inner.config())
         } else {
             inner
         };
-        Ok(Self {
-            inner,
-            #[cfg(feature = "cuda")]
-            weight_nhwc: std::sync::OnceLock::new(),
-        })
+        Ok(Self { inner })
     }
 
     /// Whether the cuDNN path takes this input (one group, no dilation).
@@ -96,21 +90,6 @@ impl Conv2d {
     fn fast(&self, xs: &Tensor) -> bool {
         let cfg = self.inner.config();
         on_cuda(xs) && Accel::current().conv && cfg.groups == 1 && cfg.dilation == 1
-    }
-
-    /// The weight in the storage order that matches `xs`'s: channels-last
-    /// (as built, or made once) for a channels-last input, else as it is.
-    #[cfg(feature = "cuda")]
-    fn weight_for(&self, xs: &Tensor) -> Result<Tensor> {
-        let w = self.inner.weight();
-        if !is_channels_last(xs) || is_channels_last(w) {
-            return Ok(w.clone());
-        }
-        if let Some(cl) = self.weight_nhwc.get() {
-            return Ok(cl.clone());
-        }
-        let cl = channels_last(w)?;
-        Ok(self.weight_nhwc.get_or_init(|| cl).clone())
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -123,7 +102,7 @@ impl Conv2d {
         let cfg = self.inner.config();
         #[cfg(feature = "cuda")]
         if self.fast(xs) {
-            return super::cuda::conv::conv2d(xs, &self.weight_for(xs)?, cfg.padding, cfg.stride);
+            return super::cuda::conv::conv2d(xs, self.inner.weight(), cfg.padding, cfg.stride);
         }
         xs.conv2d(self.inner.weight(), cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
     }
@@ -144,8 +123,8 @@ impl Conv2d {
         #[cfg(feature = "cuda")]
         if self.fast(xs) {
             if let Some(b) = self.inner.bias() {
-                let (cfg, w) = (self.inner.config(), self.weight_for(xs)?);
-                return super::cuda::conv::conv2d_bias(xs, &w, b, residual, relu, cfg.padding, cfg.stride);
+                let (cfg, w) = (self.inner.config(), self.inner.weight());
+                return super::cuda::conv::conv2d_bias(xs, w, b, residual, relu, cfg.padding, cfg.stride);
             }
         }
         let y = self.forward(xs)?;

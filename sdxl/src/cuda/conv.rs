@@ -216,17 +216,20 @@ impl ConvPlan {
         let [k, kc, kh, kw] = as_i32(key.w);
         let (p, s) = (key.padding as c_int, key.stride as c_int);
         // the dims are given in NCHW order whatever the storage format
-        let nchw = if key.nhwc {
+        let format = if key.nhwc {
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
         } else {
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
         };
         unsafe {
             check(sys::cudnnCreateTensorDescriptor(&mut plan.x), "create x")?;
-            check(sys::cudnnSetTensor4dDescriptor(plan.x, nchw, data, n, c, h, w), "set x")?;
+            check(
+                sys::cudnnSetTensor4dDescriptor(plan.x, format, data, n, c, h, w),
+                "set x",
+            )?;
             check(sys::cudnnCreateFilterDescriptor(&mut plan.w), "create w")?;
             check(
-                sys::cudnnSetFilter4dDescriptor(plan.w, data, nchw, k, kc, kh, kw),
+                sys::cudnnSetFilter4dDescriptor(plan.w, data, format, k, kc, kh, kw),
                 "set w",
             )?;
             check(sys::cudnnCreateConvolutionDescriptor(&mut plan.conv), "create conv")?;
@@ -255,7 +258,7 @@ impl ConvPlan {
             plan.out = [on as usize, oc as usize, oh as usize, ow as usize];
             check(sys::cudnnCreateTensorDescriptor(&mut plan.y), "create y")?;
             check(
-                sys::cudnnSetTensor4dDescriptor(plan.y, nchw, data, on, oc, oh, ow),
+                sys::cudnnSetTensor4dDescriptor(plan.y, format, data, on, oc, oh, ow),
                 "set y",
             )?;
         }
