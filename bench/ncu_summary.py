@@ -11,7 +11,7 @@ from collections import defaultdict
 def family(name: str) -> str:
     n = name.lower()
     rules = [
-        ("flash attention (ours)", r"flash_attn"),
+        ("flash attention (ours)", r"flash_(attn|wgmma)"),
         ("group norm (ours)", r"group_norm_"),
         ("geglu (ours)", r"geglu"),
         ("convolution (cuDNN)", r"conv|cudnn|implicit|nchw|nhwc|xmma_fprop|fprop|winograd|fft"),

@@ -8,7 +8,7 @@
 //
 // Accumulation is in f32; results are rounded once to the storage type.
 
-#include "common.cuh"
+#include "flash.cuh"
 
 namespace {
 
@@ -23,23 +23,8 @@ namespace {
 // accumulator layout of m16n8k16 is the A operand layout of the next product).
 // ---------------------------------------------------------------------------
 
-constexpr int kD = 64;         // head dim
-constexpr int kTile = 64;      // keys per tile
-constexpr int kLd = kD + 8;    // padded smem row (144 B): conflict-free fragment loads
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; when !valid the destination is zero-filled.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+constexpr int kTile = 64;     // keys per tile
+constexpr int kLd = kD + 8;  // padded smem row (144 B): conflict-free fragment loads
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -62,10 +47,6 @@ template <> struct Mma<__half> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
 };
 template <> struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -75,16 +56,7 @@ template <> struct Mma<__nv_bfloat16> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
 };
-
-template <typename T>
-__device__ __forceinline__ uint32_t ld_u32(const T* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
 
 // Strides are in elements; every row stride and the head offset are multiples
 // of 8 (checked by the host), so each 8-element chunk is one 16-byte copy.
@@ -103,7 +75,7 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
-  const int q0 = blockIdx.x * kRows * kWarps, h = blockIdx.y, b = blockIdx.z;
+  const int q0 = blockIdx.x * kRows * kWarps + warp * kRows, h = blockIdx.y, b = blockIdx.z;
   const T* qb = q + b * q_bs + h * kD;
   const T* kb = k + b * k_bs + h * kD;
   const T* vb = v + b * v_bs + h * kD;
@@ -125,17 +97,7 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
   // this warp's rows of Q as m16n8k16 A fragments (rows past n_q read as 0)
   uint32_t qf[kMT][4][4];
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    const int r0 = q0 + warp * kRows + mt * 16 + g, r1 = r0 + 8;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const int c = kk * 16 + 2 * t;
-      qf[mt][kk][0] = r0 < n_q ? ld_u32(qb + (long long)r0 * q_rs + c) : 0u;
-      qf[mt][kk][1] = r1 < n_q ? ld_u32(qb + (long long)r1 * q_rs + c) : 0u;
-      qf[mt][kk][2] = r0 < n_q ? ld_u32(qb + (long long)r0 * q_rs + c + 8) : 0u;
-      qf[mt][kk][3] = r1 < n_q ? ld_u32(qb + (long long)r1 * q_rs + c + 8) : 0u;
-    }
-  }
+  for (int mt = 0; mt < kMT; ++mt) load_q(qf[mt], qb, q0 + mt * 16, n_q, q_rs, g, t);
   float acc[kMT][8][4];
   float m0[kMT], m1[kMT];  // running max (log2 domain) of rows g and g+8
   float l0[kMT], l1[kMT];  // this thread's share of the running sums
@@ -180,55 +142,12 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
         }
       }
     }
-    if ((j + 1) * kTile > n_kv) {  // keys past the end of the sequence
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int key = j * kTile + nt * 8 + 2 * t;
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          if (key >= n_kv) s[mt][nt][0] = s[mt][nt][2] = -INFINITY;
-          if (key + 1 >= n_kv) s[mt][nt][1] = s[mt][nt][3] = -INFINITY;
-        }
-      }
-    }
 
     uint32_t pa[kMT][4][4];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
-      }
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      const float new0 = fmaxf(m0[mt], mx0 * scale_log2), new1 = fmaxf(m1[mt], mx1 * scale_log2);
-      const float c0 = exp2f(m0[mt] - new0), c1 = exp2f(m1[mt] - new1);
-      m0[mt] = new0;
-      m1[mt] = new1;
-      l0[mt] *= c0;
-      l1[mt] *= c1;
-#pragma unroll
-      for (int dt = 0; dt < 8; ++dt) {
-        acc[mt][dt][0] *= c0;
-        acc[mt][dt][1] *= c0;
-        acc[mt][dt][2] *= c1;
-        acc[mt][dt][3] *= c1;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const float p0 = exp2f(s[mt][nt][0] * scale_log2 - new0), p1 = exp2f(s[mt][nt][1] * scale_log2 - new0);
-        const float p2 = exp2f(s[mt][nt][2] * scale_log2 - new1), p3 = exp2f(s[mt][nt][3] * scale_log2 - new1);
-        l0[mt] += p0 + p1;
-        l1[mt] += p2 + p3;
-        const int kk = nt >> 1, hi = (nt & 1) * 2;
-        pa[mt][kk][hi] = Mma<T>::pack(p0, p1);
-        pa[mt][kk][hi + 1] = Mma<T>::pack(p2, p3);
-      }
+      mask_tail(s[mt], j * kTile, n_kv, t);
+      online_softmax<T, 8>(s[mt], m0[mt], m1[mt], l0[mt], l1[mt], acc[mt], pa[mt], scale_log2);
     }
 
 #pragma unroll
@@ -249,26 +168,7 @@ __device__ __forceinline__ void flash_attn_d64(const T* __restrict__ q, const T*
 
   T* ob = o + b * o_bs + h * kD;
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    float s0 = l0[mt], s1 = l1[mt];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      s0 += __shfl_xor_sync(0xffffffffu, s0, off);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, off);
-    }
-    const float inv0 = 1.f / s0, inv1 = 1.f / s1;
-    const int r0 = q0 + warp * kRows + mt * 16 + g, r1 = r0 + 8;
-#pragma unroll
-    for (int dt = 0; dt < 8; ++dt) {
-      const int col = dt * 8 + 2 * t;
-      if (r0 < n_q)
-        *reinterpret_cast<uint32_t*>(ob + (long long)r0 * o_rs + col) =
-            Mma<T>::pack(acc[mt][dt][0] * inv0, acc[mt][dt][1] * inv0);
-      if (r1 < n_q)
-        *reinterpret_cast<uint32_t*>(ob + (long long)r1 * o_rs + col) =
-            Mma<T>::pack(acc[mt][dt][2] * inv1, acc[mt][dt][3] * inv1);
-    }
-  }
+  for (int mt = 0; mt < kMT; ++mt) store_rows(ob, o_rs, q0 + mt * 16, n_q, acc[mt], l0[mt], l1[mt], g, t);
 }
 
 }  // namespace

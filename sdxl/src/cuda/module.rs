@@ -16,8 +16,11 @@ use candle_core::Result;
 pub enum Module {
     /// Norms, GEGLU, bias adds, upsampling (`kernels/sdxl.cu`).
     Sdxl,
-    /// Flash attention (`kernels/attention.cu`).
+    /// Flash attention on mma.sync (`kernels/attention.cu`).
     Attention,
+    /// Flash attention on Hopper's wgmma (`kernels/attention_sm90.cu`): machine
+    /// code for compute capability 9.0 only (see [`sm90a_attention`]).
+    AttentionSm90,
     /// FP8 quantization and the FP8 products' epilogue (`kernels/fp8.cu`).
     Fp8,
 }
@@ -27,9 +30,33 @@ impl Module {
         match self {
             Module::Sdxl => include_bytes!(concat!(env!("OUT_DIR"), "/sdxl.fatbin")),
             Module::Attention => include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
+            Module::AttentionSm90 => include_bytes!(concat!(env!("OUT_DIR"), "/attention_sm90.fatbin")),
             Module::Fp8 => include_bytes!(concat!(env!("OUT_DIR"), "/fp8.fatbin")),
         }
     }
+}
+
+/// Whether [`Module::AttentionSm90`]'s kernels can run on `dev`: the build
+/// compiled them for `sm_90a` (`CUDA_COMPUTE_CAP=90`) and `dev` is compute
+/// capability 9.0 (H100, H200, GH200). Asked once per device.
+pub fn sm90a_attention(dev: &CudaDevice) -> bool {
+    static BY_DEVICE: OnceLock<Mutex<HashMap<DeviceId, bool>>> = OnceLock::new();
+    if option_env!("SDXL_SM90A_ATTENTION").is_none() {
+        return false;
+    }
+    let mut known = BY_DEVICE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *known.entry(dev.id()).or_insert_with(|| {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
+        let ctx = dev.cuda_stream().context().clone();
+        let cap = |a| ctx.attribute(a).ok();
+        (
+            cap(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            cap(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        ) == (Some(9), Some(0))
+    })
 }
 
 /// A kernel of one of our modules, ready to launch on the device's stream.
@@ -42,6 +69,15 @@ impl Kernel {
     /// Arguments are pushed on the builder in the kernel's parameter order.
     pub fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)
+    }
+
+    /// Lets launches ask for up to `bytes` of dynamic shared memory (the
+    /// driver refuses more than 48 KB unless the function allows it).
+    pub fn allow_shared_bytes(&self, bytes: u32) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attr;
+        self.func
+            .set_attribute(Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            .map_err(candle_core::Error::wrap)
     }
 }
 

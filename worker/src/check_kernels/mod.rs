@@ -124,6 +124,9 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
             let (kc, vc) = (k.contiguous()?, v.contiguous()?);
             let candle_ms = median_ms(&dev, args.iters, || nn::attention_candle(&q, &kc, &vc, heads))?;
             for block in kernels::FLASH_BLOCKS {
+                if !block.runs_on(dev.as_cuda_device()?) {
+                    continue;
+                }
                 let fast = kernels::flash_attention_block(&q, &k, &v, heads, block)?;
                 let (rel, max) = errors(&fast, &reference)?;
                 let fast_ms = median_ms(&dev, args.iters, || {

@@ -2,86 +2,193 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-use super::super::module::{kernel, Module};
+use super::super::module::{kernel, sm90a_attention, Module};
 use super::super::op::{CudaOp, Elem, Launch3, OnCuda};
 use super::{suffix, view, w};
 
 /// `softmax(q kᵀ / √64) v` per head, for q `[b, n_q, heads·64]` and k, v
 /// `[b, n_kv, heads·64]` (rows may be strided, e.g. views of a fused projection);
-/// returns `[b, n_q, heads·64]`, contiguous.
+/// returns `[b, n_q, heads·64]`, contiguous. The block is [`flash_block`]'s.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    flash_attention_block(q, k, v, heads, flash_block())
+    let block = flash_block(q.device().as_cuda_device()?, k.dim(1)?);
+    flash_attention_block(q, k, v, heads, block)
 }
 
-/// [`flash_attention`] with the block shape `block` (one of [`FLASH_BLOCKS`]).
+/// [`flash_attention`] with the block `block` (one of [`FLASH_BLOCKS`], and
+/// [`FlashBlock::runs_on`] the device).
 pub fn flash_attention_block(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, block: FlashBlock) -> Result<Tensor> {
     if !FLASH_BLOCKS.contains(&block) {
         bail!("flash attention: a block of {block} (built for {FLASH_BLOCKS:?})")
     }
+    if !block.runs_on(q.device().as_cuda_device()?) {
+        bail!("flash attention: {block} needs a compute capability 9.0 GPU and a build for it (CUDA_COMPUTE_CAP=90)")
+    }
     q.apply_op3_no_bwd(k, v, &OnCuda(FlashAttention { heads, block }))
 }
 
-/// A flash-attention block: `warps` warps of `tiles` 16-row query tiles each.
+/// A flash-attention block shape, and the instructions its kernel is built on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlashBlock {
-    pub warps: usize,
-    pub tiles: usize,
+pub enum FlashBlock {
+    /// `kernels/attention.cu` on `mma.sync` (any GPU from compute capability
+    /// 8.0): `warps` warps of `tiles` 16-row query tiles each.
+    Mma { warps: usize, tiles: usize },
+    /// `kernels/attention_sm90.cu` on Hopper's asynchronous `wgmma`
+    /// (compute capability 9.0): `groups` warpgroups of 64 query rows each,
+    /// K/V tiles of `keys` keys; with `producer`, one more warp copies the
+    /// tiles and the warpgroups run unsynchronized (warp specialization).
+    Wgmma { groups: usize, keys: usize, producer: bool },
 }
 
 impl FlashBlock {
     /// Query rows per block.
     pub fn rows(self) -> usize {
-        16 * self.tiles * self.warps
-    }
-
-    /// The kernel's name part: `w8`, or `w4m2` for two tiles a warp.
-    fn kernel(self) -> String {
-        match self.tiles {
-            1 => format!("w{}", self.warps),
-            t => format!("w{}m{t}", self.warps),
+        match self {
+            FlashBlock::Mma { warps, tiles } => 16 * tiles * warps,
+            FlashBlock::Wgmma { groups, .. } => 64 * groups,
         }
     }
 
-    /// `SDXL_FLASH_WARPS`'s spelling: `8`, `4`, or `4x2` (4 warps of 2 tiles).
+    /// Threads per block.
+    fn threads(self) -> usize {
+        match self {
+            FlashBlock::Mma { warps, .. } => 32 * warps,
+            FlashBlock::Wgmma { groups, producer, .. } => 128 * groups + if producer { 32 } else { 0 },
+        }
+    }
+
+    /// Whether this block's kernel can run on `dev`.
+    pub fn runs_on(self, dev: &CudaDevice) -> bool {
+        match self {
+            FlashBlock::Mma { .. } => true,
+            FlashBlock::Wgmma { .. } => sm90a_attention(dev),
+        }
+    }
+
+    /// Dynamic shared memory per block: the wgmma kernels' K/V stages (3, or
+    /// 4 and their two barriers each with the producer), and 1024 bytes to
+    /// align them; `smem_bytes` and `ws_smem_bytes` in attention_sm90.cu,
+    /// which this must match. The mma.sync kernel's is static.
+    fn shared_bytes(self, elem_bytes: usize) -> usize {
+        match self {
+            FlashBlock::Mma { .. } => 0,
+            FlashBlock::Wgmma {
+                keys, producer: false, ..
+            } => 2 * 3 * keys * 64 * elem_bytes + 1024,
+            FlashBlock::Wgmma {
+                keys, producer: true, ..
+            } => 2 * 4 * keys * 64 * elem_bytes + 2 * 4 * 8 + 1024,
+        }
+    }
+
+    /// The kernel's module and name, less the dtype suffix: `flash_attn_d64_w8`,
+    /// `flash_attn_d64_w4m2` for two tiles a warp, `flash_wgmma_d64_g2n64`.
+    fn kernel(self) -> (Module, String) {
+        match self {
+            FlashBlock::Mma { warps, tiles: 1 } => (Module::Attention, format!("flash_attn_d64_w{warps}")),
+            FlashBlock::Mma { warps, tiles } => (Module::Attention, format!("flash_attn_d64_w{warps}m{tiles}")),
+            FlashBlock::Wgmma { groups, keys, producer } => {
+                let kind = if producer { "ws" } else { "g" };
+                (Module::AttentionSm90, format!("flash_wgmma_d64_{kind}{groups}n{keys}"))
+            }
+        }
+    }
+
+    /// `SDXL_FLASH_BLOCK`'s spelling: `8`, `4`, or `4x2` (4 warps of 2 tiles)
+    /// for mma.sync; `wg2` (2 warpgroups, tiles of 64 keys) or `wg2x128`
+    /// (tiles of 128 keys) for wgmma, `ws2`, `ws2x128` for wgmma with a
+    /// producer warp.
     fn parse(value: &str) -> Option<FlashBlock> {
-        let (warps, tiles) = match value.trim().split_once('x') {
-            Some((w, t)) => (w.parse().ok()?, t.parse().ok()?),
-            None => (value.trim().parse().ok()?, 1),
+        let value = value.trim();
+        let wgmma = [("wg", false), ("ws", true)]
+            .into_iter()
+            .find_map(|(prefix, producer)| value.strip_prefix(prefix).map(|rest| (rest, producer)));
+        let block = if let Some((rest, producer)) = wgmma {
+            let (groups, keys) = rest.split_once('x').unwrap_or((rest, "64"));
+            FlashBlock::Wgmma {
+                groups: groups.parse().ok()?,
+                keys: keys.parse().ok()?,
+                producer,
+            }
+        } else {
+            let (warps, tiles) = match value.split_once('x') {
+                Some((w, t)) => (w.parse().ok()?, t.parse().ok()?),
+                None => (value.parse().ok()?, 1),
+            };
+            FlashBlock::Mma { warps, tiles }
         };
-        Some(FlashBlock { warps, tiles }).filter(|b| FLASH_BLOCKS.contains(b))
+        Some(block).filter(|b| FLASH_BLOCKS.contains(b))
     }
 }
 
 impl std::fmt::Display for FlashBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} warps × {} rows", self.warps, 16 * self.tiles)
+        match self {
+            FlashBlock::Mma { warps, tiles } => write!(f, "mma.sync, {warps} warps × {} rows", 16 * tiles),
+            FlashBlock::Wgmma { groups, keys, producer } => {
+                let producer = if *producer { " and a producer warp" } else { "" };
+                write!(f, "wgmma, {groups} warpgroups × 64 rows{producer}, {keys}-key tiles")
+            }
+        }
     }
 }
 
-/// The block shapes the flash kernel is built for: 4 and 8 warps of 16
-/// query rows, and 4 warps of 32 (each K/V fragment read from shared memory
-/// serves two products).
-pub const FLASH_BLOCKS: [FlashBlock; 3] = [
-    FlashBlock { warps: 4, tiles: 1 },
-    FlashBlock { warps: 8, tiles: 1 },
-    FlashBlock { warps: 4, tiles: 2 },
+/// The blocks the flash kernels are built for: on mma.sync, 4 and 8 warps of
+/// 16 query rows and 4 warps of 32 (each K/V fragment read from shared memory
+/// serves two products); on wgmma, 1 to 3 warpgroups of 64 rows with tiles of
+/// 64 keys, and 1 or 2 with tiles of 128 (253 registers a thread: no room
+/// for a third warpgroup); with a producer warp, 2 or 3 warpgroups of 64 keys
+/// and 2 of 128.
+pub const FLASH_BLOCKS: [FlashBlock; 11] = [
+    FlashBlock::Mma { warps: 4, tiles: 1 },
+    FlashBlock::Mma { warps: 8, tiles: 1 },
+    FlashBlock::Mma { warps: 4, tiles: 2 },
+    wgmma(1, 64, false),
+    wgmma(2, 64, false),
+    wgmma(3, 64, false),
+    wgmma(1, 128, false),
+    wgmma(2, 128, false),
+    wgmma(2, 64, true),
+    wgmma(3, 64, true),
+    wgmma(2, 128, true),
 ];
 
-/// The flash-attention block: `SDXL_FLASH_WARPS` (`4`, `8` or `4x2`), else
-/// 8 warps of 16 rows. At 8 each K/V tile in shared memory serves 128
-/// queries instead of 64, which halves the kernel's K/V reads; `4x2` serves
-/// 128 queries with 4 warps and halves the shared-memory reads per product;
-/// 4 is the earlier kernel's shape, kept for comparison on other GPUs.
-pub fn flash_block() -> FlashBlock {
-    static BLOCK: std::sync::OnceLock<FlashBlock> = std::sync::OnceLock::new();
-    *BLOCK.get_or_init(|| {
-        std::env::var("SDXL_FLASH_WARPS")
-            .ok()
+const fn wgmma(groups: usize, keys: usize, producer: bool) -> FlashBlock {
+    FlashBlock::Wgmma { groups, keys, producer }
+}
+
+/// The defaults on compute capability 9.0 (see [`flash_block`]): for at least
+/// [`LONG_KEYS`] keys, and for fewer.
+const HOPPER_LONG: FlashBlock = wgmma(1, 128, false);
+const HOPPER_SHORT: FlashBlock = wgmma(1, 64, false);
+/// Where 128-key tiles start to pay: from SDXL's 64×64 latents' 4096 tokens
+/// (measured on an H100, BENCHMARKS.md); its 1024 tokens fill the GPU
+/// better with the smaller tiles' twice as many blocks.
+const LONG_KEYS: usize = 2048;
+/// The default elsewhere: each K/V tile in shared memory serves 128 queries.
+const MMA_BLOCK: FlashBlock = FlashBlock::Mma { warps: 8, tiles: 1 };
+
+/// The flash-attention block for `n_kv` keys on `dev`: `SDXL_FLASH_BLOCK`
+/// (see [`FlashBlock::parse`]; the older name `SDXL_FLASH_WARPS` is read too)
+/// where it names one that runs on `dev`; else, on compute capability 9.0
+/// and a build for it, wgmma ([`HOPPER_LONG`] or [`HOPPER_SHORT`]), and
+/// mma.sync with 8 warps of 16 rows on any other GPU.
+pub fn flash_block(dev: &CudaDevice, n_kv: usize) -> FlashBlock {
+    static ASKED: std::sync::OnceLock<Option<FlashBlock>> = std::sync::OnceLock::new();
+    let asked = ASKED.get_or_init(|| {
+        ["SDXL_FLASH_BLOCK", "SDXL_FLASH_WARPS"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok())
             .and_then(|v| FlashBlock::parse(&v))
-            .unwrap_or(FlashBlock { warps: 8, tiles: 1 })
-    })
+    });
+    match *asked {
+        Some(block) if block.runs_on(dev) => block,
+        _ if !sm90a_attention(dev) => MMA_BLOCK,
+        _ if n_kv >= LONG_KEYS => HOPPER_LONG,
+        _ => HOPPER_SHORT,
+    }
 }
 
 /// Whether [`flash_attention`] can take these inputs as they are laid out.
@@ -125,13 +232,14 @@ impl Launch3 for FlashAttention {
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = q.device();
-        let name = format!("flash_attn_d64_{}_{}", self.block.kernel(), suffix(T::DTYPE)?);
+        let (module, kernel_name) = self.block.kernel();
+        let name = format!("{kernel_name}_{}", suffix(T::DTYPE)?);
         let (b, n_q, inner) = ql.shape().dims3()?;
         let n_kv = kl.shape().dims()[1];
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let (q, k, v) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * n_q * inner)? };
-        let func = kernel(dev, Module::Attention, &name)?;
+        let func = kernel(dev, module, &name)?;
         let (n_q_i, n_kv_i) = (n_q as i32, n_kv as i32);
         let (q_bs, q_rs) = (qs[0] as i64, qs[1] as i32);
         let (k_bs, k_rs) = (ks[0] as i64, ks[1] as i32);
@@ -139,10 +247,14 @@ impl Launch3 for FlashAttention {
         let (o_bs, o_rs) = ((n_q * inner) as i64, inner as i32);
         let scale_log2 = std::f32::consts::LOG2_E / 8.0; // 1/sqrt(64), in the exp2 domain
         let rows = self.block.rows();
+        let shared = self.block.shared_bytes(T::DTYPE.size_in_bytes()) as u32;
+        if shared > 0 {
+            func.allow_shared_bytes(shared)?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (n_q.div_ceil(rows) as u32, self.heads as u32, b as u32),
-            block_dim: (32 * self.block.warps as u32, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (self.block.threads() as u32, 1, 1),
+            shared_mem_bytes: shared,
         };
         let mut builder = func.builder();
         builder.arg(&q).arg(&k).arg(&v).arg(&out);
@@ -167,16 +279,37 @@ impl Launch3 for FlashAttention {
 
 #[cfg(test)]
 mod tests {
-    use super::{FlashBlock, FLASH_BLOCKS};
+    use super::{wgmma, FlashBlock, FLASH_BLOCKS};
 
     #[test]
     fn block_spellings() {
         assert_eq!(FlashBlock::parse("8"), Some(FLASH_BLOCKS[1]));
         assert_eq!(FlashBlock::parse(" 4x2 "), Some(FLASH_BLOCKS[2]));
         assert_eq!(FlashBlock::parse("4x1"), Some(FLASH_BLOCKS[0]));
+        assert_eq!(FlashBlock::parse("wg2"), Some(wgmma(2, 64, false)));
+        assert_eq!(FlashBlock::parse("wg1x128"), Some(wgmma(1, 128, false)));
+        assert_eq!(FlashBlock::parse("ws2x128"), Some(wgmma(2, 128, true)));
         assert_eq!(FlashBlock::parse("16"), None);
-        assert_eq!(FLASH_BLOCKS[2].kernel(), "w4m2");
-        assert_eq!(FLASH_BLOCKS[1].kernel(), "w8");
-        assert_eq!(FLASH_BLOCKS.map(FlashBlock::rows), [64, 128, 128]);
+        assert_eq!(FlashBlock::parse("wg4"), None);
+        assert_eq!(FlashBlock::parse("wg3x128"), None);
+        assert_eq!(FlashBlock::parse("ws1"), None);
+        assert_eq!(FLASH_BLOCKS[2].kernel().1, "flash_attn_d64_w4m2");
+        assert_eq!(FLASH_BLOCKS[1].kernel().1, "flash_attn_d64_w8");
+        assert_eq!(FLASH_BLOCKS[4].kernel().1, "flash_wgmma_d64_g2n64");
+        assert_eq!(FLASH_BLOCKS[10].kernel().1, "flash_wgmma_d64_ws2n128");
+        assert_eq!(
+            FLASH_BLOCKS.map(FlashBlock::rows),
+            [64, 128, 128, 64, 128, 192, 64, 128, 128, 192, 128]
+        );
+        assert_eq!(
+            FLASH_BLOCKS.map(FlashBlock::threads),
+            [128, 256, 128, 128, 256, 384, 128, 256, 288, 416, 288]
+        );
+        // attention_sm90.cu's smem_bytes and ws_smem_bytes: the K/V stages,
+        // the producer's barriers, and the alignment slack
+        assert_eq!(FLASH_BLOCKS[4].shared_bytes(2), 50176);
+        assert_eq!(FLASH_BLOCKS[7].shared_bytes(2), 99328);
+        assert_eq!(FLASH_BLOCKS[10].shared_bytes(2), 132160);
+        assert_eq!(FLASH_BLOCKS[1].shared_bytes(2), 0);
     }
 }
