@@ -36,6 +36,12 @@
 #                                    both UNets' cosine; ncu of one UNet forward and one VAE decode
 #   bench/gpu-run-p11.sh many        images/s: worker bench --throughput and diffusers eager's
 #                                    --throughput in the same call
+#   bench/gpu-run-p11.sh wgmma       the Hopper (wgmma) flash attention: check-kernels (every
+#                                    block's error and TFLOP/s); worker bench with the default
+#                                    blocks (wgmma on 9.0), the mma.sync kernel and the wgmma
+#                                    blocks in $BLOCKS, alternating; the same-seed images' PSNR
+#                                    and the UNet outputs' cosine, default against mma.sync; ncu
+#                                    of one UNet forward; worker bench --throughput
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -348,6 +354,37 @@ if [ "$PART" = nhwc ]; then
   note "ncu: one UNet forward, one VAE decode (nhwc)"
   ncu_profile unet-nhwc unet
   ncu_profile vae-nhwc vae
+  note "done"
+fi
+
+if [ "$PART" = wgmma ]; then
+  # default: the block flash_block picks (wgmma on 9.0); mma8: the mma.sync kernel
+  note "check-kernels"
+  timeout 150 "$WORKER" check-kernels --iters 10 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  grep -E 'FAIL|flash.*(q4096 kv4096|q1024 kv1024).*F16 ' "$OUT/check-kernels.log"
+  make_unet_io /tmp/unet-io.safetensors
+  run_bench default "$WORKER"
+  SDXL_FLASH_BLOCK=8 run_bench mma8 "$WORKER"
+  for block in ${BLOCKS:-wg1x128 ws2 ws3 ws2x128}; do
+    SDXL_FLASH_BLOCK=$block run_bench $block "$WORKER" --no-image
+  done
+  run_bench default-again "$WORKER"
+  SDXL_FLASH_BLOCK=8 run_bench mma8-again "$WORKER"
+  cosine /tmp/unet-io.default.safetensors /tmp/unet-io.mma8.safetensors | tee "$OUT/unet-cosine-default-vs-mma8.json"
+  for name in default mma8; do
+    note "generate: $name"
+    block=; [ $name = mma8 ] && block=8
+    SDXL_FLASH_BLOCK=$block "$WORKER" "${GEN[@]}" --output "$OUT/gen-$name.png" > "$OUT/gen-$name.log" 2>&1
+    echo "generate $name exit $?"
+  done
+  psnr "$OUT/gen-mma8.png" "$OUT/gen-default.png" default_vs_mma8 | tee "$OUT/wgmma-psnr.json"
+  note "ncu: one UNet forward"
+  ncu_profile unet-wgmma unet
+  note "worker bench --throughput $THROUGHPUT"
+  timeout 200 "$WORKER" "${BENCH[@]}" --no-image --iters 5 --throughput "$THROUGHPUT" \
+    --json "$OUT/candle-throughput.json" > "$OUT/candle-throughput.log" 2>&1
+  echo "bench exit $?"; grep -iE 'images/s|throughput' "$OUT/candle-throughput.log"
   note "done"
 fi
 
