@@ -9,7 +9,11 @@
 //!   `bias` (in-place bias adds after linear layers and time embeddings),
 //!   `lt` (linear layers through cuBLASLt, bias and residual in the GEMM's
 //!   epilogue), `nhwc` (the UNet's and VAE decoder's activations stored
-//!   channels-last, so cuDNN convolves without transposing; needs `conv`).
+//!   channels-last, so cuDNN convolves without transposing; needs `conv`),
+//!   `graphs` (the UNet's forward recorded once per input shape as a CUDA
+//!   graph and replayed: one launch instead of ~1,250). `graphs` is not part
+//!   of `all` yet: its first GPU run failed and the fix is not yet measured
+//!   (BENCHMARKS.md); name it in the list to try it.
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -41,6 +45,9 @@ pub struct Accel {
     /// tensor-core convolutions read and write it without transposes, and
     /// the transformers' tokens are a view of it. Takes effect with `conv`.
     pub nhwc: bool,
+    /// The UNet's forward (after the time embedding) recorded as a CUDA
+    /// graph per input shape and replayed ([`crate::cuda::graph`]).
+    pub graphs: bool,
     /// f32 convolutions and matrix products (the VAE under `force_upcast`)
     /// in TF32 on tensor cores: PyTorch's `cudnn.allow_tf32` default for
     /// the convolutions, and `torch.backends.cuda.matmul.allow_tf32` (off
@@ -96,7 +103,7 @@ impl Default for Accel {
 }
 
 /// The names `parse` takes, in the order of the bits below.
-const PATHS: [&str; 7] = ["attention", "conv", "norm", "geglu", "bias", "lt", "nhwc"];
+const PATHS: [&str; 8] = ["attention", "conv", "norm", "geglu", "bias", "lt", "nhwc", "graphs"];
 
 impl Accel {
     pub const ALL: Accel = Accel {
@@ -107,6 +114,7 @@ impl Accel {
         bias: true,
         lt: true,
         nhwc: true,
+        graphs: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -119,6 +127,7 @@ impl Accel {
         bias: false,
         lt: false,
         nhwc: false,
+        graphs: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -142,6 +151,7 @@ impl Accel {
                 "bias" => accel.bias = true,
                 "lt" => accel.lt = true,
                 "nhwc" => accel.nhwc = true,
+                "graphs" => accel.graphs = true,
                 other => {
                     return Err(format!(
                         "unknown kernel path {other:?} (allowed: all, none, or a list of {})",
@@ -165,6 +175,7 @@ impl Accel {
             self.fp8,
             self.conv_algo == ConvAlgo::Heuristic,
             self.nhwc,
+            self.graphs,
         ]
         .iter()
         .enumerate()
@@ -184,6 +195,7 @@ impl Accel {
             fp8: on(7),
             conv_algo: if on(8) { ConvAlgo::Heuristic } else { ConvAlgo::Find },
             nhwc: on(9),
+            graphs: on(10),
         }
     }
 
@@ -253,10 +265,11 @@ mod tests {
         let a = Accel::parse("conv, norm").unwrap();
         assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias && !a.lt && !a.nhwc);
         assert!(Accel::ALL.nhwc && Accel::parse("conv,nhwc").unwrap().nhwc);
+        assert!(!Accel::ALL.graphs && Accel::parse("conv,graphs").unwrap().graphs);
         assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(
-            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc"),
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc, graphs"),
             "{e}"
         );
     }

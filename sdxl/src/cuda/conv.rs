@@ -6,8 +6,10 @@
 //! (`cudnnFindConvolutionForwardAlgorithmEx`, what `cudnn.benchmark=True`
 //! does; the default) or from cuDNN's ranking without running anything
 //! (`cudnnGetConvolutionForwardAlgorithm_v7`, PyTorch's default). Descriptors
-//! and the chosen algorithm are cached per shape on the rank's thread; one
-//! workspace per device grows as needed.
+//! and the chosen algorithm are cached per shape on the rank's thread; each
+//! call takes its workspace from the stream's memory pool (stream-ordered,
+//! so a CUDA graph records it as its own allocation rather than baking in a
+//! shared buffer that a later, larger convolution would replace).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -162,7 +164,6 @@ impl Drop for ConvPlan {
 
 struct DeviceState {
     handle: sys::cudnnHandle_t,
-    workspace: Option<CudaSlice<u8>>,
 }
 
 impl Drop for DeviceState {
@@ -324,10 +325,7 @@ impl CudnnConv {
                             "set stream",
                         )?;
                     }
-                    e.insert(DeviceState {
-                        handle,
-                        workspace: None,
-                    })
+                    e.insert(DeviceState { handle })
                 }
             };
             PLANS.with_borrow_mut(|plans| -> Result<(CudaStorage, Shape)> {
@@ -352,14 +350,12 @@ impl CudnnConv {
                         return Err(e);
                     }
                 }
-                if plan.workspace > 0 && state.workspace.as_ref().is_none_or(|w| w.len() < plan.workspace) {
-                    state.workspace = Some(
-                        stream
-                            .alloc_zeros::<u8>(plan.workspace)
-                            .map_err(candle_core::Error::wrap)?,
-                    );
-                }
-                forward(state.handle, plan, &stream, &xv, &wv, &mut y, state.workspace.as_mut())?;
+                let mut workspace = match plan.workspace {
+                    0 => None,
+                    // Safety: cuDNN only writes the workspace before reading it.
+                    bytes => Some(unsafe { stream.alloc::<u8>(bytes) }.map_err(candle_core::Error::wrap)?),
+                };
+                forward(state.handle, plan, &stream, &xv, &wv, &mut y, workspace.as_mut())?;
                 let [n, k, oh, ow] = plan.out;
                 let shape = if key.nhwc {
                     Shape::from((n, oh, ow, k))

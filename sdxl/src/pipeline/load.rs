@@ -203,6 +203,15 @@ impl SdxlPipeline {
             ..opts.accel
         }
         .install();
+        #[cfg(feature = "cuda")]
+        if let Ok(cuda) = opts.device.as_cuda_device() {
+            // All of a device's work runs on candle's one stream (NCCL's too),
+            // so cudarc's cross-stream bookkeeping (an event recorded and
+            // waited on per kernel argument) guards nothing here, costs host
+            // time per launch, and cannot be recorded into a CUDA graph.
+            // Safety: no second stream uses this device's tensors.
+            unsafe { cuda.disable_event_tracking() };
+        }
         let single = is_single_file(&opts.model);
         // Where the configs and tokenizers come from.
         let source = match (&opts.config, single) {

@@ -41,6 +41,9 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     center_input_sample: bool,
     dtype: DType,
+    /// The forward's CUDA graphs, one per input shape (the `graphs` path).
+    #[cfg(feature = "cuda")]
+    graphs: crate::cuda::graph::Graphs,
 }
 
 fn unsupported(key: &str, value: impl std::fmt::Debug, supported: &str) -> ModelError {
@@ -286,6 +289,8 @@ impl UNet2DConditionModel {
                 conv_out: conv2d_same(boc[0], c.out_channels, c.conv_out_kernel, vb.pp("conv_out"))?,
                 center_input_sample: c.center_input_sample,
                 dtype: vb.dtype(),
+                #[cfg(feature = "cuda")]
+                graphs: Default::default(),
             })
         };
         build().map_err(|error| ModelError::Weights {
@@ -325,6 +330,19 @@ impl UNet2DConditionModel {
                 Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(self.dtype)?;
             emb = (emb + add.add_embedding.forward(&add_embeds)?)?;
         }
+        // the time embedding is made on the host; the rest is a fixed-shape
+        // function of device tensors, which a CUDA graph can replay
+        #[cfg(feature = "cuda")]
+        if crate::accel::on_cuda(sample) && crate::accel::Accel::current().graphs {
+            return self.graphs.run(&[sample, &emb, encoder_hidden_states], |x| {
+                self.forward_body(&x[0], &x[1], &x[2])
+            });
+        }
+        self.forward_body(sample, &emb, encoder_hidden_states)
+    }
+
+    /// [`Self::forward`] after the time embedding `emb`.
+    fn forward_body(&self, sample: &Tensor, emb: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let sample = if self.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
@@ -334,12 +352,12 @@ impl UNet2DConditionModel {
         let mut xs = to_layer_layout(&self.conv_in.forward(&sample)?)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(&xs, &emb, encoder_hidden_states)?;
+            let (out, states) = block.forward(&xs, emb, encoder_hidden_states)?;
             xs = out;
             skips.extend(states);
         }
         if let Some(mid) = &self.mid_block {
-            xs = mid.forward(&xs, &emb, encoder_hidden_states)?;
+            xs = mid.forward(&xs, emb, encoder_hidden_states)?;
         }
         for block in &self.up_blocks {
             let take = block.num_resnets();
@@ -351,7 +369,7 @@ impl UNet2DConditionModel {
                 }
                 None => None,
             };
-            xs = block.forward(&xs, &skips[rest..], &emb, encoder_hidden_states, upsample_size)?;
+            xs = block.forward(&xs, &skips[rest..], emb, encoder_hidden_states, upsample_size)?;
             skips.truncate(rest);
         }
         let xs = self.conv_norm_out.forward_act(&xs, Some(self.conv_act))?;
