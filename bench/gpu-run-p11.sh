@@ -42,6 +42,10 @@
 #                                    blocks in $BLOCKS, alternating; the same-seed images' PSNR
 #                                    and the UNet outputs' cosine, default against mma.sync; ncu
 #                                    of one UNet forward; worker bench --throughput
+#   bench/gpu-run-p11.sh graphs      the UNet forward as a CUDA graph (SDXL_KERNELS's `graphs`
+#                                    path): worker bench with and without it, alternating; the
+#                                    UNet outputs' cosine and the same-seed images' PSNR;
+#                                    images/s; the largest job inside the caps (16 x 2048²)
 # The worker binary comes xz-compressed in .device/worker.xz (built here with
 # `cargo build --release -p worker --features cuda`), diffusers' wheel in .whl/.
 # Every result goes to /tmp/p11-$PART, packed at the end into $OUT/p11-$PART.tgz
@@ -385,6 +389,34 @@ if [ "$PART" = wgmma ]; then
   timeout 200 "$WORKER" "${BENCH[@]}" --no-image --iters 5 --throughput "$THROUGHPUT" \
     --json "$OUT/candle-throughput.json" > "$OUT/candle-throughput.log" 2>&1
   echo "bench exit $?"; grep -iE 'images/s|throughput' "$OUT/candle-throughput.log"
+  note "done"
+fi
+
+if [ "$PART" = graphs ]; then
+  EAGER=attention,conv,norm,geglu,bias,lt,nhwc  # every path but graphs
+  GRAPHS=$EAGER,graphs
+  make_unet_io /tmp/unet-io.safetensors
+  SDXL_KERNELS=$GRAPHS run_bench graphs "$WORKER"
+  SDXL_KERNELS=$EAGER run_bench eager "$WORKER"
+  SDXL_KERNELS=$GRAPHS run_bench graphs-again "$WORKER"
+  SDXL_KERNELS=$EAGER run_bench eager-again "$WORKER"
+  cosine /tmp/unet-io.graphs.safetensors /tmp/unet-io.eager.safetensors | tee "$OUT/unet-cosine-graphs-vs-eager.json"
+  for name in graphs eager; do
+    note "generate: $name"
+    kernels=$GRAPHS; [ $name = eager ] && kernels=$EAGER
+    SDXL_KERNELS=$kernels "$WORKER" "${GEN[@]}" --output "$OUT/gen-$name.png" > "$OUT/gen-$name.log" 2>&1
+    echo "generate $name exit $?"
+  done
+  psnr "$OUT/gen-eager.png" "$OUT/gen-graphs.png" graphs_vs_eager | tee "$OUT/graphs-psnr.json"
+  note "worker bench --throughput $THROUGHPUT"
+  SDXL_KERNELS=$GRAPHS timeout 200 "$WORKER" "${BENCH[@]}" --no-image --iters 5 --throughput "$THROUGHPUT" \
+    --json "$OUT/candle-throughput.json" > "$OUT/candle-throughput.log" 2>&1
+  echo "bench exit $?"; grep -iE 'images/s' "$OUT/candle-throughput.log"
+  note "the largest job inside the caps: 16 images of 2048², 2 steps"
+  SDXL_KERNELS=$GRAPHS timeout 120 /usr/bin/time -f "wall %e s" "$WORKER" generate --model "$MODEL" --device cuda --dtype f16 --ranks 1 \
+    --num-images 16 --width 2048 --height 2048 --steps 2 --seed 1 --prompt "memory" --output "$OUT/big-16.png" \
+    > "$OUT/big-job-16.log" 2>&1
+  echo "16 x 2048² exit $?"; tail -n 4 "$OUT/big-job-16.log"
   note "done"
 fi
 
