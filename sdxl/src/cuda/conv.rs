@@ -6,10 +6,11 @@
 //! (`cudnnFindConvolutionForwardAlgorithmEx`, what `cudnn.benchmark=True`
 //! does; the default) or from cuDNN's ranking without running anything
 //! (`cudnnGetConvolutionForwardAlgorithm_v7`, PyTorch's default). Descriptors
-//! and the chosen algorithm are cached per shape on the rank's thread; each
-//! call takes its workspace from the stream's memory pool (stream-ordered,
-//! so a CUDA graph records it as its own allocation rather than baking in a
-//! shared buffer that a later, larger convolution would replace).
+//! and the chosen algorithm are cached per shape on the rank's thread; one
+//! workspace per device grows as needed. While the stream is being recorded
+//! into a CUDA graph, a call takes a workspace of its own from the stream's
+//! pool instead, which the graph records as its own allocation: the shared
+//! one may be replaced by a larger one later, under the graph's feet.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -164,6 +165,7 @@ impl Drop for ConvPlan {
 
 struct DeviceState {
     handle: sys::cudnnHandle_t,
+    workspace: Option<CudaSlice<u8>>,
 }
 
 impl Drop for DeviceState {
@@ -268,6 +270,14 @@ impl ConvPlan {
     }
 }
 
+/// Whether `stream` is being recorded into a CUDA graph.
+fn capturing(stream: &CudaStream) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    stream
+        .capture_status()
+        .is_ok_and(|status| status == Status::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+}
+
 /// How much workspace the algorithm search may offer: NCHW kernels that go
 /// through NHWC need about the input's size again (1 GiB for the VAE's last
 /// f32 convolutions), so up to 4 GiB, but never more than a quarter of the
@@ -325,7 +335,10 @@ impl CudnnConv {
                             "set stream",
                         )?;
                     }
-                    e.insert(DeviceState { handle })
+                    e.insert(DeviceState {
+                        handle,
+                        workspace: None,
+                    })
                 }
             };
             PLANS.with_borrow_mut(|plans| -> Result<(CudaStorage, Shape)> {
@@ -350,12 +363,24 @@ impl CudnnConv {
                         return Err(e);
                     }
                 }
-                let mut workspace = match plan.workspace {
-                    0 => None,
+                let mut recorded = None;
+                let workspace = if plan.workspace == 0 {
+                    None
+                } else if Accel::current().graphs && capturing(&stream) {
                     // Safety: cuDNN only writes the workspace before reading it.
-                    bytes => Some(unsafe { stream.alloc::<u8>(bytes) }.map_err(candle_core::Error::wrap)?),
+                    let own = unsafe { stream.alloc::<u8>(plan.workspace) }.map_err(candle_core::Error::wrap)?;
+                    Some(recorded.insert(own))
+                } else {
+                    if state.workspace.as_ref().is_none_or(|w| w.len() < plan.workspace) {
+                        state.workspace = Some(
+                            stream
+                                .alloc_zeros::<u8>(plan.workspace)
+                                .map_err(candle_core::Error::wrap)?,
+                        );
+                    }
+                    state.workspace.as_mut()
                 };
-                forward(state.handle, plan, &stream, &xv, &wv, &mut y, workspace.as_mut())?;
+                forward(state.handle, plan, &stream, &xv, &wv, &mut y, workspace)?;
                 let [n, k, oh, ow] = plan.out;
                 let shape = if key.nhwc {
                     Shape::from((n, oh, ow, k))
