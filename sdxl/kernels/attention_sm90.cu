@@ -128,6 +128,34 @@ __device__ __forceinline__ void accumulate(float (&acc)[8][4], const uint32_t (&
   for (int kk = 0; kk < kN / 2; ++kk) Wgmma<T>::template m64n64k16<1, 1>(acc, pa[kk], sw128_desc(base + kk * 2048));
 }
 
+// One tile's softmax (keys from k0 on) and its p v, waited for: the scores
+// s become P in registers, the accumulators are rescaled and then accumulate
+// p v from the tile's V stage vs.
+template <typename T, int kN>
+__device__ __forceinline__ void softmax_and_accumulate(float (&s)[kN][4], int k0, int n_kv, int t, float scale_log2,
+                                                       float& m0, float& m1, float& l0, float& l1,
+                                                       float (&acc)[8][4], const T* vs) {
+  uint32_t pa[kN / 2][4];
+  mask_tail(s, k0, n_kv, t);
+  online_softmax<T, kN>(s, m0, m1, l0, l1, acc, pa, scale_log2);
+  fence_regs(acc);
+  wgmma_fence();
+  accumulate<T, kN>(acc, pa, vs);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(acc);
+}
+
+// The next tile's scores, computed while this tile's softmax ran, become
+// the current ones (once their wgmma has been waited for).
+template <int kN> __device__ __forceinline__ void take_scores(float (&s)[kN][4], float (&sn)[kN][4]) {
+  fence_regs(sn);
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[i][e] = sn[i][e];
+}
+
 // The shared memory a block of kKeys-key tiles needs: kStages K and V tiles,
 // and 1024 bytes of slack to align them to the swizzle's 1024-byte pattern.
 template <typename T, int kKeys>
@@ -206,22 +234,9 @@ __device__ __forceinline__ void flash_wgmma_d64(const T* __restrict__ q, const T
       scores<T, kN>(sn, qf, ks + ((j + 1) % kStages) * kTileElems);
       wgmma_commit();
     }
-    uint32_t pa[kN / 2][4];
-    mask_tail(s, j * kKeys, n_kv, t);
-    online_softmax<T, kN>(s, m0, m1, l0, l1, acc, pa, scale_log2);
-    fence_regs(acc);
-    wgmma_fence();
-    accumulate<T, kN>(acc, pa, vs + (j % kStages) * kTileElems);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc);
-    if (next) {
-      fence_regs(sn);
-#pragma unroll
-      for (int i = 0; i < kN; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = sn[i][e];
-    }
+    softmax_and_accumulate<T, kN>(s, j * kKeys, n_kv, t, scale_log2, m0, m1, l0, l1, acc,
+                                  vs + (j % kStages) * kTileElems);
+    if (next) take_scores(s, sn);
   }
 
   store_rows(o + b * o_bs + h * kD, o_rs, q0, n_q, acc, l0, l1, g, t);
@@ -352,24 +367,13 @@ __device__ __forceinline__ void flash_wgmma_ws_d64(const T* __restrict__ q, cons
     if constexpr (kOverlap) {
       if (next) issue_scores(sn, j + 1);
     }
-    uint32_t pa[kN / 2][4];
-    mask_tail(s, j * kKeys, n_kv, t);
-    online_softmax<T, kN>(s, m0, m1, l0, l1, acc, pa, scale_log2);
-    fence_regs(acc);
-    wgmma_fence();
-    accumulate<T, kN>(acc, pa, vs + (j % kWsStages) * kTileElems);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc);
+    softmax_and_accumulate<T, kN>(s, j * kKeys, n_kv, t, scale_log2, m0, m1, l0, l1, acc,
+                                  vs + (j % kWsStages) * kTileElems);
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[j % kWsStages]);  // this warp is done with tile j
     if (next) {
       if constexpr (kOverlap) {
-        fence_regs(sn);
-#pragma unroll
-        for (int i = 0; i < kN; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[i][e] = sn[i][e];
+        take_scores(s, sn);
       } else {
         issue_scores(s, j + 1);
         wgmma_wait<0>();

@@ -70,15 +70,6 @@ impl Kernel {
     pub fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)
     }
-
-    /// Lets launches ask for up to `bytes` of dynamic shared memory (the
-    /// driver refuses more than 48 KB unless the function allows it).
-    pub fn allow_shared_bytes(&self, bytes: u32) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attr;
-        self.func
-            .set_attribute(Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-            .map_err(candle_core::Error::wrap)
-    }
 }
 
 type Modules = HashMap<(DeviceId, Module), Arc<CudaModule>>;
@@ -91,6 +82,13 @@ fn modules() -> &'static Mutex<(Modules, Functions)> {
 
 /// The function `name` of `module` on `dev` (the module is loaded on first use).
 pub fn kernel(dev: &CudaDevice, module: Module, name: &str) -> Result<Kernel> {
+    kernel_with_shared_bytes(dev, module, name, 0)
+}
+
+/// [`kernel`] for a function launched with `shared_bytes` of dynamic shared
+/// memory: when the function is first looked up, it is allowed that much
+/// (the driver refuses more than 48 KB otherwise).
+pub fn kernel_with_shared_bytes(dev: &CudaDevice, module: Module, name: &str, shared_bytes: u32) -> Result<Kernel> {
     let stream = dev.cuda_stream();
     let mut guard = modules().lock().unwrap_or_else(|e| e.into_inner());
     let (mods, funcs) = &mut *guard;
@@ -113,6 +111,14 @@ pub fn kernel(dev: &CudaDevice, module: Module, name: &str) -> Result<Kernel> {
         }
     };
     let func = loaded.load_function(name).map_err(candle_core::Error::wrap)?;
+    if shared_bytes > 0 {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attr;
+        func.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared_bytes as i32,
+        )
+        .map_err(candle_core::Error::wrap)?;
+    }
     funcs.insert(key, func.clone());
     Ok(Kernel { func, stream })
 }

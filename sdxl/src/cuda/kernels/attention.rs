@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKer
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-use super::super::module::{kernel, sm90a_attention, Module};
+use super::super::module::{kernel_with_shared_bytes, sm90a_attention, Module};
 use super::super::op::{CudaOp, Elem, Launch3, OnCuda};
 use super::{suffix, view, w};
 
@@ -239,7 +239,8 @@ impl Launch3 for FlashAttention {
         let (qs, ks, vs) = (ql.stride(), kl.stride(), vl.stride());
         let (q, k, v) = (view::<T>(q, ql)?, view::<T>(k, kl)?, view::<T>(v, vl)?);
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * n_q * inner)? };
-        let func = kernel(dev, module, &name)?;
+        let shared = self.block.shared_bytes(T::DTYPE.size_in_bytes()) as u32;
+        let func = kernel_with_shared_bytes(dev, module, &name, shared)?;
         let (n_q_i, n_kv_i) = (n_q as i32, n_kv as i32);
         let (q_bs, q_rs) = (qs[0] as i64, qs[1] as i32);
         let (k_bs, k_rs) = (ks[0] as i64, ks[1] as i32);
@@ -247,10 +248,6 @@ impl Launch3 for FlashAttention {
         let (o_bs, o_rs) = ((n_q * inner) as i64, inner as i32);
         let scale_log2 = std::f32::consts::LOG2_E / 8.0; // 1/sqrt(64), in the exp2 domain
         let rows = self.block.rows();
-        let shared = self.block.shared_bytes(T::DTYPE.size_in_bytes()) as u32;
-        if shared > 0 {
-            func.allow_shared_bytes(shared)?;
-        }
         let cfg = LaunchConfig {
             grid_dim: (n_q.div_ceil(rows) as u32, self.heads as u32, b as u32),
             block_dim: (self.block.threads() as u32, 1, 1),
