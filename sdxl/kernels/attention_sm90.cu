@@ -6,6 +6,8 @@
 //   flash_wgmma_d64_g{G}n{K}_*  softmax(q k^T * scale) v with the arguments and
 //                               layouts of attention.cu's kernels: G warpgroups
 //                               of 64 query rows, tiles of K keys.
+//   flash_wgmma_d64_g{G}n{K}p_* the same, with both products in flight during
+//                               the softmax (FlashAttention-3's order)
 //   flash_wgmma_d64_ws{G}n{K}_* the same, warp-specialized: a producer warp
 //                               copies K/V for G consumer warpgroups.
 //
@@ -163,7 +165,13 @@ __host__ __device__ constexpr int smem_bytes() {
   return 2 * kStages * kKeys * kD * static_cast<int>(sizeof(T)) + 1024;
 }
 
-template <typename T, int kGroups, int kKeys>
+// kPipelined: FlashAttention-3's order within a warpgroup. Tile j's p v is
+// issued right after tile j + 1's q k^T, and tile j + 1's softmax runs while
+// both are in flight; the accumulators' rescale for tile j + 1 waits until
+// tile j's p v is done, just before tile j + 1's p v. Without it, p v is
+// issued after the softmax and waited for at once, and the tensor cores
+// idle meanwhile unless another block's warps fill in.
+template <typename T, int kGroups, int kKeys, bool kPipelined>
 __device__ __forceinline__ void flash_wgmma_d64(const T* __restrict__ q, const T* __restrict__ k,
                                                 const T* __restrict__ v, T* __restrict__ o, int n_q, int n_kv,
                                                 long long q_bs, int q_rs, long long k_bs, int k_rs, long long v_bs,
@@ -219,24 +227,58 @@ __device__ __forceinline__ void flash_wgmma_d64(const T* __restrict__ q, const T
   wgmma_wait<0>();
   fence_regs(s);
 
-  for (int j = 0; j < tiles; ++j) {
-    const bool next = j + 1 < tiles;
-    if (next) {
-      // tile j + 1 landed, and every warpgroup is done with tile j - 1, whose
-      // stage the copy of tile j + 2 reuses
-      cp_async_wait<0>();
-      fence_proxy_async();
-      __syncthreads();
-      if (j + 2 < tiles) load_kv(j + 2);
-      cp_async_commit();
-      fence_regs(sn);
+  // tile j + 1 landed, and every warpgroup is done with tile j - 1, whose
+  // stage the copy of tile j + 2 reuses; then tile j + 1's q k^T is issued
+  auto next_scores = [&](int j) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (j + 2 < tiles) load_kv(j + 2);
+    cp_async_commit();
+    fence_regs(sn);
+    wgmma_fence();
+    scores<T, kN>(sn, qf, ks + ((j + 1) % kStages) * kTileElems);
+    wgmma_commit();
+  };
+
+  if constexpr (kPipelined) {
+    uint32_t pa[kN / 2][4];  // tile j's p, read by its p v
+    float c0, c1;            // the accumulators' rescale before tile j's p v
+    mask_tail(s, 0, n_kv, t);
+    softmax_exp(s, s, m0, m1, l0, l1, scale_log2, c0, c1);
+    pack_p<T, kN>(s, pa);
+    for (int j = 0; j < tiles; ++j) {
+      const bool next = j + 1 < tiles;
+      rescale(acc, c0, c1);
+      fence_regs(acc);
+      if (next) next_scores(j);
       wgmma_fence();
-      scores<T, kN>(sn, qf, ks + ((j + 1) % kStages) * kTileElems);
+      accumulate<T, kN>(acc, pa, vs + (j % kStages) * kTileElems);
       wgmma_commit();
+      if (next) {
+        // tile j + 1's scores (p v, committed after, may run on); softmax on
+        // a copy: registers a wgmma in flight writes or reads (sn, acc, pa)
+        // are not written meanwhile, or ptxas serializes the wgmmas
+        wgmma_wait<1>();
+        take_scores(s, sn);
+        mask_tail(s, (j + 1) * kKeys, n_kv, t);
+        softmax_exp(s, s, m0, m1, l0, l1, scale_log2, c0, c1);
+        wgmma_wait<0>();
+        fence_regs(acc);
+        pack_p<T, kN>(s, pa);
+      } else {
+        wgmma_wait<0>();
+        fence_regs(acc);
+      }
     }
-    softmax_and_accumulate<T, kN>(s, j * kKeys, n_kv, t, scale_log2, m0, m1, l0, l1, acc,
-                                  vs + (j % kStages) * kTileElems);
-    if (next) take_scores(s, sn);
+  } else {
+    for (int j = 0; j < tiles; ++j) {
+      const bool next = j + 1 < tiles;
+      if (next) next_scores(j);
+      softmax_and_accumulate<T, kN>(s, j * kKeys, n_kv, t, scale_log2, m0, m1, l0, l1, acc,
+                                    vs + (j % kStages) * kTileElems);
+      if (next) take_scores(s, sn);
+    }
   }
 
   store_rows(o + b * o_bs + h * kD, o_rs, q0, n_q, acc, l0, l1, g, t);
@@ -390,33 +432,38 @@ __device__ __forceinline__ void flash_wgmma_ws_d64(const T* __restrict__ q, cons
 }  // namespace
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FLASH_WGMMA_BODY(T, GROUPS, KEYS)                                                                      \
-  flash_wgmma_d64<T, GROUPS, KEYS>(q, k, v, o, n_q, n_kv, q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, o_bs, o_rs,      \
-                                   scale_log2);
+#define FLASH_WGMMA_BODY(T, GROUPS, KEYS, PIPELINED)                                                           \
+  flash_wgmma_d64<T, GROUPS, KEYS, PIPELINED>(q, k, v, o, n_q, n_kv, q_bs, q_rs, k_bs, k_rs, v_bs, v_rs, o_bs,  \
+                                              o_rs, scale_log2);
 #else
-#define FLASH_WGMMA_BODY(T, GROUPS, KEYS) __trap();
+#define FLASH_WGMMA_BODY(T, GROUPS, KEYS, PIPELINED) __trap();
 #endif
 
-// flash_wgmma_d64_g{GROUPS}n{KEYS}_{f16,bf16}: GROUPS warpgroups of 64 query
-// rows, tiles of KEYS keys; dynamic shared memory of 2 * 3 * KEYS * 128 + 1024
-// bytes (the host sets the attribute above 48 KB).
-#define FLASH_WGMMA(GROUPS, KEYS)                                                                                 \
-  extern "C" __global__ void __launch_bounds__(128 * GROUPS) flash_wgmma_d64_g##GROUPS##n##KEYS##_f16(           \
+// flash_wgmma_d64_g{GROUPS}n{KEYS}[p]_{f16,bf16}: GROUPS warpgroups of 64 query
+// rows, tiles of KEYS keys, with p the pipelined order (kPipelined above);
+// dynamic shared memory of 2 * 3 * KEYS * 128 + 1024 bytes (the host sets the
+// attribute above 48 KB).
+#define FLASH_WGMMA(NAME, GROUPS, KEYS, PIPELINED)                                                               \
+  extern "C" __global__ void __launch_bounds__(128 * GROUPS) NAME##_f16(                                       \
       const __half* q, const __half* k, const __half* v, __half* o, int n_q, int n_kv, long long q_bs, int q_rs, \
       long long k_bs, int k_rs, long long v_bs, int v_rs, long long o_bs, int o_rs, float scale_log2) {         \
-    FLASH_WGMMA_BODY(__half, GROUPS, KEYS)                                                                      \
+    FLASH_WGMMA_BODY(__half, GROUPS, KEYS, PIPELINED)                                                           \
   }                                                                                                             \
-  extern "C" __global__ void __launch_bounds__(128 * GROUPS) flash_wgmma_d64_g##GROUPS##n##KEYS##_bf16(          \
+  extern "C" __global__ void __launch_bounds__(128 * GROUPS) NAME##_bf16(                                      \
       const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o, int n_q,         \
       int n_kv, long long q_bs, int q_rs, long long k_bs, int k_rs, long long v_bs, int v_rs, long long o_bs,      \
       int o_rs, float scale_log2) {                                                                             \
-    FLASH_WGMMA_BODY(__nv_bfloat16, GROUPS, KEYS)                                                               \
+    FLASH_WGMMA_BODY(__nv_bfloat16, GROUPS, KEYS, PIPELINED)                                                    \
   }
-FLASH_WGMMA(1, 64)
-FLASH_WGMMA(2, 64)
-FLASH_WGMMA(3, 64)
-FLASH_WGMMA(1, 128)
-FLASH_WGMMA(2, 128)
+FLASH_WGMMA(flash_wgmma_d64_g1n64, 1, 64, false)
+FLASH_WGMMA(flash_wgmma_d64_g2n64, 2, 64, false)
+FLASH_WGMMA(flash_wgmma_d64_g3n64, 3, 64, false)
+FLASH_WGMMA(flash_wgmma_d64_g1n128, 1, 128, false)
+FLASH_WGMMA(flash_wgmma_d64_g2n128, 2, 128, false)
+FLASH_WGMMA(flash_wgmma_d64_g1n64p, 1, 64, true)
+FLASH_WGMMA(flash_wgmma_d64_g2n64p, 2, 64, true)
+FLASH_WGMMA(flash_wgmma_d64_g1n128p, 1, 128, true)
+FLASH_WGMMA(flash_wgmma_d64_g2n128p, 2, 128, true)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FLASH_WS_BODY(T, GROUPS, KEYS, OVERLAP)                                                                \

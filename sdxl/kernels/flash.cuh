@@ -83,13 +83,14 @@ __device__ __forceinline__ void mask_tail(float (&s)[kN][4], int k0, int n_kv, i
 }
 
 // One tile (kN chunks of 8 keys) of the online softmax for rows g (m0, l0)
-// and g + 8 (m1, l1):
-// the running maxima (log2 domain) move to include this tile's scores, the
-// output accumulators and this thread's share of the row sums are rescaled,
-// and p = exp2(s * scale_log2 - max) is packed as the A fragments of p · v.
-template <typename T, int kN>
-__device__ __forceinline__ void online_softmax(const float (&s)[kN][4], float& m0, float& m1, float& l0, float& l1,
-                                               float (&acc)[8][4], uint32_t (&pa)[kN / 2][4], float scale_log2) {
+// and g + 8 (m1, l1), the output accumulators aside: the running maxima
+// (log2 domain) move to include this tile's scores s, p = exp2(s *
+// scale_log2 - max) (p may be s itself), this thread's share of the row sums
+// is rescaled and grows by p's, and c0, c1 are the factors the accumulators
+// must be rescaled by (rescale) before p · v adds to them.
+template <int kN>
+__device__ __forceinline__ void softmax_exp(const float (&s)[kN][4], float (&p)[kN][4], float& m0, float& m1,
+                                            float& l0, float& l1, float scale_log2, float& c0, float& c1) {
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
   for (int nt = 0; nt < kN; ++nt) {
@@ -102,11 +103,25 @@ __device__ __forceinline__ void online_softmax(const float (&s)[kN][4], float& m
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
   }
   const float new0 = fmaxf(m0, mx0 * scale_log2), new1 = fmaxf(m1, mx1 * scale_log2);
-  const float c0 = exp2_ftz(m0 - new0), c1 = exp2_ftz(m1 - new1);
+  c0 = exp2_ftz(m0 - new0);
+  c1 = exp2_ftz(m1 - new1);
   m0 = new0;
   m1 = new1;
   l0 *= c0;
   l1 *= c1;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+    p[nt][0] = exp2_ftz(s[nt][0] * scale_log2 - new0);
+    p[nt][1] = exp2_ftz(s[nt][1] * scale_log2 - new0);
+    p[nt][2] = exp2_ftz(s[nt][2] * scale_log2 - new1);
+    p[nt][3] = exp2_ftz(s[nt][3] * scale_log2 - new1);
+    l0 += p[nt][0] + p[nt][1];
+    l1 += p[nt][2] + p[nt][3];
+  }
+}
+
+// The output accumulators of rows g and g + 8 times c0 and c1.
+__device__ __forceinline__ void rescale(float (&acc)[8][4], float c0, float c1) {
 #pragma unroll
   for (int dt = 0; dt < 8; ++dt) {
     acc[dt][0] *= c0;
@@ -114,16 +129,28 @@ __device__ __forceinline__ void online_softmax(const float (&s)[kN][4], float& m
     acc[dt][2] *= c1;
     acc[dt][3] *= c1;
   }
+}
+
+// p packed to T as the A fragments of p · v (p's layout is the score
+// accumulators').
+template <typename T, int kN>
+__device__ __forceinline__ void pack_p(const float (&p)[kN][4], uint32_t (&pa)[kN / 2][4]) {
 #pragma unroll
   for (int nt = 0; nt < kN; ++nt) {
-    const float p0 = exp2_ftz(s[nt][0] * scale_log2 - new0), p1 = exp2_ftz(s[nt][1] * scale_log2 - new0);
-    const float p2 = exp2_ftz(s[nt][2] * scale_log2 - new1), p3 = exp2_ftz(s[nt][3] * scale_log2 - new1);
-    l0 += p0 + p1;
-    l1 += p2 + p3;
     const int kk = nt >> 1, hi = (nt & 1) * 2;
-    pa[kk][hi] = pack2<T>(p0, p1);
-    pa[kk][hi + 1] = pack2<T>(p2, p3);
+    pa[kk][hi] = pack2<T>(p[nt][0], p[nt][1]);
+    pa[kk][hi + 1] = pack2<T>(p[nt][2], p[nt][3]);
   }
+}
+
+// softmax_exp with the accumulators rescaled and p packed at once.
+template <typename T, int kN>
+__device__ __forceinline__ void online_softmax(const float (&s)[kN][4], float& m0, float& m1, float& l0, float& l1,
+                                               float (&acc)[8][4], uint32_t (&pa)[kN / 2][4], float scale_log2) {
+  float p[kN][4], c0, c1;
+  softmax_exp(s, p, m0, m1, l0, l1, scale_log2, c0, c1);
+  rescale(acc, c0, c1);
+  pack_p<T, kN>(p, pa);
 }
 
 // o's rows r0 + g and r0 + g + 8 (those before n_q): the accumulators over

@@ -37,9 +37,26 @@ pub enum FlashBlock {
     Mma { warps: usize, tiles: usize },
     /// `kernels/attention_sm90.cu` on Hopper's asynchronous `wgmma`
     /// (compute capability 9.0): `groups` warpgroups of 64 query rows each,
-    /// K/V tiles of `keys` keys; with `producer`, one more warp copies the
-    /// tiles and the warpgroups run unsynchronized (warp specialization).
-    Wgmma { groups: usize, keys: usize, producer: bool },
+    /// K/V tiles of `keys` keys, in the order `schedule`.
+    Wgmma {
+        groups: usize,
+        keys: usize,
+        schedule: Schedule,
+    },
+}
+
+/// How a wgmma block orders its copies, products and softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Every thread copies its share of each K/V tile, a barrier per tile;
+    /// the next tile's `q kᵀ` runs during the softmax, `p v` after it.
+    Synced,
+    /// As `Synced`, with this tile's `p v` also in flight during the next
+    /// tile's softmax (FlashAttention-3's intra-warpgroup overlap).
+    Pipelined,
+    /// One more warp copies the tiles and the warpgroups run unsynchronized
+    /// (warp specialization).
+    Producer,
 }
 
 impl FlashBlock {
@@ -55,7 +72,9 @@ impl FlashBlock {
     fn threads(self) -> usize {
         match self {
             FlashBlock::Mma { warps, .. } => 32 * warps,
-            FlashBlock::Wgmma { groups, producer, .. } => 128 * groups + if producer { 32 } else { 0 },
+            FlashBlock::Wgmma { groups, schedule, .. } => {
+                128 * groups + if schedule == Schedule::Producer { 32 } else { 0 }
+            }
         }
     }
 
@@ -75,42 +94,58 @@ impl FlashBlock {
         match self {
             FlashBlock::Mma { .. } => 0,
             FlashBlock::Wgmma {
-                keys, producer: false, ..
-            } => 2 * 3 * keys * 64 * elem_bytes + 1024,
-            FlashBlock::Wgmma {
-                keys, producer: true, ..
+                keys,
+                schedule: Schedule::Producer,
+                ..
             } => 2 * 4 * keys * 64 * elem_bytes + 2 * 4 * 8 + 1024,
+            FlashBlock::Wgmma { keys, .. } => 2 * 3 * keys * 64 * elem_bytes + 1024,
         }
     }
 
     /// The kernel's module and name, less the dtype suffix: `flash_attn_d64_w8`,
-    /// `flash_attn_d64_w4m2` for two tiles a warp, `flash_wgmma_d64_g2n64`.
+    /// `flash_attn_d64_w4m2` for two tiles a warp, `flash_wgmma_d64_g2n64`,
+    /// `flash_wgmma_d64_g1n128p` (pipelined), `flash_wgmma_d64_ws2n64`
+    /// (producer warp).
     fn kernel(self) -> (Module, String) {
         match self {
             FlashBlock::Mma { warps, tiles: 1 } => (Module::Attention, format!("flash_attn_d64_w{warps}")),
             FlashBlock::Mma { warps, tiles } => (Module::Attention, format!("flash_attn_d64_w{warps}m{tiles}")),
-            FlashBlock::Wgmma { groups, keys, producer } => {
-                let kind = if producer { "ws" } else { "g" };
-                (Module::AttentionSm90, format!("flash_wgmma_d64_{kind}{groups}n{keys}"))
+            FlashBlock::Wgmma { groups, keys, schedule } => {
+                let (kind, order) = match schedule {
+                    Schedule::Synced => ("g", ""),
+                    Schedule::Pipelined => ("g", "p"),
+                    Schedule::Producer => ("ws", ""),
+                };
+                (
+                    Module::AttentionSm90,
+                    format!("flash_wgmma_d64_{kind}{groups}n{keys}{order}"),
+                )
             }
         }
     }
 
     /// `SDXL_FLASH_BLOCK`'s spelling: `8`, `4`, or `4x2` (4 warps of 2 tiles)
     /// for mma.sync; `wg2` (2 warpgroups, tiles of 64 keys) or `wg2x128`
-    /// (tiles of 128 keys) for wgmma, `ws2`, `ws2x128` for wgmma with a
-    /// producer warp.
+    /// (tiles of 128 keys) for wgmma, `wg1p`, `wg1x128p` pipelined, `ws2`,
+    /// `ws2x128` with a producer warp.
     fn parse(value: &str) -> Option<FlashBlock> {
         let value = value.trim();
-        let wgmma = [("wg", false), ("ws", true)]
-            .into_iter()
-            .find_map(|(prefix, producer)| value.strip_prefix(prefix).map(|rest| (rest, producer)));
-        let block = if let Some((rest, producer)) = wgmma {
+        let wgmma = if let Some(rest) = value.strip_prefix("ws") {
+            Some((rest, Schedule::Producer))
+        } else if let Some(rest) = value.strip_prefix("wg") {
+            Some(match rest.strip_suffix('p') {
+                Some(rest) => (rest, Schedule::Pipelined),
+                None => (rest, Schedule::Synced),
+            })
+        } else {
+            None
+        };
+        let block = if let Some((rest, schedule)) = wgmma {
             let (groups, keys) = rest.split_once('x').unwrap_or((rest, "64"));
             FlashBlock::Wgmma {
                 groups: groups.parse().ok()?,
                 keys: keys.parse().ok()?,
-                producer,
+                schedule,
             }
         } else {
             let (warps, tiles) = match value.split_once('x') {
@@ -127,9 +162,13 @@ impl std::fmt::Display for FlashBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FlashBlock::Mma { warps, tiles } => write!(f, "mma.sync, {warps} warps × {} rows", 16 * tiles),
-            FlashBlock::Wgmma { groups, keys, producer } => {
-                let producer = if *producer { " and a producer warp" } else { "" };
-                write!(f, "wgmma, {groups} warpgroups × 64 rows{producer}, {keys}-key tiles")
+            FlashBlock::Wgmma { groups, keys, schedule } => {
+                let schedule = match schedule {
+                    Schedule::Synced => "",
+                    Schedule::Pipelined => ", pipelined",
+                    Schedule::Producer => " and a producer warp",
+                };
+                write!(f, "wgmma, {groups} warpgroups × 64 rows{schedule}, {keys}-key tiles")
             }
         }
     }
@@ -139,30 +178,34 @@ impl std::fmt::Display for FlashBlock {
 /// 16 query rows and 4 warps of 32 (each K/V fragment read from shared memory
 /// serves two products); on wgmma, 1 to 3 warpgroups of 64 rows with tiles of
 /// 64 keys, and 1 or 2 with tiles of 128 (253 registers a thread: no room
-/// for a third warpgroup); with a producer warp, 2 or 3 warpgroups of 64 keys
-/// and 2 of 128.
-pub const FLASH_BLOCKS: [FlashBlock; 11] = [
+/// for a third warpgroup), each of 1 or 2 warpgroups also pipelined; with a
+/// producer warp, 2 or 3 warpgroups of 64 keys and 2 of 128.
+pub const FLASH_BLOCKS: [FlashBlock; 15] = [
     FlashBlock::Mma { warps: 4, tiles: 1 },
     FlashBlock::Mma { warps: 8, tiles: 1 },
     FlashBlock::Mma { warps: 4, tiles: 2 },
-    wgmma(1, 64, false),
-    wgmma(2, 64, false),
-    wgmma(3, 64, false),
-    wgmma(1, 128, false),
-    wgmma(2, 128, false),
-    wgmma(2, 64, true),
-    wgmma(3, 64, true),
-    wgmma(2, 128, true),
+    wgmma(1, 64, Schedule::Synced),
+    wgmma(2, 64, Schedule::Synced),
+    wgmma(3, 64, Schedule::Synced),
+    wgmma(1, 128, Schedule::Synced),
+    wgmma(2, 128, Schedule::Synced),
+    wgmma(1, 64, Schedule::Pipelined),
+    wgmma(2, 64, Schedule::Pipelined),
+    wgmma(1, 128, Schedule::Pipelined),
+    wgmma(2, 128, Schedule::Pipelined),
+    wgmma(2, 64, Schedule::Producer),
+    wgmma(3, 64, Schedule::Producer),
+    wgmma(2, 128, Schedule::Producer),
 ];
 
-const fn wgmma(groups: usize, keys: usize, producer: bool) -> FlashBlock {
-    FlashBlock::Wgmma { groups, keys, producer }
+const fn wgmma(groups: usize, keys: usize, schedule: Schedule) -> FlashBlock {
+    FlashBlock::Wgmma { groups, keys, schedule }
 }
 
 /// The defaults on compute capability 9.0 (see [`flash_block`]): for at least
 /// [`LONG_KEYS`] keys, and for fewer.
-const HOPPER_LONG: FlashBlock = wgmma(1, 128, false);
-const HOPPER_SHORT: FlashBlock = wgmma(1, 64, false);
+const HOPPER_LONG: FlashBlock = wgmma(1, 128, Schedule::Synced);
+const HOPPER_SHORT: FlashBlock = wgmma(1, 64, Schedule::Synced);
 /// Where 128-key tiles start to pay: from SDXL's 64×64 latents' 4096 tokens
 /// (measured on an H100, BENCHMARKS.md); its 1024 tokens fill the GPU
 /// better with the smaller tiles' twice as many blocks.
@@ -172,22 +215,34 @@ const MMA_BLOCK: FlashBlock = FlashBlock::Mma { warps: 8, tiles: 1 };
 
 /// The flash-attention block for `n_kv` keys on `dev`: `SDXL_FLASH_BLOCK`
 /// (see [`FlashBlock::parse`]; the older name `SDXL_FLASH_WARPS` is read too)
-/// where it names one that runs on `dev`; else, on compute capability 9.0
-/// and a build for it, wgmma ([`HOPPER_LONG`] or [`HOPPER_SHORT`]), and
-/// mma.sync with 8 warps of 16 rows on any other GPU.
+/// where it names one that runs on `dev`, or two separated by a comma, for
+/// at least [`LONG_KEYS`] keys and for fewer (`wg1x128p,wg1p`); else, on
+/// compute capability 9.0 and a build for it, wgmma ([`HOPPER_LONG`] or
+/// [`HOPPER_SHORT`]), and mma.sync with 8 warps of 16 rows on any other GPU.
 pub fn flash_block(dev: &CudaDevice, n_kv: usize) -> FlashBlock {
-    static ASKED: std::sync::OnceLock<Option<FlashBlock>> = std::sync::OnceLock::new();
+    static ASKED: std::sync::OnceLock<Option<(FlashBlock, FlashBlock)>> = std::sync::OnceLock::new();
     let asked = ASKED.get_or_init(|| {
         ["SDXL_FLASH_BLOCK", "SDXL_FLASH_WARPS"]
             .iter()
             .find_map(|name| std::env::var(name).ok())
-            .and_then(|v| FlashBlock::parse(&v))
+            .and_then(|v| parse_pair(&v))
     });
+    let long = n_kv >= LONG_KEYS;
     match *asked {
-        Some(block) if block.runs_on(dev) => block,
+        Some((block, _)) if long && block.runs_on(dev) => block,
+        Some((_, block)) if !long && block.runs_on(dev) => block,
         _ if !sm90a_attention(dev) => MMA_BLOCK,
-        _ if n_kv >= LONG_KEYS => HOPPER_LONG,
+        _ if long => HOPPER_LONG,
         _ => HOPPER_SHORT,
+    }
+}
+
+/// `SDXL_FLASH_BLOCK`'s value: one block for every key count, or two (long,
+/// short) separated by a comma.
+fn parse_pair(value: &str) -> Option<(FlashBlock, FlashBlock)> {
+    match value.split_once(',') {
+        Some((long, short)) => Some((FlashBlock::parse(long)?, FlashBlock::parse(short)?)),
+        None => FlashBlock::parse(value).map(|block| (block, block)),
     }
 }
 
@@ -276,37 +331,49 @@ impl Launch3 for FlashAttention {
 
 #[cfg(test)]
 mod tests {
-    use super::{wgmma, FlashBlock, FLASH_BLOCKS};
+    use super::{parse_pair, wgmma, FlashBlock, Schedule, FLASH_BLOCKS};
 
     #[test]
     fn block_spellings() {
         assert_eq!(FlashBlock::parse("8"), Some(FLASH_BLOCKS[1]));
         assert_eq!(FlashBlock::parse(" 4x2 "), Some(FLASH_BLOCKS[2]));
         assert_eq!(FlashBlock::parse("4x1"), Some(FLASH_BLOCKS[0]));
-        assert_eq!(FlashBlock::parse("wg2"), Some(wgmma(2, 64, false)));
-        assert_eq!(FlashBlock::parse("wg1x128"), Some(wgmma(1, 128, false)));
-        assert_eq!(FlashBlock::parse("ws2x128"), Some(wgmma(2, 128, true)));
+        assert_eq!(FlashBlock::parse("wg2"), Some(wgmma(2, 64, Schedule::Synced)));
+        assert_eq!(FlashBlock::parse("wg1x128"), Some(wgmma(1, 128, Schedule::Synced)));
+        assert_eq!(FlashBlock::parse("wg1x128p"), Some(wgmma(1, 128, Schedule::Pipelined)));
+        assert_eq!(FlashBlock::parse("wg2p"), Some(wgmma(2, 64, Schedule::Pipelined)));
+        assert_eq!(FlashBlock::parse("ws2x128"), Some(wgmma(2, 128, Schedule::Producer)));
+        assert_eq!(FlashBlock::parse("wg3p"), None);
+        assert_eq!(FlashBlock::parse("ws2p"), None);
         assert_eq!(FlashBlock::parse("16"), None);
         assert_eq!(FlashBlock::parse("wg4"), None);
         assert_eq!(FlashBlock::parse("wg3x128"), None);
         assert_eq!(FlashBlock::parse("ws1"), None);
+        assert_eq!(
+            parse_pair("wg1x128p, wg1p"),
+            Some((wgmma(1, 128, Schedule::Pipelined), wgmma(1, 64, Schedule::Pipelined)))
+        );
+        assert_eq!(parse_pair("8"), Some((FLASH_BLOCKS[1], FLASH_BLOCKS[1])));
+        assert_eq!(parse_pair("wg1x128p,16"), None);
         assert_eq!(FLASH_BLOCKS[2].kernel().1, "flash_attn_d64_w4m2");
         assert_eq!(FLASH_BLOCKS[1].kernel().1, "flash_attn_d64_w8");
         assert_eq!(FLASH_BLOCKS[4].kernel().1, "flash_wgmma_d64_g2n64");
-        assert_eq!(FLASH_BLOCKS[10].kernel().1, "flash_wgmma_d64_ws2n128");
+        assert_eq!(FLASH_BLOCKS[10].kernel().1, "flash_wgmma_d64_g1n128p");
+        assert_eq!(FLASH_BLOCKS[14].kernel().1, "flash_wgmma_d64_ws2n128");
         assert_eq!(
             FLASH_BLOCKS.map(FlashBlock::rows),
-            [64, 128, 128, 64, 128, 192, 64, 128, 128, 192, 128]
+            [64, 128, 128, 64, 128, 192, 64, 128, 64, 128, 64, 128, 128, 192, 128]
         );
         assert_eq!(
             FLASH_BLOCKS.map(FlashBlock::threads),
-            [128, 256, 128, 128, 256, 384, 128, 256, 288, 416, 288]
+            [128, 256, 128, 128, 256, 384, 128, 256, 128, 256, 128, 256, 288, 416, 288]
         );
         // attention_sm90.cu's smem_bytes and ws_smem_bytes: the K/V stages,
         // the producer's barriers, and the alignment slack
         assert_eq!(FLASH_BLOCKS[4].shared_bytes(2), 50176);
         assert_eq!(FLASH_BLOCKS[7].shared_bytes(2), 99328);
-        assert_eq!(FLASH_BLOCKS[10].shared_bytes(2), 132160);
+        assert_eq!(FLASH_BLOCKS[10].shared_bytes(2), 99328);
+        assert_eq!(FLASH_BLOCKS[14].shared_bytes(2), 132160);
         assert_eq!(FLASH_BLOCKS[1].shared_bytes(2), 0);
     }
 }

@@ -15,7 +15,7 @@ mod elementwise;
 mod norm;
 
 pub use attention::{
-    flash_attention, flash_attention_block, flash_attention_supports, flash_block, FlashBlock, FLASH_BLOCKS,
+    flash_attention, flash_attention_block, flash_attention_supports, flash_block, FlashBlock, Schedule, FLASH_BLOCKS,
 };
 pub use elementwise::{bias_add_act_inplace, bias_add_inplace, geglu, upsample_nearest2x};
 pub use norm::{group_norm, group_norm_biased, layer_norm, layer_norm_supports};
