@@ -10,8 +10,9 @@
 //!   `lt` (linear layers through cuBLASLt, bias and residual in the GEMM's
 //!   epilogue), `nhwc` (the UNet's and VAE decoder's activations stored
 //!   channels-last, so cuDNN convolves without transposing; needs `conv`),
-//!   `graphs` (the UNet's forward recorded once per input shape as a CUDA
-//!   graph and replayed: one launch instead of ~1,250). `graphs` is not part
+//!   `graphs` (the UNet's forward and the TAESD preview decode, each
+//!   recorded once per input shape as a CUDA graph and replayed: one launch
+//!   instead of ~1,250 for the UNet). `graphs` is not part
 //!   of `all` yet: its first GPU run failed and the fix is not yet measured
 //!   (BENCHMARKS.md); name it in the list to try it.
 //!

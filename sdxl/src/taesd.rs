@@ -67,6 +67,10 @@ enum Layer {
 pub struct TinyDecoder {
     layers: Vec<Layer>,
     scaling_factor: f64,
+    /// The decode's CUDA graphs, one per input shape (the `graphs` path):
+    /// a preview is ~40 small kernels whose launches cost as much as they do.
+    #[cfg(feature = "cuda")]
+    graphs: crate::cuda::graph::Graphs,
 }
 
 impl TinyDecoder {
@@ -134,6 +138,8 @@ impl TinyDecoder {
         Ok(Self {
             layers,
             scaling_factor: c.scaling_factor,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -148,6 +154,14 @@ impl TinyDecoder {
     /// `AutoencoderTiny.decode`: UNet-space latents (divided by this model's
     /// own scaling factor first) to an image in [-1, 1], the VAE's range.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::accel::on_cuda(latents) && crate::accel::Accel::current().graphs {
+            return self.graphs.run(&[latents], |x| self.decode_body(&x[0]));
+        }
+        self.decode_body(latents)
+    }
+
+    fn decode_body(&self, latents: &Tensor) -> Result<Tensor> {
         let mut xs = (latents / self.scaling_factor)?;
         xs = ((xs / 3.0)?.tanh()? * 3.0)?;
         for layer in &self.layers {

@@ -19,6 +19,18 @@
 //! A forward that cannot be recorded (an operation that synchronizes with
 //! the host, say) ends the capture with an error; that shape then runs
 //! eagerly for good, and a warning says so once.
+//!
+//! Host data a kernel reads must not be copied inside the graph: a recorded
+//! copy would read the host buffer again at every replay, long after it was
+//! freed. candle uploads the dims and strides of every strided operation
+//! (a broadcast add, a strided copy) that way, so the warm-up and the
+//! recording run under candle's upload cache
+//! (`CudaDevice::enable_cuda_graph_htod_cache`): the warm-up uploads each
+//! such small vector once and keeps it, keyed by its bytes, and the
+//! recording reuses those device copies (a vector the warm-up did not see
+//! fails the recording, which then falls back as above). The cache is the
+//! thread's, so a shape's warm-up and recording happen on one thread: a
+//! rank's.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -82,6 +94,7 @@ impl Graphs {
             None => {
                 entries.insert(key, Entry::WarmedUp);
                 drop(entries);
+                let _uploads = dev.enable_cuda_graph_htod_cache();
                 forward(&owned())
             }
             Some(Entry::Eager) => {
@@ -103,6 +116,7 @@ impl Graphs {
                 };
                 let buffers = inputs.iter().map(|t| buffer(t)).collect::<Result<Vec<_>>>()?;
                 let stream = dev.cuda_stream();
+                let uploads = dev.enable_cuda_graph_htod_cache();
                 stream
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(candle_core::Error::wrap)?;
@@ -110,6 +124,7 @@ impl Graphs {
                 // the capture ends whatever happened, so the stream is usable again
                 let graph =
                     stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+                drop(uploads);
                 match (output, graph) {
                     (Ok(output), Ok(Some(graph))) => {
                         graph.launch().map_err(candle_core::Error::wrap)?;
