@@ -42,6 +42,12 @@
 #                                    blocks in $BLOCKS, alternating; the same-seed images' PSNR
 #                                    and the UNet outputs' cosine, default against mma.sync; ncu
 #                                    of one UNet forward; worker bench --throughput
+#   bench/gpu-run-p11.sh pipelined   the pipelined wgmma blocks ($PIPELINED, SDXL_FLASH_BLOCK's
+#                                    long,short pair) and CUDA graphs, each and both: check-kernels;
+#                                    worker bench of the default and each variant, alternating
+#                                    twice; UNet cosine and same-seed image PSNR against the
+#                                    default; ncu of one pipelined UNet forward; images/s and the
+#                                    largest job inside the caps
 #   bench/gpu-run-p11.sh graphs      the UNet forward as a CUDA graph (SDXL_KERNELS's `graphs`
 #                                    path): worker bench with and without it, alternating; the
 #                                    UNet outputs' cosine and the same-seed images' PSNR;
@@ -417,6 +423,55 @@ if [ "$PART" = graphs ]; then
     --num-images 16 --width 2048 --height 2048 --steps 2 --seed 1 --prompt "memory" --output "$OUT/big-16.png" \
     > "$OUT/big-job-16.log" 2>&1
   echo "16 x 2048² exit $?"; tail -n 4 "$OUT/big-job-16.log"
+  note "done"
+fi
+
+if [ "$PART" = pipelined ]; then
+  # The pipelined wgmma blocks (FlashAttention-3's order: p v in flight during
+  # the next tile's softmax) and CUDA graphs, each and both against the default,
+  # alternating, in one process per bench.
+  EAGER=attention,conv,norm,geglu,bias,lt,nhwc  # every path but graphs
+  PIPELINED=${PIPELINED:-wg1x128p,wg1p}         # SDXL_FLASH_BLOCK: long, short key counts
+  variant_env() {  # the environment of variant $1
+    case ${1%-again} in
+      default) echo "SDXL_KERNELS=$EAGER" ;;
+      pipelined) echo "SDXL_KERNELS=$EAGER SDXL_FLASH_BLOCK=$PIPELINED" ;;
+      graphs) echo "SDXL_KERNELS=$EAGER,graphs" ;;
+      both) echo "SDXL_KERNELS=$EAGER,graphs SDXL_FLASH_BLOCK=$PIPELINED" ;;
+    esac
+  }
+  note "check-kernels"
+  timeout 150 "$WORKER" check-kernels --iters 10 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  grep -E 'FAIL|flash.*(q4096 kv4096|q1024 kv1024).*F16 ' "$OUT/check-kernels.log"
+  make_unet_io /tmp/unet-io.safetensors
+  for round in "" -again; do
+    for v in ${VARIANTS:-default pipelined graphs both}; do
+      (export $(variant_env $v); run_bench "$v$round" "$WORKER")
+    done
+  done
+  for v in pipelined graphs both; do
+    cosine "/tmp/unet-io.$v.safetensors" /tmp/unet-io.default.safetensors | tee "$OUT/unet-cosine-$v-vs-default.json"
+  done
+  for v in default pipelined graphs; do
+    note "generate: $v"
+    (export $(variant_env $v); "$WORKER" "${GEN[@]}" --output "$OUT/gen-$v.png" > "$OUT/gen-$v.log" 2>&1
+     echo "generate $v exit $?")
+  done
+  for v in pipelined graphs; do psnr "$OUT/gen-default.png" "$OUT/gen-$v.png" ${v}_vs_default | tee "$OUT/$v-psnr.json"; done
+  note "ncu: one UNet forward, pipelined"
+  (export $(variant_env pipelined); ncu_profile unet-pipelined unet)
+  note "worker bench --throughput $THROUGHPUT (both)"
+  (export $(variant_env both); timeout 200 "$WORKER" "${BENCH[@]}" --no-image --iters 5 --throughput "$THROUGHPUT" \
+    --json "$OUT/candle-throughput.json" > "$OUT/candle-throughput.log" 2>&1
+   echo "bench exit $?")
+  grep -iE 'images/s' "$OUT/candle-throughput.log"
+  note "the largest job inside the caps: 16 images of 2048², 2 steps (graphs)"
+  (export $(variant_env graphs); timeout 120 /usr/bin/time -f "wall %e s" "$WORKER" generate --model "$MODEL" \
+    --device cuda --dtype f16 --ranks 1 --num-images 16 --width 2048 --height 2048 --steps 2 --seed 1 \
+    --prompt "memory" --output "$OUT/big-16.png" > "$OUT/big-job-16.log" 2>&1
+   echo "16 x 2048² exit $?")
+  tail -n 4 "$OUT/big-job-16.log"
   note "done"
 fi
 
