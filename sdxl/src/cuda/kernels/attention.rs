@@ -130,15 +130,13 @@ impl FlashBlock {
     /// `ws2x128` with a producer warp.
     fn parse(value: &str) -> Option<FlashBlock> {
         let value = value.trim();
-        let wgmma = if let Some(rest) = value.strip_prefix("ws") {
-            Some((rest, Schedule::Producer))
-        } else if let Some(rest) = value.strip_prefix("wg") {
-            Some(match rest.strip_suffix('p') {
+        let wgmma = match (value.strip_prefix("ws"), value.strip_prefix("wg")) {
+            (Some(rest), _) => Some((rest, Schedule::Producer)),
+            (_, Some(rest)) => Some(match rest.strip_suffix('p') {
                 Some(rest) => (rest, Schedule::Pipelined),
                 None => (rest, Schedule::Synced),
-            })
-        } else {
-            None
+            }),
+            _ => None,
         };
         let block = if let Some((rest, schedule)) = wgmma {
             let (groups, keys) = rest.split_once('x').unwrap_or((rest, "64"));
