@@ -256,13 +256,18 @@ __device__ __forceinline__ void flash_wgmma_d64(const T* __restrict__ q, const T
       accumulate<T, kN>(acc, pa, vs + (j % kStages) * kTileElems);
       wgmma_commit();
       if (next) {
-        // tile j + 1's scores (p v, committed after, may run on); softmax on
-        // a copy: registers a wgmma in flight writes or reads (sn, acc, pa)
-        // are not written meanwhile, or ptxas serializes the wgmmas
+        // tile j + 1's scores (p v, committed after, may run on); p goes to
+        // s: registers a wgmma in flight writes or reads (sn, acc, pa) are
+        // not written meanwhile, or ptxas serializes the wgmmas
         wgmma_wait<1>();
-        take_scores(s, sn);
-        mask_tail(s, (j + 1) * kKeys, n_kv, t);
-        softmax_exp(s, s, m0, m1, l0, l1, scale_log2, c0, c1);
+        const int k1 = (j + 1) * kKeys;
+        if (k1 + kKeys <= n_kv) {
+          softmax_exp(sn, s, m0, m1, l0, l1, scale_log2, c0, c1);
+        } else {  // the last tile, past n_kv: masked on the way
+          take_scores(s, sn);
+          mask_tail(s, k1, n_kv, t);
+          softmax_exp(s, s, m0, m1, l0, l1, scale_log2, c0, c1);
+        }
         wgmma_wait<0>();
         fence_regs(acc);
         pack_p<T, kN>(s, pa);
