@@ -12,9 +12,7 @@
 //!   channels-last, so cuDNN convolves without transposing; needs `conv`),
 //!   `graphs` (the UNet's forward and the TAESD preview decode, each
 //!   recorded once per input shape as a CUDA graph and replayed: one launch
-//!   instead of ~1,250 for the UNet). `graphs` is not part
-//!   of `all` yet: its first GPU run failed and the fix is not yet measured
-//!   (BENCHMARKS.md); name it in the list to try it.
+//!   instead of ~1,250 for the UNet; `crate::cuda::graph`).
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -115,7 +113,7 @@ impl Accel {
         bias: true,
         lt: true,
         nhwc: true,
-        graphs: false,
+        graphs: true,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -248,7 +246,9 @@ impl Precision {
     }
 }
 
-static CURRENT: AtomicU16 = AtomicU16::new(0b0111_1111);
+/// [`Accel::ALL`]'s bits (`bits` is not const; a test keeps the two equal).
+const ALL_BITS: u16 = 0b110_0111_1111;
+static CURRENT: AtomicU16 = AtomicU16::new(ALL_BITS);
 
 /// Whether `t` is on a CUDA device and this build has the CUDA paths.
 pub fn on_cuda(t: &Tensor) -> bool {
@@ -266,7 +266,8 @@ mod tests {
         let a = Accel::parse("conv, norm").unwrap();
         assert!(a.conv && a.norm && !a.attention && !a.geglu && !a.bias && !a.lt && !a.nhwc);
         assert!(Accel::ALL.nhwc && Accel::parse("conv,nhwc").unwrap().nhwc);
-        assert!(!Accel::ALL.graphs && Accel::parse("conv,graphs").unwrap().graphs);
+        assert!(Accel::ALL.graphs && Accel::parse("conv,graphs").unwrap().graphs);
+        assert!(!Accel::parse("conv,nhwc").unwrap().graphs);
         assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(
@@ -292,6 +293,7 @@ mod tests {
         for name in ConvAlgo::NAMES {
             assert_eq!(ConvAlgo::from_name(name).map(ConvAlgo::name), Some(name));
         }
-        assert_eq!(Accel::from_bits(0b10_0111_1111), Accel::ALL);
+        assert_eq!(Accel::from_bits(ALL_BITS), Accel::ALL);
+        assert_eq!(Accel::ALL.bits(), ALL_BITS);
     }
 }

@@ -201,9 +201,10 @@ const fn wgmma(groups: usize, keys: usize, schedule: Schedule) -> FlashBlock {
 }
 
 /// The defaults on compute capability 9.0 (see [`flash_block`]): for at least
-/// [`LONG_KEYS`] keys, and for fewer.
-const HOPPER_LONG: FlashBlock = wgmma(1, 128, Schedule::Synced);
-const HOPPER_SHORT: FlashBlock = wgmma(1, 64, Schedule::Synced);
+/// [`LONG_KEYS`] keys, and for fewer. Pipelined: 311 against 296 TFLOP/s at
+/// SDXL's 4096 tokens, 199 against 196 at 1024 (one H100, BENCHMARKS.md).
+const HOPPER_LONG: FlashBlock = wgmma(1, 128, Schedule::Pipelined);
+const HOPPER_SHORT: FlashBlock = wgmma(1, 64, Schedule::Pipelined);
 /// Where 128-key tiles start to pay: from SDXL's 64×64 latents' 4096 tokens
 /// (measured on an H100, BENCHMARKS.md); its 1024 tokens fill the GPU
 /// better with the smaller tiles' twice as many blocks.
