@@ -17,8 +17,9 @@
 //! previous graph, handing its memory back, when it records its own.
 //!
 //! A forward that cannot be recorded (an operation that synchronizes with
-//! the host, say) ends the capture with an error; that shape then runs
-//! eagerly for good, and a warning says so once.
+//! the host, say) ends the capture with an error and runs eagerly instead;
+//! the next call records again, and after a second failure that shape runs
+//! eagerly for good, with a warning.
 //!
 //! Host data a kernel reads must not be copied inside the graph: a recorded
 //! copy would read the host buffer again at every replay, long after it was
@@ -29,8 +30,9 @@
 //! such small vector once and keeps it, keyed by its bytes, and the
 //! recording reuses those device copies (a vector the warm-up did not see
 //! fails the recording, which then falls back as above). The cache is the
-//! thread's, so a shape's warm-up and recording happen on one thread: a
-//! rank's.
+//! thread's: a shape's warm-up and recording run on one thread (a rank's),
+//! and the eager run after a failed recording fills this thread's cache,
+//! so the retry finds what the first attempt missed.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -44,12 +46,17 @@ use candle_core::{DType, Device, Result, Tensor};
 type Key = (Vec<(Vec<usize>, DType)>, DeviceId);
 
 enum Entry {
-    /// Ran once, eagerly: the next call records.
-    WarmedUp,
+    /// Ran eagerly (after `failures` failed recordings): the next call records.
+    WarmedUp {
+        failures: u8,
+    },
     Ready(Recorded),
-    /// Recording failed; runs eagerly.
+    /// Recording failed [`MAX_FAILURES`] times; runs eagerly.
     Eager,
 }
+
+/// Failed recordings of one shape before it runs eagerly for good.
+const MAX_FAILURES: u8 = 2;
 
 struct Recorded {
     graph: CudaGraph,
@@ -92,7 +99,7 @@ impl Graphs {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         match entries.get(&key) {
             None => {
-                entries.insert(key, Entry::WarmedUp);
+                entries.insert(key, Entry::WarmedUp { failures: 0 });
                 drop(entries);
                 let _uploads = dev.enable_cuda_graph_htod_cache();
                 forward(&owned())
@@ -108,7 +115,7 @@ impl Graphs {
                 recorded.graph.launch().map_err(candle_core::Error::wrap)?;
                 recorded.output.copy()
             }
-            Some(Entry::WarmedUp) => {
+            Some(&Entry::WarmedUp { failures }) => {
                 let buffer = |t: &Tensor| -> Result<Tensor> {
                     let b = t.zeros_like()?;
                     b.slice_set(&t.contiguous()?, 0, 0)?;
@@ -133,7 +140,7 @@ impl Graphs {
                         let mut dropped = false;
                         for entry in entries.values_mut() {
                             if matches!(entry, Entry::Ready(_)) {
-                                *entry = Entry::WarmedUp;
+                                *entry = Entry::WarmedUp { failures: 0 };
                                 dropped = true;
                             }
                         }
@@ -156,9 +163,16 @@ impl Graphs {
                             (_, Err(e)) => e.to_string(),
                             _ => "the capture recorded nothing".to_string(),
                         };
-                        tracing::warn!("CUDA graph capture failed ({why}); this shape runs launch by launch");
-                        entries.insert(key, Entry::Eager);
+                        let failures = failures + 1;
+                        if failures < MAX_FAILURES {
+                            tracing::debug!("CUDA graph capture failed ({why}); recording again next call");
+                            entries.insert(key, Entry::WarmedUp { failures });
+                        } else {
+                            tracing::warn!("CUDA graph capture failed ({why}); this shape runs launch by launch");
+                            entries.insert(key, Entry::Eager);
+                        }
                         drop(entries);
+                        let _uploads = dev.enable_cuda_graph_htod_cache();
                         forward(&owned())
                     }
                 }
