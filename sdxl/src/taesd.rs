@@ -155,9 +155,8 @@ impl TinyDecoder {
     /// own scaling factor first) to an image in [-1, 1], the VAE's range.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if crate::accel::on_cuda(latents) && crate::accel::Accel::current().graphs {
-            return self.graphs.run(&[latents], |x| self.decode_body(&x[0]));
-        }
+        return self.graphs.run(&[latents], |x| self.decode_body(&x[0]));
+        #[cfg(not(feature = "cuda"))]
         self.decode_body(latents)
     }
 

@@ -84,14 +84,21 @@ impl std::fmt::Debug for Graphs {
 
 impl Graphs {
     /// `forward(inputs)`, through a graph recorded for these inputs' shapes
-    /// (see the module docs). `forward` must be a pure function of its
-    /// inputs and the model's weights, and launch its work on the device's
-    /// stream only.
+    /// (see the module docs) where the inputs are on a CUDA device and the
+    /// `graphs` path is on; else `forward` itself. `forward` must be a pure
+    /// function of its inputs and the model's weights, and launch its work on
+    /// the device's stream only.
     pub fn run(&self, inputs: &[&Tensor], forward: impl Fn(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
         let owned = || inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>();
         let Device::Cuda(dev) = inputs[0].device() else {
             return forward(&owned());
         };
+        if !crate::accel::Accel::current().graphs {
+            return forward(&owned());
+        }
+        // every forward from here (warm-up, recording, eager fallback) keeps
+        // candle's small uploads on the device: see the module docs
+        let _uploads = dev.enable_cuda_graph_htod_cache();
         let key: Key = (
             inputs.iter().map(|t| (t.dims().to_vec(), t.dtype())).collect(),
             dev.id(),
@@ -101,7 +108,6 @@ impl Graphs {
             None => {
                 entries.insert(key, Entry::WarmedUp { failures: 0 });
                 drop(entries);
-                let _uploads = dev.enable_cuda_graph_htod_cache();
                 forward(&owned())
             }
             Some(Entry::Eager) => {
@@ -123,7 +129,6 @@ impl Graphs {
                 };
                 let buffers = inputs.iter().map(|t| buffer(t)).collect::<Result<Vec<_>>>()?;
                 let stream = dev.cuda_stream();
-                let uploads = dev.enable_cuda_graph_htod_cache();
                 stream
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(candle_core::Error::wrap)?;
@@ -131,7 +136,6 @@ impl Graphs {
                 // the capture ends whatever happened, so the stream is usable again
                 let graph =
                     stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-                drop(uploads);
                 match (output, graph) {
                     (Ok(output), Ok(Some(graph))) => {
                         graph.launch().map_err(candle_core::Error::wrap)?;
@@ -172,7 +176,6 @@ impl Graphs {
                             entries.insert(key, Entry::Eager);
                         }
                         drop(entries);
-                        let _uploads = dev.enable_cuda_graph_htod_cache();
                         forward(&owned())
                     }
                 }

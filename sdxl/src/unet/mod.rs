@@ -333,11 +333,10 @@ impl UNet2DConditionModel {
         // the time embedding is made on the host; the rest is a fixed-shape
         // function of device tensors, which a CUDA graph can replay
         #[cfg(feature = "cuda")]
-        if crate::accel::on_cuda(sample) && crate::accel::Accel::current().graphs {
-            return self.graphs.run(&[sample, &emb, encoder_hidden_states], |x| {
-                self.forward_body(&x[0], &x[1], &x[2])
-            });
-        }
+        return self.graphs.run(&[sample, &emb, encoder_hidden_states], |x| {
+            self.forward_body(&x[0], &x[1], &x[2])
+        });
+        #[cfg(not(feature = "cuda"))]
         self.forward_body(sample, &emb, encoder_hidden_states)
     }
 
