@@ -10,9 +10,9 @@
 //!   `lt` (linear layers through cuBLASLt, bias and residual in the GEMM's
 //!   epilogue), `nhwc` (the UNet's and VAE decoder's activations stored
 //!   channels-last, so cuDNN convolves without transposing; needs `conv`),
-//!   `graphs` (the UNet's forward and the TAESD preview decode, each
-//!   recorded once per input shape as a CUDA graph and replayed: one launch
-//!   instead of ~1,250 for the UNet; `crate::cuda::graph`).
+//!   `graphs` (the UNet's forward, the TAESD preview decode and the text
+//!   encoders, each recorded once per input shape as a CUDA graph and
+//!   replayed: one launch instead of ~1,250 for the UNet; `crate::cuda::graph`).
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -44,8 +44,9 @@ pub struct Accel {
     /// tensor-core convolutions read and write it without transposes, and
     /// the transformers' tokens are a view of it. Takes effect with `conv`.
     pub nhwc: bool,
-    /// The UNet's forward (after the time embedding) recorded as a CUDA
-    /// graph per input shape and replayed ([`crate::cuda::graph`]).
+    /// The UNet's forward (after the time embedding), the TAESD decode and
+    /// the text encoders recorded as a CUDA graph per input shape and
+    /// replayed ([`crate::cuda::graph`]).
     pub graphs: bool,
     /// f32 convolutions and matrix products (the VAE under `force_upcast`)
     /// in TF32 on tensor cores: PyTorch's `cudnn.allow_tf32` default for

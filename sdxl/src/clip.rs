@@ -6,7 +6,7 @@ use candle_core::{Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ClipTextConfig;
-use super::nn::{causal_attention, layer_norm, linear, linear_no_bias, Activation, LayerNorm, Linear};
+use super::nn::{causal_attention, causal_mask, layer_norm, linear, linear_no_bias, Activation, LayerNorm, Linear};
 
 #[derive(Debug)]
 struct ClipAttention {
@@ -29,11 +29,11 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let q = self.q_proj.forward(xs)?;
         let k = self.k_proj.forward(xs)?;
         let v = self.v_proj.forward(xs)?;
-        self.out_proj.forward(&causal_attention(&q, &k, &v, self.heads)?)
+        self.out_proj.forward(&causal_attention(&q, &k, &v, self.heads, mask)?)
     }
 }
 
@@ -67,8 +67,8 @@ impl ClipEncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?)?;
         let h = self.layer_norm2.forward(&xs)?;
         let h = self
             .mlp
@@ -98,6 +98,11 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     eos_token_id: u32,
+    /// The encoder's CUDA graphs (the `graphs` path), one set per value of
+    /// `want_pooled`: ~25 small kernels a layer make a text encode
+    /// launch-bound, like the TAESD preview.
+    #[cfg(feature = "cuda")]
+    graphs: [crate::cuda::graph::Graphs; 2],
 }
 
 impl ClipTextModel {
@@ -144,6 +149,8 @@ impl ClipTextModel {
             final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
             text_projection,
             eos_token_id: c.eos_token_id,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -154,30 +161,21 @@ impl ClipTextModel {
         let seq = ids.first().map_or(0, Vec::len);
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let input = Tensor::from_vec(flat, (batch, seq), device)?;
-        let positions = Tensor::arange(0u32, seq as u32, device)?;
-        let mut xs = self
-            .token_embedding
-            .forward(&input)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let n = self.layers.len();
-        let mut penultimate = None;
-        for (i, layer) in self.layers.iter().enumerate() {
-            if i == n - 1 {
-                penultimate = Some(xs.clone());
-                if !want_pooled {
-                    break;
-                }
-            }
-            xs = layer.forward(&xs)?;
-        }
-        let penultimate = penultimate.expect("at least two layers, checked at load");
+        let mask = causal_mask(seq, device)?;
+        // the ids and the mask are uploaded here; the encoder is a fixed-shape
+        // function of device tensors, which a CUDA graph can replay
+        #[cfg(feature = "cuda")]
+        let states =
+            self.graphs[usize::from(want_pooled)].run(&[&input, &mask], |x| self.encode(&x[0], &x[1], want_pooled))?;
+        #[cfg(not(feature = "cuda"))]
+        let states = self.encode(&input, &mask, want_pooled)?;
         if !want_pooled {
             return Ok(ClipOutput {
-                penultimate,
+                penultimate: states,
                 pooled: None,
             });
         }
-        let last = self.final_layer_norm.forward(&xs)?;
+        let (penultimate, last) = (states.i(0)?, states.i(1)?);
         let rows = ids
             .iter()
             .enumerate()
@@ -191,6 +189,27 @@ impl ClipTextModel {
             penultimate,
             pooled: Some(pooled),
         })
+    }
+
+    /// The embeddings and encoder layers over token ids `input`: the
+    /// penultimate hidden state `[batch, seq, hidden]`, or with `with_last`
+    /// that and the final-layer-normed last state stacked, `[2, batch, seq,
+    /// hidden]` (where the pooled output is read).
+    fn encode(&self, input: &Tensor, mask: &Tensor, with_last: bool) -> Result<Tensor> {
+        let positions = Tensor::arange(0u32, input.dim(1)? as u32, input.device())?;
+        let mut xs = self
+            .token_embedding
+            .forward(input)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let (last, rest) = self.layers.split_last().expect("at least two layers, checked at load");
+        for layer in rest {
+            xs = layer.forward(&xs, mask)?;
+        }
+        if !with_last {
+            return Ok(xs);
+        }
+        let last = self.final_layer_norm.forward(&last.forward(&xs, mask)?)?;
+        Tensor::stack(&[&xs, &last], 0)
     }
 
     /// Where transformers reads the pooled output: with the legacy

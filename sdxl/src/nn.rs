@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 #[cfg(feature = "cuda")]
 use super::accel::{on_cuda, Accel};
 pub use super::layout::{cat_channels, channels_last, is_channels_last, layers_keep_channels_last, to_layer_layout};
-pub use super::sdpa::{attention, attention_candle, attention_scores_at_once, causal_attention};
+pub use super::sdpa::{attention, attention_candle, attention_scores_at_once, causal_attention, causal_mask};
 
 /// An activation function as configs name it (`silu`, `gelu`, `quick_gelu`, `relu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! block of queries at a time when the scores would not fit), and CLIP's
 //! causal variant.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 #[cfg(feature = "cuda")]
 use crate::accel::{on_cuda, Accel};
@@ -91,18 +91,25 @@ fn attention_in_blocks(
     out.transpose(1, 2)?.reshape((b, n_q, inner))
 }
 
-/// Adds a causal mask (no token attends to later ones) for CLIP's text encoder.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+/// CLIP's causal mask `[n, n]` in f32: 0 where a token may attend (itself
+/// and earlier ones), -inf where it may not (later ones).
+pub fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (n, n), device)
+}
+
+/// Attention under `mask` ([`causal_mask`]) for CLIP's text encoder. The
+/// mask comes from the caller, so this is a function of device tensors only
+/// (a CUDA graph can replay it).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: &Tensor) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let head_dim = inner / heads;
     let split = |t: &Tensor| -> Result<Tensor> { t.reshape((b, n, heads, head_dim))?.transpose(1, 2)?.contiguous() };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (n, n), q.device())?;
-    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))
 }

@@ -1,5 +1,6 @@
-//! CUDA graphs for a fixed-shape forward pass (the UNet's, once per step):
-//! its ~1,250 kernel launches recorded once and replayed with one launch,
+//! CUDA graphs for a fixed-shape forward pass (the UNet's once per step, the
+//! TAESD preview decode's, the text encoders'): the UNet's ~1,250 kernel
+//! launches recorded once and replayed with one launch,
 //! so the host's per-launch cost (argument packing, driver calls) stops
 //! leaving the GPU idle between kernels. `torch.compile(mode="reduce-overhead")`
 //! does the same for diffusers' best recipe.

@@ -11,6 +11,8 @@ use std::time::Instant;
 #[cfg(feature = "cuda")]
 mod convs;
 #[cfg(feature = "cuda")]
+mod graphs;
+#[cfg(feature = "cuda")]
 mod linears;
 
 use anyhow::bail;
@@ -399,6 +401,7 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
 
     convs::check_channels_last(&dev, args, rows)?;
     linears::check_linears(&dev, args, rows)?;
+    graphs::check_text_encoders(&dev, args, rows)?;
     Ok(())
 }
 

@@ -1,0 +1,98 @@
+//! The text encoders' CUDA graphs (the `graphs` path) against the same
+//! encoder run launch by launch (`worker check-kernels`): random weights at
+//! SDXL's sizes, token ids that change between calls, so the warm-up, the
+//! recording and the replays each see other inputs.
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use sdxl::accel::Accel;
+use sdxl::clip::{ClipOutput, ClipTextModel};
+use sdxl::config::ClipTextConfig;
+
+use super::{errors, median_ms, CheckKernelsArgs, Row};
+
+/// Weights drawn as CLIP initializes them (N(0, 0.02); layer norms at
+/// identity), so 32 layers keep their activations finite.
+struct RandomClip;
+
+impl SimpleBackend for RandomClip {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if name.contains("layer_norm") {
+            let value = if name.ends_with("weight") { 1f32 } else { 0f32 };
+            return Tensor::full(value, s, dev)?.to_dtype(dtype);
+        }
+        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: the random CLIP weights need a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// SDXL's two text encoders (CLIP ViT-L's text tower for the penultimate
+/// state only, OpenCLIP bigG's with the pooled output), each over one
+/// 77-token prompt: the graph's outputs against launch-by-launch ones for
+/// the same ids, and both times.
+pub(super) fn check_text_encoders(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let dtype = DType::F16;
+    for (name, hidden, layers, heads, act, pooled) in [
+        ("CLIP-L", 768usize, 12usize, 12usize, "quick_gelu", false),
+        ("CLIP-bigG", 1280, 32, 20, "gelu", true),
+    ] {
+        let config: ClipTextConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 49408,
+            "hidden_size": hidden,
+            "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "max_position_embeddings": 77,
+            "hidden_act": act,
+            "projection_dim": hidden,
+        }))?;
+        let vb = VarBuilder::from_backend(Box::new(RandomClip), dtype, dev.clone());
+        let model = ClipTextModel::new(&config, pooled, vb)?;
+        // three prompts' ids (the largest id of each row is its pooled position)
+        let prompts: Vec<Vec<Vec<u32>>> = (1..=3u32)
+            .map(|p| vec![(0..77u32).map(|i| (p * 7919 + i * 104_729) % 49_407).collect()])
+            .collect();
+        let outputs = |out: ClipOutput| -> Vec<Tensor> { std::iter::once(out.penultimate).chain(out.pooled).collect() };
+
+        let accel = Accel::current();
+        Accel { graphs: false, ..accel }.install();
+        let eager = prompts
+            .iter()
+            .map(|ids| Ok(outputs(model.forward(ids, dev, pooled)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let candle_ms = median_ms(dev, args.iters, || {
+            Ok(model.forward(&prompts[0], dev, pooled)?.penultimate)
+        })?;
+        Accel { graphs: true, ..accel }.install();
+        // warm-up, recording, then replays, each call with other ids than the one before
+        let (mut rel, mut max) = (0f32, 0f32);
+        for (ids, want) in prompts.iter().zip(&eager).chain(prompts.iter().zip(&eager)) {
+            for (got, want) in outputs(model.forward(ids, dev, pooled)?).iter().zip(want) {
+                let (r, m) = errors(got, want)?;
+                (rel, max) = (rel.max(r), max.max(m));
+            }
+        }
+        let fast_ms = median_ms(dev, args.iters, || {
+            Ok(model.forward(&prompts[1], dev, pooled)?.penultimate)
+        })?;
+        accel.install();
+        rows.push(Row {
+            kernel: format!("text encoder {name}, CUDA graph (candle ms: launch by launch)"),
+            shape: format!("b1 n77 d{hidden} {layers} layers"),
+            dtype,
+            rel,
+            max,
+            fast_ms,
+            candle_ms,
+        });
+    }
+    Ok(())
+}
