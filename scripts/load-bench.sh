@@ -17,6 +17,10 @@
 #   scripts/load-bench.sh                      # defaults below
 #   BENCH_DURATION=30s BENCH_SUBMIT_CONNECTIONS=32 scripts/load-bench.sh
 #   BENCH_DISPATCHER=/tmp/dispatcher-before scripts/load-bench.sh   # A/B: that binary, no build
+#   BENCH_PROFILE=debug scripts/load-bench.sh   # the dev build (dependencies at opt-level 3,
+#                                               # our crates not optimized): what CI runs, as
+#                                               # it has that build already and a release
+#                                               # build of every dependency costs CI ~14 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,10 +42,22 @@ fi
 eval "$(scripts/services.sh)"
 
 BIN="${BENCH_DISPATCHER:-}"
-if [[ -z "$BIN" ]]; then
-  log "building the dispatcher (release)"
-  cargo build --release -p dispatcher >&2
-  BIN="${CARGO_TARGET_DIR:-target}/release/dispatcher"
+PROFILE="${BENCH_PROFILE:-release}"
+case "$PROFILE" in
+  release) BUILD="release build" ;;
+  debug) BUILD="dev build (dependencies at opt-level 3, our crates not optimized)" ;;
+  *) log "BENCH_PROFILE=$PROFILE: allowed values are release, debug"; exit 2 ;;
+esac
+if [[ -n "$BIN" ]]; then
+  BUILD="$BIN"
+else
+  log "building the dispatcher ($PROFILE)"
+  if [[ "$PROFILE" == release ]]; then
+    cargo build --release -p dispatcher >&2
+  else
+    cargo build -p dispatcher >&2
+  fi
+  BIN="${CARGO_TARGET_DIR:-target}/$PROFILE/dispatcher"
 fi
 WORK="$(mktemp -d /tmp/load-bench.XXXXXX)"
 # A private copy: a concurrent build cannot swap the binary mid-run.
@@ -159,7 +175,7 @@ cat <<EOF
 
 ### Dispatcher capacity: $(nproc) cores ($CPU), $(date -u +%Y-%m-%d)
 
-wrk 4.1, $THREADS thread, $DURATION per run; dispatcher release build, RUST_LOG=${BENCH_RUST_LOG:-warn}; RabbitMQ, Redis and wrk on the same cores.
+wrk 4.1, $THREADS thread, $DURATION per run; dispatcher $BUILD, RUST_LOG=${BENCH_RUST_LOG:-warn}; RabbitMQ, Redis and wrk on the same cores.
 
 | what | connections | requests | per second | p50 | p99 | target | |
 |---|---:|---:|---:|---:|---:|---|---|

@@ -151,6 +151,12 @@ impl Stack {
             .filter(|(k, _)| k.as_str() != "S3S_FS_BIN")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // One compute thread per worker process: the tests run several workers
+        // (and several tests) at once on CI's two cores, and candle's thread
+        // pool sized to every core in each of them oversubscribes the machine
+        // (two workers making 256² images side by side: 4.2–4.6 s a job with
+        // two threads each, 2.8–3.1 s with one). A test may set its own.
+        env.push(("RAYON_NUM_THREADS".to_string(), "1".to_string()));
         for (key, value) in overrides {
             env.retain(|(k, _)| k != key);
             env.push((key.to_string(), value.clone()));

@@ -176,7 +176,8 @@ fn precision_parser() -> impl clap::builder::TypedValueParser<Value = Precision>
 #[derive(Debug, Clone, clap::Args)]
 pub struct AccelArgs {
     /// Kernel paths to take: `all`, `none`, or a list of attention, conv, norm, geglu, bias, lt,
-    /// nhwc (channels-last activations).
+    /// nhwc (channels-last activations), graphs (CUDA graphs of the UNet, the TAESD decode and
+    /// the text encoders).
     #[arg(long, env = "SDXL_KERNELS", default_value = "all", value_parser = Accel::parse)]
     pub kernels: Accel,
     /// TF32 for f32 convolutions and matrix products (the VAE under `force_upcast`); 0 turns it off.
