@@ -98,6 +98,9 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     eos_token_id: u32,
+    /// [`causal_mask`] over `max_position_embeddings` tokens, made once at
+    /// load; a shorter prompt reads its top-left corner.
+    causal_mask: Tensor,
     /// The encoder's CUDA graphs (the `graphs` path), one set per value of
     /// `want_pooled`: ~25 small kernels a layer make a text encode
     /// launch-bound, like the TAESD preview.
@@ -149,6 +152,7 @@ impl ClipTextModel {
             final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
             text_projection,
             eos_token_id: c.eos_token_id,
+            causal_mask: causal_mask(c.max_position_embeddings, vb.device())?,
             #[cfg(feature = "cuda")]
             graphs: Default::default(),
         })
@@ -161,14 +165,12 @@ impl ClipTextModel {
         let seq = ids.first().map_or(0, Vec::len);
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let input = Tensor::from_vec(flat, (batch, seq), device)?;
-        let mask = causal_mask(seq, device)?;
-        // the ids and the mask are uploaded here; the encoder is a fixed-shape
-        // function of device tensors, which a CUDA graph can replay
+        // the ids are uploaded here; the encoder is a fixed-shape function of
+        // device tensors and the model's own, which a CUDA graph can replay
         #[cfg(feature = "cuda")]
-        let states =
-            self.graphs[usize::from(want_pooled)].run(&[&input, &mask], |x| self.encode(&x[0], &x[1], want_pooled))?;
+        let states = self.graphs[usize::from(want_pooled)].run(&[&input], |x| self.encode(&x[0], want_pooled))?;
         #[cfg(not(feature = "cuda"))]
-        let states = self.encode(&input, &mask, want_pooled)?;
+        let states = self.encode(&input, want_pooled)?;
         if !want_pooled {
             return Ok(ClipOutput {
                 penultimate: states,
@@ -195,20 +197,22 @@ impl ClipTextModel {
     /// penultimate hidden state `[batch, seq, hidden]`, or with `with_last`
     /// that and the final-layer-normed last state stacked, `[2, batch, seq,
     /// hidden]` (where the pooled output is read).
-    fn encode(&self, input: &Tensor, mask: &Tensor, with_last: bool) -> Result<Tensor> {
-        let positions = Tensor::arange(0u32, input.dim(1)? as u32, input.device())?;
+    fn encode(&self, input: &Tensor, with_last: bool) -> Result<Tensor> {
+        let seq = input.dim(1)?;
+        let mask = self.causal_mask.narrow(0, 0, seq)?.narrow(1, 0, seq)?;
+        let positions = Tensor::arange(0u32, seq as u32, input.device())?;
         let mut xs = self
             .token_embedding
             .forward(input)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let (last, rest) = self.layers.split_last().expect("at least two layers, checked at load");
         for layer in rest {
-            xs = layer.forward(&xs, mask)?;
+            xs = layer.forward(&xs, &mask)?;
         }
         if !with_last {
             return Ok(xs);
         }
-        let last = self.final_layer_norm.forward(&last.forward(&xs, mask)?)?;
+        let last = self.final_layer_norm.forward(&last.forward(&xs, &mask)?)?;
         Tensor::stack(&[&xs, &last], 0)
     }
 
