@@ -5,8 +5,10 @@
 #                                    image PSNR against f16), check-kernels, worker bench
 #                                    f16 and fp8 with images/s for batch 1..16, the
 #                                    cuBLASLt path's A/B, the largest job's memory
+#                                    (NCU=1: then ncu of one f16 and one fp8 UNet forward)
 #   bench/gpu-run-p11.sh diffusers   worker bench f16 and fp8 again, diffusers eager (with
-#                                    images/s) and best, and both UNets' cosine to diffusers
+#                                    images/s) and best ($DIFFUSERS_RECIPES, default eager,best),
+#                                    and both UNets' cosine to diffusers
 #   bench/gpu-run-p11.sh cold        cold starts (each with an empty driver cache) with the
 #                                    convolution algorithms found and ranked, and with the
 #                                    driver cache off (candle's PTX compiled as before, in
@@ -185,8 +187,17 @@ if [ "$PART" = ours ]; then
     --num-images 16 --width 2048 --height 2048 --steps 2 --seed 1 --prompt "memory" --output "$OUT/big-16.png" \
     > "$OUT/big-job-16.log" 2>&1
   echo "16 x 2048² exit $?"
+  if [ -n "${NCU:-}" ]; then  # NCU=1: where one forward's kernel time goes, f16 and fp8
+    # launch by launch (every path but graphs): the same kernels, one ncu record each
+    export SDXL_KERNELS=attention,conv,norm,geglu,bias,lt,nhwc
+    note "ncu: one UNet forward, f16"
+    ncu_profile unet-f16 unet
+    note "ncu: one UNet forward, fp8"
+    ncu_profile unet-fp8 unet --precision fp8
+    unset SDXL_KERNELS
+  fi
   note "done"
-  grep -E '^\| (linear|flash)' "$OUT/check-kernels.log" | head -20; grep -c FAIL "$OUT/check-kernels.log"
+  grep -E '^\| (linear|flash|text)' "$OUT/check-kernels.log" | head -24; grep -c FAIL "$OUT/check-kernels.log"
   for f in candle-f16 candle-fp8 candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
   for f in cold-start warm-start fp8-generate big-job-16; do echo "== $f"; tail -n 5 "$OUT/$f.log"; done
 fi
@@ -274,7 +285,7 @@ if [ "$PART" = diffusers ]; then
   note "diffusers eager (+ images/s) and best"
   left=$(( ${DIFFUSERS_BUDGET:-560} - (SECONDS - START) - 70 ))
   timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
-    --recipes eager,best --throughput 1,4,8 --unet-io /tmp/unet-io-d.safetensors --json "$OUT/diffusers-f16.json" \
+    --recipes "${DIFFUSERS_RECIPES:-eager,best}" --throughput 1,4,8 --unet-io /tmp/unet-io-d.safetensors --json "$OUT/diffusers-f16.json" \
     > "$OUT/diffusers-f16.log" 2>&1
   echo "diffusers exit $? (limit $left s)"
   note "UNet cosine against diffusers, f16 and fp8"
