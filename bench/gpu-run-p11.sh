@@ -5,10 +5,15 @@
 #                                    image PSNR against f16), check-kernels, worker bench
 #                                    f16 and fp8 with images/s for batch 1..16, the
 #                                    cuBLASLt path's A/B, the largest job's memory
-#                                    (NCU=1: then ncu of one f16 and one fp8 UNet forward)
+#                                    (NCU=1: then ncu of one fp8 UNet forward), fp8 with and
+#                                    without the fused quantization (`quant`)
 #   bench/gpu-run-p11.sh diffusers   worker bench f16 and fp8 again, diffusers eager (with
 #                                    images/s) and best ($DIFFUSERS_RECIPES, default eager,best),
 #                                    and both UNets' cosine to diffusers
+#   bench/gpu-run-p11.sh onecall     every table in one call: check-kernels, ours f16 (images/s
+#                                    at $THROUGHPUT) and fp8 with and without `quant`, diffusers
+#                                    eager and best ($DIFFUSERS_RECIPES, default eager,graphs)
+#                                    with images/s, UNet cosines, ncu of one fp8 forward
 #   bench/gpu-run-p11.sh cold        cold starts (each with an empty driver cache) with the
 #                                    convolution algorithms found and ranked, and with the
 #                                    driver cache off (candle's PTX compiled as before, in
@@ -178,6 +183,12 @@ if [ "$PART" = ours ]; then
     --json "$OUT/candle-fp8.json" > "$OUT/candle-fp8.log" 2>&1
   echo "bench fp8 exit $?"
   cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-fp8-vs-f16.json"
+  cp /tmp/unet-io.candle.safetensors /tmp/unet-io.fp8.safetensors
+  note "bench fp8 without the fused quantization (A/B: every path but quant)"
+  SDXL_KERNELS=attention,conv,norm,geglu,bias,lt,nhwc,graphs timeout 100 "$WORKER" "${BENCH[@]}" --precision fp8 \
+    --no-image --unet-io /tmp/unet-io.safetensors --json "$OUT/candle-fp8-no-quant.json" > "$OUT/candle-fp8-no-quant.log" 2>&1
+  echo "bench fp8 no-quant exit $?"
+  cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.fp8.safetensors | tee "$OUT/unet-cosine-fp8-no-quant-vs-fused.json"
   note "bench f16 without the cuBLASLt path (A/B)"
   SDXL_KERNELS=attention,conv,norm,geglu,bias timeout 100 "$WORKER" "${BENCH[@]}" --no-image --iters 10 \
     --json "$OUT/candle-f16-no-lt.json" > "$OUT/candle-f16-no-lt.log" 2>&1
@@ -187,19 +198,63 @@ if [ "$PART" = ours ]; then
     --num-images 16 --width 2048 --height 2048 --steps 2 --seed 1 --prompt "memory" --output "$OUT/big-16.png" \
     > "$OUT/big-job-16.log" 2>&1
   echo "16 x 2048² exit $?"
-  if [ -n "${NCU:-}" ]; then  # NCU=1: where one forward's kernel time goes, f16 and fp8
+  if [ -n "${NCU:-}" ]; then  # NCU=1: where one FP8 forward's kernel time goes
     # launch by launch (every path but graphs): the same kernels, one ncu record each
-    export SDXL_KERNELS=attention,conv,norm,geglu,bias,lt,nhwc
-    note "ncu: one UNet forward, f16"
-    ncu_profile unet-f16 unet
     note "ncu: one UNet forward, fp8"
-    ncu_profile unet-fp8 unet --precision fp8
-    unset SDXL_KERNELS
+    SDXL_KERNELS=attention,conv,norm,geglu,bias,lt,nhwc,quant ncu_profile unet-fp8 unet --precision fp8
   fi
   note "done"
-  grep -E '^\| (linear|flash|text)' "$OUT/check-kernels.log" | head -24; grep -c FAIL "$OUT/check-kernels.log"
-  for f in candle-f16 candle-fp8 candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
+  grep -E '^\| (linear|flash|text|layer norm|GEGLU)' "$OUT/check-kernels.log" | head -40; grep -c FAIL "$OUT/check-kernels.log"
+  for f in candle-f16 candle-fp8 candle-fp8-no-quant candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
   for f in cold-start warm-start fp8-generate big-job-16; do echo "== $f"; tail -n 5 "$OUT/$f.log"; done
+fi
+
+if [ "$PART" = onecall ]; then
+  # Every table's figures in one call, for a session that may get no second:
+  # check-kernels; ours f16 (images/s at $THROUGHPUT), fp8 with and without the
+  # fused quantization (`quant`); diffusers eager and best (the `graphs` recipe)
+  # with images/s; both UNets' cosine to diffusers; ncu of one FP8 forward if time is left.
+  note "check-kernels"
+  timeout 120 "$WORKER" check-kernels --iters 5 > "$OUT/check-kernels.log" 2>&1
+  echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
+  grep -E 'FAIL|^\| (text|layer norm|GEGLU)' "$OUT/check-kernels.log"
+  make_unet_io /tmp/unet-io.safetensors
+  note "bench f16 with throughput $THROUGHPUT"
+  timeout 150 "$WORKER" "${BENCH[@]}" --throughput "$THROUGHPUT" --unet-io /tmp/unet-io.safetensors \
+    --json "$OUT/candle-f16.json" > "$OUT/candle-f16.log" 2>&1
+  echo "bench f16 exit $?"; grep '^|' "$OUT/candle-f16.log"
+  cp /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors
+  for v in fp8 fp8-no-quant; do
+    note "bench $v"
+    kernels=all; [ $v = fp8-no-quant ] && kernels=attention,conv,norm,geglu,bias,lt,nhwc,graphs
+    SDXL_KERNELS=$kernels timeout 90 "$WORKER" "${BENCH[@]}" --precision fp8 --no-image --unet-io /tmp/unet-io.safetensors \
+      --json "$OUT/candle-$v.json" > "$OUT/candle-$v.log" 2>&1
+    echo "bench $v exit $?"; grep -E '^\| (UNet|text)' "$OUT/candle-$v.log"
+    cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$v.safetensors"
+    cosine "/tmp/unet-io.$v.safetensors" /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-$v-vs-f16.json"
+  done
+  cosine /tmp/unet-io.fp8.safetensors /tmp/unet-io.fp8-no-quant.safetensors | tee "$OUT/unet-cosine-fp8-vs-no-quant.json"
+  with_diffusers
+  left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 50 ))
+  note "diffusers ${DIFFUSERS_RECIPES:-eager,graphs} (limit $left s)"
+  timeout "$left" python3 bench/diffusers_reference.py --model "$MODEL" --taesd "$MODEL/taesdxl" --dtype f16 \
+    --recipes "${DIFFUSERS_RECIPES:-eager,graphs}" --throughput "$THROUGHPUT" --unet-io /tmp/unet-io-d.safetensors \
+    --json "$OUT/diffusers-f16.json" 2>&1 | tee "$OUT/diffusers-f16.log" \
+    | grep --line-buffered -E '^(eager|best|graphs|compile) |throughput'
+  echo "diffusers exit ${PIPESTATUS[0]}"
+  if [ -f /tmp/unet-io-d.safetensors ]; then
+    note "UNet cosine against diffusers, f16 and fp8"
+    for p in dtype fp8; do
+      timeout 40 "$WORKER" "${BENCH[@]}" --precision $p --iters 1 --no-image --unet-io /tmp/unet-io-d.safetensors \
+        > "$OUT/unet-io-$p.log" 2>&1
+      cosine /tmp/unet-io-d.candle.safetensors /tmp/unet-io-d.diffusers.safetensors | tee "$OUT/unet-cosine-$p-vs-diffusers.json"
+    done
+  fi
+  if [ $(( 585 - (SECONDS - START) )) -gt 100 ]; then
+    note "ncu: one UNet forward, fp8"
+    SDXL_KERNELS=attention,conv,norm,geglu,bias,lt,nhwc,quant ncu_profile unet-fp8 unet --precision fp8
+  fi
+  note "done"
 fi
 
 if [ "$PART" = cold ]; then

@@ -301,10 +301,6 @@ __device__ __forceinline__ void group_norm_nhwc_apply(const T* __restrict__ x, c
 // per thread from two 16-byte loads.
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ float geglu1(float xv, float gv) {
-  return xv * 0.5f * gv * (1.f + erff(gv * 0.70710678118654752f));
-}
-
 template <typename T>
 __device__ __forceinline__ void geglu(const T* __restrict__ h, T* __restrict__ out, long long rows, int inner,
                                       int vec) {
@@ -449,53 +445,23 @@ __device__ __forceinline__ void layer_norm(const T* __restrict__ x, const T* __r
                                            const T* __restrict__ beta, T* __restrict__ y, long long rows, int n,
                                            float eps) {
   using Pack = Pack8<T>;
-  constexpr int kMaxVec = 8;  // 8 vectors of 8 per lane: rows up to 2048
   const int lane = threadIdx.x & 31;
   const long long row = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;
   const int nvec = n / 8;
-  const T* xr = x + row * n;
-  float v[kMaxVec][8];
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    const int vi = j * 32 + lane;
-    if (vi < nvec) {
-      const Pack p = *reinterpret_cast<const Pack*>(xr + vi * 8);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        v[j][e] = to_f32(p.e[e]);
-        sum += v[j][e];
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  const float mean = sum / n;
-  float sq = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
-    if (j * 32 + lane < nvec) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float d = v[j][e] - mean;
-        sq += d * d;
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-  const float rstd = rsqrtf(sq / n + eps);
+  float v[kLayerNormMaxVec][8];
+  float mean, rstd;
+  layer_norm_row<T>(x + row * n, lane, n, eps, v, mean, rstd);
   T* yr = y + row * n;
 #pragma unroll
-  for (int j = 0; j < kMaxVec; ++j) {
+  for (int j = 0; j < kLayerNormMaxVec; ++j) {
     const int vi = j * 32 + lane;
     if (vi < nvec) {
       const Pack g = *reinterpret_cast<const Pack*>(gamma + vi * 8);
       const Pack b = *reinterpret_cast<const Pack*>(beta + vi * 8);
       Pack o;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o.e[e] = from_f32<T>((v[j][e] - mean) * rstd * to_f32(g.e[e]) + to_f32(b.e[e]));
+      for (int e = 0; e < 8; ++e) o.e[e] = layer_norm1<T>(v[j][e], mean, rstd, g.e[e], b.e[e]);
       *reinterpret_cast<Pack*>(yr + vi * 8) = o;
     }
   }

@@ -12,7 +12,10 @@
 //!   channels-last, so cuDNN convolves without transposing; needs `conv`),
 //!   `graphs` (the UNet's forward, the TAESD preview decode and the text
 //!   encoders, each recorded once per input shape as a CUDA graph and
-//!   replayed: one launch instead of ~1,250 for the UNet; `crate::cuda::graph`).
+//!   replayed: one launch instead of ~1,250 for the UNet; `crate::cuda::graph`),
+//!   `quant` (with FP8: the per-token quantization of a product's input done
+//!   by the layer norm or GEGLU kernel that makes the input, which then is
+//!   never stored in the run dtype; `crate::cuda::fp8`).
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -48,6 +51,9 @@ pub struct Accel {
     /// the text encoders recorded as a CUDA graph per input shape and
     /// replayed ([`crate::cuda::graph`]).
     pub graphs: bool,
+    /// With `fp8`: the layer norms and GEGLU write their outputs as the e4m3
+    /// codes and per-token scales of the FP8 products that read them.
+    pub quant: bool,
     /// f32 convolutions and matrix products (the VAE under `force_upcast`)
     /// in TF32 on tensor cores: PyTorch's `cudnn.allow_tf32` default for
     /// the convolutions, and `torch.backends.cuda.matmul.allow_tf32` (off
@@ -103,7 +109,17 @@ impl Default for Accel {
 }
 
 /// The names `parse` takes, in the order of the bits below.
-const PATHS: [&str; 8] = ["attention", "conv", "norm", "geglu", "bias", "lt", "nhwc", "graphs"];
+const PATHS: [&str; 9] = [
+    "attention",
+    "conv",
+    "norm",
+    "geglu",
+    "bias",
+    "lt",
+    "nhwc",
+    "graphs",
+    "quant",
+];
 
 impl Accel {
     pub const ALL: Accel = Accel {
@@ -115,6 +131,7 @@ impl Accel {
         lt: true,
         nhwc: true,
         graphs: true,
+        quant: true,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -128,6 +145,7 @@ impl Accel {
         lt: false,
         nhwc: false,
         graphs: false,
+        quant: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -152,6 +170,7 @@ impl Accel {
                 "lt" => accel.lt = true,
                 "nhwc" => accel.nhwc = true,
                 "graphs" => accel.graphs = true,
+                "quant" => accel.quant = true,
                 other => {
                     return Err(format!(
                         "unknown kernel path {other:?} (allowed: all, none, or a list of {})",
@@ -176,6 +195,7 @@ impl Accel {
             self.conv_algo == ConvAlgo::Heuristic,
             self.nhwc,
             self.graphs,
+            self.quant,
         ]
         .iter()
         .enumerate()
@@ -196,6 +216,7 @@ impl Accel {
             conv_algo: if on(8) { ConvAlgo::Heuristic } else { ConvAlgo::Find },
             nhwc: on(9),
             graphs: on(10),
+            quant: on(11),
         }
     }
 
@@ -248,7 +269,7 @@ impl Precision {
 }
 
 /// [`Accel::ALL`]'s bits (`bits` is not const; a test keeps the two equal).
-const ALL_BITS: u16 = 0b110_0111_1111;
+const ALL_BITS: u16 = 0b1110_0111_1111;
 static CURRENT: AtomicU16 = AtomicU16::new(ALL_BITS);
 
 /// Whether `t` is on a CUDA device and this build has the CUDA paths.
@@ -269,10 +290,11 @@ mod tests {
         assert!(Accel::ALL.nhwc && Accel::parse("conv,nhwc").unwrap().nhwc);
         assert!(Accel::ALL.graphs && Accel::parse("conv,graphs").unwrap().graphs);
         assert!(!Accel::parse("conv,nhwc").unwrap().graphs);
+        assert!(Accel::ALL.quant && Accel::parse("quant").unwrap().quant && !Accel::parse("conv").unwrap().quant);
         assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(
-            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc, graphs"),
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc, graphs, quant"),
             "{e}"
         );
     }

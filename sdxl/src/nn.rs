@@ -269,6 +269,46 @@ impl Linear {
         self.add_bias(product)? + residual
     }
 
+    /// `self.forward(&norm.forward(xs)?)`. With FP8 weights on CUDA (and the
+    /// `quant` path on) the layer norm's kernel quantizes its own output for
+    /// the product, which saves storing it and reading it back to quantize.
+    pub fn forward_normed(&self, norm: &LayerNorm, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fp8_fused(|| norm.e4m3(xs), None)? {
+            return Ok(y);
+        }
+        self.forward(&norm.forward(xs)?)
+    }
+
+    /// `self.forward_add(&geglu(h)?, residual)`, GEGLU quantizing its own
+    /// output for the product as in [`Linear::forward_normed`].
+    pub fn forward_geglu_add(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fp8_fused(|| super::cuda::fp8::geglu_e4m3(h), Some(residual))? {
+            return Ok(y);
+        }
+        self.forward_add(&geglu(h)?, residual)
+    }
+
+    /// The FP8 product of an input quantized by the kernel that makes it;
+    /// `None` where that does not apply (no FP8 weight, FP8 or `quant` off,
+    /// no fused kernel for the input, no cuBLASLt algorithm).
+    #[cfg(feature = "cuda")]
+    fn fp8_fused(
+        &self,
+        quantize: impl FnOnce() -> Result<Option<super::cuda::fp8::Fp8Activations>>,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let accel = Accel::current();
+        let (Some(w), true, true) = (&self.fp8, accel.fp8, accel.quant) else {
+            return Ok(None);
+        };
+        let Some(x) = quantize()? else {
+            return Ok(None);
+        };
+        super::cuda::linear::fp8_linear_quantized(&x, w, self.bias.as_ref(), residual)
+    }
+
     /// The cuBLASLt paths (FP8 first, when the layer has FP8 weights); `None`
     /// where they do not apply.
     #[cfg(feature = "cuda")]
@@ -324,6 +364,20 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm {
         inner: candle_nn::layer_norm(size, eps, vb)?,
     })
+}
+
+impl LayerNorm {
+    /// This norm of `xs` in e4m3 with a scale per row, for an FP8 product
+    /// (`cuda::fp8::layer_norm_e4m3`); `None` where the fused kernel does not apply.
+    #[cfg(feature = "cuda")]
+    fn e4m3(&self, xs: &Tensor) -> Result<Option<super::cuda::fp8::Fp8Activations>> {
+        match self.inner.bias() {
+            Some(bias) if on_cuda(xs) => {
+                super::cuda::fp8::layer_norm_e4m3(xs, self.inner.weight(), bias, self.inner.eps())
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 impl Module for LayerNorm {

@@ -7,6 +7,12 @@
 //! Per-token activation scales rather than one per tensor: the scale comes
 //! out of the same single pass over each row that quantizes it (no global
 //! reduction first), and a token with small values keeps its precision.
+//! It also lets the kernel that makes a product's input quantize it as it
+//! goes, since it holds a row at a time anyway: [`layer_norm_e4m3`] and
+//! [`geglu_e4m3`] write the codes and scales that [`quantize_rows`] would
+//! make of their stored output, without storing it (the `quant` path).
+//! The attention's output and the projections' inputs are still quantized
+//! in a pass of their own.
 
 use std::sync::Arc;
 
@@ -15,7 +21,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{bail, DType, Result, Storage, Tensor, WithDType};
+use candle_core::{bail, DType, Result, Storage, StorageRef, Tensor, WithDType};
 use half::{bf16, f16};
 
 use super::kernels::{suffix, w};
@@ -38,6 +44,18 @@ impl std::fmt::Debug for Fp8Rows {
 /// A linear layer's weight `[out, in]` in e4m3 with a scale per output channel.
 pub type Fp8Weight = Arc<Fp8Rows>;
 
+/// A linear layer's input already in e4m3, one scale per token, as the
+/// kernel that produced it wrote it (layer norm, GEGLU): the rows of a
+/// `dims` tensor of type `dtype` (`[…, k]`), whose product comes back in
+/// that type.
+#[derive(Debug)]
+pub struct Fp8Activations {
+    pub rows: Fp8Rows,
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+    pub device: CudaDevice,
+}
+
 /// Whether a `[rows, k]` matrix can be quantized and used in an FP8 product:
 /// cuBLASLt's FP8 products need K-major operands with 16-byte rows.
 pub fn fp8_supports(k: usize, out: usize) -> bool {
@@ -50,18 +68,39 @@ pub fn quantize_weight(weight: &Tensor) -> Result<Fp8Weight> {
     if !fp8_supports(k, out) {
         bail!("FP8 weights need in % 16 == 0 and out % 8 == 0, got [{out}, {k}]")
     }
-    let weight = weight.contiguous()?;
-    let (storage, layout) = weight.storage_and_layout();
+    Ok(Arc::new(quantize_tensor(weight)?))
+}
+
+/// Quantizes each row of `xs` (`[…, k]`, f16 or bf16, on CUDA, `k` a
+/// multiple of 8) with a scale of its own.
+pub fn quantize_tensor(xs: &Tensor) -> Result<Fp8Rows> {
+    let k = xs.dims().last().copied().unwrap_or(0);
+    if k == 0 || !k.is_multiple_of(8) {
+        bail!(
+            "FP8 rows need a last dimension that is a multiple of 8, got {:?}",
+            xs.dims()
+        )
+    }
+    let rows = xs.elem_count() / k;
+    let xs = xs.contiguous()?;
+    let (storage, layout) = xs.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
-        bail!("FP8 weights are quantized on a CUDA device")
+        bail!("FP8 rows are quantized on a CUDA device")
     };
+    if !layout.start_offset().is_multiple_of(8) {
+        bail!("FP8 rows are read 16 bytes at a time: the tensor must start on a 16-byte boundary")
+    }
     let dev = s.device().clone();
-    let rows = match weight.dtype() {
-        DType::F16 => quantize_rows(&dev, &s.as_cuda_slice::<f16>()?.slice(layout.start_offset()..), out, k)?,
-        DType::BF16 => quantize_rows(&dev, &s.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..), out, k)?,
-        other => bail!("FP8 weights from {other:?}: only f16 and bf16"),
-    };
-    Ok(Arc::new(rows))
+    match xs.dtype() {
+        DType::F16 => quantize_rows(&dev, &s.as_cuda_slice::<f16>()?.slice(layout.start_offset()..), rows, k),
+        DType::BF16 => quantize_rows(
+            &dev,
+            &s.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..),
+            rows,
+            k,
+        ),
+        other => bail!("FP8 rows from {other:?}: only f16 and bf16"),
+    }
 }
 
 /// One warp per row: `amax`, the scale, then the codes.
@@ -85,6 +124,162 @@ pub fn quantize_rows<T: CudaDType + DeviceRepr + WithDType>(
     builder.arg(x).arg(&mut codes).arg(&mut scales).arg(&rows_i).arg(&k_i);
     w(unsafe { builder.launch(cfg) })?;
     Ok(Fp8Rows { codes, scales, rows, k })
+}
+
+/// A tensor's CUDA storage and layout when it is contiguous, f16/bf16 and
+/// starts on a 16-byte boundary (the fused kernels' 16-byte loads).
+fn aligned_cuda(t: &Tensor) -> bool {
+    t.is_contiguous()
+        && t.device().is_cuda()
+        && matches!(t.dtype(), DType::F16 | DType::BF16)
+        && t.layout().start_offset().is_multiple_of(8)
+}
+
+/// `torch.nn.LayerNorm` over the last dimension of `xs`, quantized per
+/// token for an FP8 product: the codes and scales that [`quantize_rows`]
+/// makes of the layer norm kernel's output, in one pass that never stores
+/// that output. `None` where the fused kernel does not apply (the last
+/// dimension over 2048 or not a multiple of 16, f32, unaligned operands).
+pub fn layer_norm_e4m3(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Fp8Activations>> {
+    let n = xs.dims().last().copied().unwrap_or(0);
+    let xs = xs.contiguous()?;
+    if n == 0 || n > 2048 || !n.is_multiple_of(16) || weight.dims() != [n] || bias.dims() != [n] {
+        return Ok(None);
+    }
+    if ![&xs, weight, bias]
+        .iter()
+        .all(|t| aligned_cuda(t) && t.dtype() == xs.dtype())
+    {
+        return Ok(None);
+    }
+    let rows = xs.elem_count() / n;
+    match xs.dtype() {
+        DType::F16 => layer_norm_e4m3_as::<f16>(&xs, weight, bias, eps as f32, rows, n).map(Some),
+        DType::BF16 => layer_norm_e4m3_as::<bf16>(&xs, weight, bias, eps as f32, rows, n).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn layer_norm_e4m3_as<T: CudaDType + DeviceRepr + WithDType>(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+    rows: usize,
+    n: usize,
+) -> Result<Fp8Activations> {
+    let ((x, xo), (g, go), (b, bo)) = (cuda_of(xs), cuda_of(weight), cuda_of(bias));
+    let dev = cuda_storage(&x)?.device().clone();
+    let xv = cuda_storage(&x)?.as_cuda_slice::<T>()?.slice(xo..);
+    let gv = cuda_storage(&g)?.as_cuda_slice::<T>()?.slice(go..);
+    let bv = cuda_storage(&b)?.as_cuda_slice::<T>()?.slice(bo..);
+    let mut codes: CudaSlice<u8> = unsafe { dev.alloc::<u8>(rows * n)? };
+    let mut scales: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
+    let func = kernel(&dev, Module::Fp8, &format!("layer_norm_e4m3_{}", suffix(T::DTYPE)?))?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows_i, n_i) = (rows as i64, n as i32);
+    let mut builder = func.builder();
+    builder
+        .arg(&xv)
+        .arg(&gv)
+        .arg(&bv)
+        .arg(&mut codes)
+        .arg(&mut scales)
+        .arg(&rows_i)
+        .arg(&n_i)
+        .arg(&eps);
+    w(unsafe { builder.launch(cfg) })?;
+    Ok(Fp8Activations {
+        rows: Fp8Rows {
+            codes,
+            scales,
+            rows,
+            k: n,
+        },
+        dims: xs.dims().to_vec(),
+        dtype: xs.dtype(),
+        device: dev,
+    })
+}
+
+/// diffusers' GEGLU (`x · gelu(gate)` over the two halves of `h`'s last
+/// dimension), quantized per token for an FP8 product: the codes and scales
+/// that [`quantize_rows`] makes of the GEGLU kernel's output, without storing
+/// that output. `None` where the fused kernel does not apply (a half not a
+/// multiple of 16, f32, an unaligned `h`).
+pub fn geglu_e4m3(h: &Tensor) -> Result<Option<Fp8Activations>> {
+    let last = h.dims().last().copied().unwrap_or(0);
+    let inner = last / 2;
+    let h = h.contiguous()?;
+    if inner == 0 || !inner.is_multiple_of(16) || !aligned_cuda(&h) {
+        return Ok(None);
+    }
+    let rows = h.elem_count() / last;
+    if rows > u32::MAX as usize {
+        return Ok(None);
+    }
+    match h.dtype() {
+        DType::F16 => geglu_e4m3_as::<f16>(&h, rows, inner).map(Some),
+        DType::BF16 => geglu_e4m3_as::<bf16>(&h, rows, inner).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn geglu_e4m3_as<T: CudaDType + DeviceRepr + WithDType>(
+    h: &Tensor,
+    rows: usize,
+    inner: usize,
+) -> Result<Fp8Activations> {
+    let (storage, offset) = cuda_of(h);
+    let dev = cuda_storage(&storage)?.device().clone();
+    let hv = cuda_storage(&storage)?.as_cuda_slice::<T>()?.slice(offset..);
+    let mut codes: CudaSlice<u8> = unsafe { dev.alloc::<u8>(rows * inner)? };
+    let mut scales: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
+    let func = kernel(&dev, Module::Fp8, &format!("geglu_e4m3_{}", suffix(T::DTYPE)?))?;
+    // one block per row; 8-element vectors spread over up to 8 warps
+    let threads = (inner / 8).next_multiple_of(32).clamp(32, 256);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let inner_i = inner as i32;
+    let mut builder = func.builder();
+    builder.arg(&hv).arg(&mut codes).arg(&mut scales).arg(&inner_i);
+    w(unsafe { builder.launch(cfg) })?;
+    let mut dims = h.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = inner;
+    }
+    Ok(Fp8Activations {
+        rows: Fp8Rows {
+            codes,
+            scales,
+            rows,
+            k: inner,
+        },
+        dims,
+        dtype: h.dtype(),
+        device: dev,
+    })
+}
+
+/// A tensor's storage (held while its device memory is read) and the
+/// offset of its first element.
+fn cuda_of(t: &Tensor) -> (StorageRef<'_>, usize) {
+    let (storage, layout) = t.storage_and_layout();
+    (storage, layout.start_offset())
+}
+
+fn cuda_storage(s: &Storage) -> Result<&candle_core::CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("the fused FP8 kernels run on a CUDA device"),
+    }
 }
 
 /// `y = d · sw[col] · sx[row] + bias (+ residual)` into `y` (`[rows, cols]`),

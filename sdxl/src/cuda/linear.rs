@@ -10,7 +10,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Result, Storage, StorageRef, Tensor, WithDType};
 use half::{bf16, f16};
 
-use super::fp8::{quantize_rows, scale_epilogue, Fp8Weight};
+use super::fp8::{quantize_rows, scale_epilogue, Fp8Activations, Fp8Rows, Fp8Weight};
 use super::gemm::{self, Half, Operands, Product};
 
 /// A tensor's device address (of its first element) and its storage guard.
@@ -65,27 +65,28 @@ pub fn linear(
     }
 }
 
-/// The output's shape and the product's `(out, tokens, in)`, after checking
-/// that every operand fits.
-fn shapes(xs: &Tensor, out: usize, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<(Vec<usize>, usize)> {
-    let mut dims = xs.dims().to_vec();
+/// The output's shape (`dims` with its last dimension `out`) and the input
+/// width, after checking that the bias and residual fit it.
+fn shapes(
+    dims: &[usize],
+    dtype: DType,
+    out: usize,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<(Vec<usize>, usize)> {
+    let mut dims = dims.to_vec();
     let Some(last) = dims.last_mut() else {
         bail!("linear of a scalar")
     };
     let k = *last;
     *last = out;
     if let Some(b) = bias {
-        if b.dims() != [out] || b.dtype() != xs.dtype() {
-            bail!(
-                "bias {:?} {:?} for {out} outputs of {:?}",
-                b.dims(),
-                b.dtype(),
-                xs.dtype()
-            )
+        if b.dims() != [out] || b.dtype() != dtype {
+            bail!("bias {:?} {:?} for {out} outputs of {dtype:?}", b.dims(), b.dtype())
         }
     }
     if let Some(r) = residual {
-        if r.dims() != dims.as_slice() || r.dtype() != xs.dtype() {
+        if r.dims() != dims.as_slice() || r.dtype() != dtype {
             bail!("residual {:?} {:?} for an output of {dims:?}", r.dims(), r.dtype())
         }
     }
@@ -100,7 +101,7 @@ fn linear_as<T: CudaDType + DeviceRepr + WithDType>(
     operands: Operands,
 ) -> Result<Option<Tensor>> {
     let (out, k_w) = weight.dims2()?;
-    let (dims, k) = shapes(xs, out, bias, residual)?;
+    let (dims, k) = shapes(xs.dims(), xs.dtype(), out, bias, residual)?;
     if k != k_w || weight.dtype() != xs.dtype() {
         bail!(
             "linear: input {:?} for a weight {:?} {:?}",
@@ -174,8 +175,7 @@ fn fp8_linear_as<T: CudaDType + DeviceRepr + WithDType>(
     residual: Option<&Tensor>,
     half: Half,
 ) -> Result<Option<Tensor>> {
-    let out = weight.rows;
-    let (dims, k) = shapes(xs, out, bias, residual)?;
+    let (dims, k) = shapes(xs.dims(), xs.dtype(), weight.rows, bias, residual)?;
     if k != weight.k {
         bail!("FP8 linear: input {:?} for a weight of {} inputs", xs.dims(), weight.k)
     }
@@ -187,6 +187,43 @@ fn fp8_linear_as<T: CudaDType + DeviceRepr + WithDType>(
         return Ok(None);
     }
     let dev = x.cuda().device().clone();
+    let view = x.cuda().as_cuda_slice::<T>()?.slice(x.offset..);
+    let quantized = quantize_rows(&dev, &view, tokens, k)?;
+    fp8_product::<T>(&quantized, dims, &dev, weight, bias, residual, half)
+}
+
+/// [`fp8_linear`] of an input already quantized by the kernel that made it
+/// (`fp8::layer_norm_e4m3`, `fp8::geglu_e4m3`); the result in its type.
+pub fn fp8_linear_quantized(
+    x: &Fp8Activations,
+    weight: &Fp8Weight,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (dims, k) = shapes(&x.dims, x.dtype, weight.rows, bias, residual)?;
+    if k != weight.k || x.rows.k != k {
+        bail!("FP8 linear: input {:?} for a weight of {} inputs", x.dims, weight.k)
+    }
+    match x.dtype {
+        DType::F16 => fp8_product::<f16>(&x.rows, dims, &x.device, weight, bias, residual, Half::F16),
+        DType::BF16 => fp8_product::<bf16>(&x.rows, dims, &x.device, weight, bias, residual, Half::Bf16),
+        _ => Ok(None),
+    }
+}
+
+/// The FP8 product of quantized rows and a quantized weight, with the
+/// scales, bias and residual applied; the result (`dims`) in `T`.
+fn fp8_product<T: CudaDType + DeviceRepr + WithDType>(
+    quantized: &Fp8Rows,
+    dims: Vec<usize>,
+    dev: &CudaDevice,
+    weight: &Fp8Weight,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    half: Half,
+) -> Result<Option<Tensor>> {
+    let (out, k, tokens) = (weight.rows, weight.k, quantized.rows);
+    let dev = dev.clone();
     let b = bias.map(Operand::of).transpose()?;
     let r = residual.map(Operand::of).transpose()?;
     let bias_ptr = b.as_ref().map(|b| b.ptr::<T>(&dev)).transpose()?;
@@ -195,8 +232,6 @@ fn fp8_linear_as<T: CudaDType + DeviceRepr + WithDType>(
     if [bias_ptr, residual_ptr].iter().flatten().any(|p| p % 16 != 0) {
         return Ok(None);
     }
-    let view = x.cuda().as_cuda_slice::<T>()?.slice(x.offset..);
-    let quantized = quantize_rows(&dev, &view, tokens, k)?;
     let stream = dev.cuda_stream();
     let (wq, _g1) = weight.codes.device_ptr(&stream);
     let (ws, _g2) = weight.scales.device_ptr(&stream);

@@ -5,8 +5,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::nn::{
-    attention, conv2d, geglu, group_norm, layer_norm, layers_keep_channels_last, linear, linear_no_bias, Conv2d,
-    Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    attention, conv2d, group_norm, layer_norm, layers_keep_channels_last, linear, linear_no_bias, Conv2d, Conv2dConfig,
+    GroupNorm, LayerNorm, Linear,
 };
 
 /// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.
@@ -59,17 +59,25 @@ impl Attention {
         })
     }
 
-    /// `forward(xs, context) + residual`, the residual added with `to_out`'s bias.
-    pub fn forward_add(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-        self.to_out.forward_add(&self.attend(xs, context)?, residual)
+    /// `forward(norm(xs), context) + residual`, the residual added with
+    /// `to_out`'s bias. The norm is the projections' to apply, so that with
+    /// FP8 it can quantize its output for them (`Linear::forward_normed`).
+    pub fn forward_add(
+        &self,
+        norm: &LayerNorm,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.to_out.forward_add(&self.attend(norm, xs, context)?, residual)
     }
 
     /// Everything before `to_out`.
-    fn attend(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    fn attend(&self, norm: &LayerNorm, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let n = self.inner;
         let (q, k, v) = match &self.projections {
             Projections::SelfAttention(qkv) => {
-                let qkv = qkv.forward(xs)?;
+                let qkv = qkv.forward_normed(norm, xs)?;
                 (
                     qkv.narrow(D::Minus1, 0, n)?,
                     qkv.narrow(D::Minus1, n, n)?,
@@ -77,9 +85,12 @@ impl Attention {
                 )
             }
             Projections::Cross { to_q, to_kv } => {
-                let kv = to_kv.forward(context.unwrap_or(xs))?;
+                let kv = match context {
+                    Some(context) => to_kv.forward(context)?,
+                    None => to_kv.forward(&norm.forward(xs)?)?,
+                };
                 (
-                    to_q.forward(xs)?,
+                    to_q.forward_normed(norm, xs)?,
                     kv.narrow(D::Minus1, 0, n)?,
                     kv.narrow(D::Minus1, n, n)?,
                 )
@@ -105,8 +116,10 @@ impl FeedForward {
         })
     }
 
-    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.out.forward_add(&geglu(&self.proj.forward(xs)?)?, residual)
+    /// `forward(norm(xs)) + residual`.
+    fn forward_add(&self, norm: &LayerNorm, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out
+            .forward_geglu_add(&self.proj.forward_normed(norm, xs)?, residual)
     }
 }
 
@@ -133,9 +146,9 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
-        let xs = self.attn2.forward_add(&self.norm2.forward(&xs)?, Some(context), &xs)?;
-        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
+        let xs = self.attn1.forward_add(&self.norm1, xs, None, xs)?;
+        let xs = self.attn2.forward_add(&self.norm2, &xs, Some(context), &xs)?;
+        self.ff.forward_add(&self.norm3, &xs, &xs)
     }
 }
 

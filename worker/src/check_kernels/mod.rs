@@ -401,6 +401,7 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
 
     convs::check_channels_last(&dev, args, rows)?;
     linears::check_linears(&dev, args, rows)?;
+    linears::check_fused_quantization(&dev, args, rows)?;
     graphs::check_text_encoders(&dev, args, rows)?;
     Ok(())
 }
