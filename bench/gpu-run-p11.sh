@@ -70,9 +70,11 @@ OUT=/tmp/p11-$PART
 MODEL=${MODEL:-/tmp/sdxl-random}
 THROUGHPUT=${THROUGHPUT:-1,2,4,8,16}
 mkdir -p "$OUT" "$DEST"
-trap 'tar czf "$DEST/p11-$PART.tgz" -C "$OUT" --exclude="big-*.png" . 2>/dev/null' EXIT
+trap pack EXIT
 START=$SECONDS
-note() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/steps.txt"; }
+pack() { tar czf "$DEST/p11-$PART.tgz" -C "$OUT" --exclude="big-*.png" . 2>/dev/null; }
+# each step packs what the steps before it wrote: a call cut off at its limit still returns them
+note() { pack; echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/steps.txt"; }
 unpack() {  # .device/NAME.xz to /tmp/NAME-cuda, once
   local bin=/tmp/$1-cuda
   if [ ! -x "$bin" ]; then
