@@ -6,12 +6,12 @@
 #                                    f16 and fp8 with images/s for batch 1..16, the
 #                                    cuBLASLt path's A/B, the largest job's memory
 #                                    (NCU=1: then ncu of one fp8 UNet forward), fp8 with and
-#                                    without the fused quantization (`quant`)
+#                                    without the fused quantization (`SDXL_KERNELS=all,quant`)
 #   bench/gpu-run-p11.sh diffusers   worker bench f16 and fp8 again, diffusers eager (with
 #                                    images/s) and best ($DIFFUSERS_RECIPES, default eager,best),
 #                                    and both UNets' cosine to diffusers
 #   bench/gpu-run-p11.sh onecall     every table in one call: check-kernels, ours f16 (images/s
-#                                    at $THROUGHPUT) and fp8 with and without `quant`, diffusers
+#                                    at $THROUGHPUT) and fp8 with and without `quant` (`all,quant`), diffusers
 #                                    eager and best ($DIFFUSERS_RECIPES, default eager,graphs)
 #                                    with images/s, UNet cosines, ncu of one fp8 forward
 #   bench/gpu-run-p11.sh cold        cold starts (each with an empty driver cache) with the
@@ -186,11 +186,11 @@ if [ "$PART" = ours ]; then
   echo "bench fp8 exit $?"
   cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-fp8-vs-f16.json"
   cp /tmp/unet-io.candle.safetensors /tmp/unet-io.fp8.safetensors
-  note "bench fp8 without the fused quantization (A/B: every path but quant)"
-  SDXL_KERNELS=attention,conv,norm,geglu,bias,lt,nhwc,graphs timeout 100 "$WORKER" "${BENCH[@]}" --precision fp8 \
-    --no-image --unet-io /tmp/unet-io.safetensors --json "$OUT/candle-fp8-no-quant.json" > "$OUT/candle-fp8-no-quant.log" 2>&1
-  echo "bench fp8 no-quant exit $?"
-  cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.fp8.safetensors | tee "$OUT/unet-cosine-fp8-no-quant-vs-fused.json"
+  note "bench fp8 with the fused quantization (A/B: SDXL_KERNELS=all,quant)"
+  SDXL_KERNELS=all,quant timeout 100 "$WORKER" "${BENCH[@]}" --precision fp8 \
+    --no-image --unet-io /tmp/unet-io.safetensors --json "$OUT/candle-fp8-quant.json" > "$OUT/candle-fp8-quant.log" 2>&1
+  echo "bench fp8 quant exit $?"
+  cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.fp8.safetensors | tee "$OUT/unet-cosine-fp8-quant-vs-unfused.json"
   note "bench f16 without the cuBLASLt path (A/B)"
   SDXL_KERNELS=attention,conv,norm,geglu,bias timeout 100 "$WORKER" "${BENCH[@]}" --no-image --iters 10 \
     --json "$OUT/candle-f16-no-lt.json" > "$OUT/candle-f16-no-lt.log" 2>&1
@@ -207,7 +207,7 @@ if [ "$PART" = ours ]; then
   fi
   note "done"
   grep -E '^\| (linear|flash|text|layer norm|GEGLU)' "$OUT/check-kernels.log" | head -40; grep -c FAIL "$OUT/check-kernels.log"
-  for f in candle-f16 candle-fp8 candle-fp8-no-quant candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
+  for f in candle-f16 candle-fp8 candle-fp8-quant candle-f16-no-lt; do echo "== $f"; grep '^|' "$OUT/$f.log"; done
   for f in cold-start warm-start fp8-generate big-job-16; do echo "== $f"; tail -n 5 "$OUT/$f.log"; done
 fi
 
@@ -226,16 +226,16 @@ if [ "$PART" = onecall ]; then
     --json "$OUT/candle-f16.json" > "$OUT/candle-f16.log" 2>&1
   echo "bench f16 exit $?"; grep '^|' "$OUT/candle-f16.log"
   cp /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors
-  for v in fp8 fp8-no-quant; do
+  for v in fp8 fp8-quant; do
     note "bench $v"
-    kernels=all; [ $v = fp8-no-quant ] && kernels=attention,conv,norm,geglu,bias,lt,nhwc,graphs
+    kernels=all; [ $v = fp8-quant ] && kernels=all,quant
     SDXL_KERNELS=$kernels timeout 90 "$WORKER" "${BENCH[@]}" --precision fp8 --no-image --unet-io /tmp/unet-io.safetensors \
       --json "$OUT/candle-$v.json" > "$OUT/candle-$v.log" 2>&1
     echo "bench $v exit $?"; grep -E '^\| (UNet|text)' "$OUT/candle-$v.log"
     cp /tmp/unet-io.candle.safetensors "/tmp/unet-io.$v.safetensors"
     cosine "/tmp/unet-io.$v.safetensors" /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-$v-vs-f16.json"
   done
-  cosine /tmp/unet-io.fp8.safetensors /tmp/unet-io.fp8-no-quant.safetensors | tee "$OUT/unet-cosine-fp8-vs-no-quant.json"
+  cosine /tmp/unet-io.fp8-quant.safetensors /tmp/unet-io.fp8.safetensors | tee "$OUT/unet-cosine-fp8-quant-vs-unfused.json"
   with_diffusers
   left=$(( ${DIFFUSERS_BUDGET:-585} - (SECONDS - START) - 50 ))
   note "diffusers ${DIFFUSERS_RECIPES:-eager,graphs} (limit $left s)"

@@ -15,7 +15,8 @@
 //!   replayed: one launch instead of ~1,250 for the UNet; `crate::cuda::graph`),
 //!   `quant` (with FP8: the per-token quantization of a product's input done
 //!   by the layer norm or GEGLU kernel that makes the input, which then is
-//!   never stored in the run dtype; `crate::cuda::fp8`).
+//!   never stored in the run dtype; `crate::cuda::fp8`). `quant` is not in
+//!   `all` until it has run on a GPU: `all,quant` adds it.
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -131,7 +132,8 @@ impl Accel {
         lt: true,
         nhwc: true,
         graphs: true,
-        quant: true,
+        // opt-in until `worker check-kernels` has passed it on a GPU
+        quant: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -162,6 +164,13 @@ impl Accel {
         let mut accel = Accel::NONE;
         for name in value.split(',').map(str::trim) {
             match name {
+                // `all,quant`: the default paths and an opt-in one
+                "all" => {
+                    accel = Accel {
+                        quant: accel.quant,
+                        ..Accel::ALL
+                    }
+                }
                 "attention" => accel.attention = true,
                 "conv" => accel.conv = true,
                 "norm" => accel.norm = true,
@@ -269,7 +278,7 @@ impl Precision {
 }
 
 /// [`Accel::ALL`]'s bits (`bits` is not const; a test keeps the two equal).
-const ALL_BITS: u16 = 0b1110_0111_1111;
+const ALL_BITS: u16 = 0b0110_0111_1111;
 static CURRENT: AtomicU16 = AtomicU16::new(ALL_BITS);
 
 /// Whether `t` is on a CUDA device and this build has the CUDA paths.
@@ -290,7 +299,15 @@ mod tests {
         assert!(Accel::ALL.nhwc && Accel::parse("conv,nhwc").unwrap().nhwc);
         assert!(Accel::ALL.graphs && Accel::parse("conv,graphs").unwrap().graphs);
         assert!(!Accel::parse("conv,nhwc").unwrap().graphs);
-        assert!(Accel::ALL.quant && Accel::parse("quant").unwrap().quant && !Accel::parse("conv").unwrap().quant);
+        assert!(!Accel::ALL.quant && Accel::parse("quant").unwrap().quant && !Accel::parse("conv").unwrap().quant);
+        assert_eq!(
+            Accel::parse("all,quant"),
+            Ok(Accel {
+                quant: true,
+                ..Accel::ALL
+            })
+        );
+        assert_eq!(Accel::parse("quant, all"), Accel::parse("all,quant"));
         assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(

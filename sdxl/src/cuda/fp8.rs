@@ -10,7 +10,8 @@
 //! It also lets the kernel that makes a product's input quantize it as it
 //! goes, since it holds a row at a time anyway: [`layer_norm_e4m3`] and
 //! [`geglu_e4m3`] write the codes and scales that [`quantize_rows`] would
-//! make of their stored output, without storing it (the `quant` path).
+//! make of their stored output, without storing it (the `quant` path,
+//! opt-in until `worker check-kernels` has passed it on a GPU).
 //! The attention's output and the projections' inputs are still quantized
 //! in a pass of their own.
 
