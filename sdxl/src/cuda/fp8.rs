@@ -22,10 +22,10 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{bail, DType, Result, Storage, StorageRef, Tensor, WithDType};
+use candle_core::{bail, DType, Result, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 
-use super::kernels::{suffix, w};
+use super::kernels::{aligned, suffix, view, w};
 use super::module::{kernel, Module};
 
 /// e4m3 codes and one f32 scale per row of a `[rows, k]` matrix, on a device.
@@ -127,13 +127,10 @@ pub fn quantize_rows<T: CudaDType + DeviceRepr + WithDType>(
     Ok(Fp8Rows { codes, scales, rows, k })
 }
 
-/// A tensor's CUDA storage and layout when it is contiguous, f16/bf16 and
-/// starts on a 16-byte boundary (the fused kernels' 16-byte loads).
+/// Whether `t` is an f16/bf16 CUDA tensor the fused kernels can read 16
+/// bytes at a time (contiguous, on a 16-byte boundary).
 fn aligned_cuda(t: &Tensor) -> bool {
-    t.is_contiguous()
-        && t.device().is_cuda()
-        && matches!(t.dtype(), DType::F16 | DType::BF16)
-        && t.layout().start_offset().is_multiple_of(8)
+    t.device().is_cuda() && matches!(t.dtype(), DType::F16 | DType::BF16) && aligned(t)
 }
 
 /// `torch.nn.LayerNorm` over the last dimension of `xs`, quantized per
@@ -169,11 +166,18 @@ fn layer_norm_e4m3_as<T: CudaDType + DeviceRepr + WithDType>(
     rows: usize,
     n: usize,
 ) -> Result<Fp8Activations> {
-    let ((x, xo), (g, go), (b, bo)) = (cuda_of(xs), cuda_of(weight), cuda_of(bias));
-    let dev = cuda_storage(&x)?.device().clone();
-    let xv = cuda_storage(&x)?.as_cuda_slice::<T>()?.slice(xo..);
-    let gv = cuda_storage(&g)?.as_cuda_slice::<T>()?.slice(go..);
-    let bv = cuda_storage(&b)?.as_cuda_slice::<T>()?.slice(bo..);
+    let ((x, xl), (g, gl), (b, bl)) = (
+        xs.storage_and_layout(),
+        weight.storage_and_layout(),
+        bias.storage_and_layout(),
+    );
+    let x = cuda_storage(&x)?;
+    let dev = x.device().clone();
+    let (xv, gv, bv) = (
+        view::<T>(x, xl)?,
+        view::<T>(cuda_storage(&g)?, gl)?,
+        view::<T>(cuda_storage(&b)?, bl)?,
+    );
     let mut codes: CudaSlice<u8> = unsafe { dev.alloc::<u8>(rows * n)? };
     let mut scales: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
     let func = kernel(&dev, Module::Fp8, &format!("layer_norm_e4m3_{}", suffix(T::DTYPE)?))?;
@@ -220,7 +224,8 @@ pub fn geglu_e4m3(h: &Tensor) -> Result<Option<Fp8Activations>> {
         return Ok(None);
     }
     let rows = h.elem_count() / last;
-    if rows > u32::MAX as usize {
+    if rows > i32::MAX as usize {
+        // one block per row: past CUDA's largest grid
         return Ok(None);
     }
     match h.dtype() {
@@ -235,9 +240,10 @@ fn geglu_e4m3_as<T: CudaDType + DeviceRepr + WithDType>(
     rows: usize,
     inner: usize,
 ) -> Result<Fp8Activations> {
-    let (storage, offset) = cuda_of(h);
-    let dev = cuda_storage(&storage)?.device().clone();
-    let hv = cuda_storage(&storage)?.as_cuda_slice::<T>()?.slice(offset..);
+    let (storage, layout) = h.storage_and_layout();
+    let storage = cuda_storage(&storage)?;
+    let dev = storage.device().clone();
+    let hv = view::<T>(storage, layout)?;
     let mut codes: CudaSlice<u8> = unsafe { dev.alloc::<u8>(rows * inner)? };
     let mut scales: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows)? };
     let func = kernel(&dev, Module::Fp8, &format!("geglu_e4m3_{}", suffix(T::DTYPE)?))?;
@@ -267,13 +273,6 @@ fn geglu_e4m3_as<T: CudaDType + DeviceRepr + WithDType>(
         dtype: h.dtype(),
         device: dev,
     })
-}
-
-/// A tensor's storage (held while its device memory is read) and the
-/// offset of its first element.
-fn cuda_of(t: &Tensor) -> (StorageRef<'_>, usize) {
-    let (storage, layout) = t.storage_and_layout();
-    (storage, layout.start_offset())
 }
 
 fn cuda_storage(s: &Storage) -> Result<&candle_core::CudaStorage> {
