@@ -211,6 +211,11 @@ impl Linear {
         }
     }
 
+    /// The width of the layer's output.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     /// One layer computing what `layers` compute from the same input, their
     /// outputs side by side (e.g. q, k and v projections as one product).
     pub fn fuse(layers: &[Linear]) -> Result<Linear> {

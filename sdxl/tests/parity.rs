@@ -201,6 +201,45 @@ fn unet_output_matches() {
     assert_close("unet_out", &out, f.tensor("unet_out"), TOL);
 }
 
+/// The denoising loop makes the context's cross-attention keys and values
+/// once for all steps (`context_kv`; the whole-pipeline test checks the
+/// steps that reuse them against diffusers): the memory estimate is what
+/// they hold, and a sample whose batch is not theirs is refused.
+#[test]
+fn unet_context_kv_is_estimated_and_checked() {
+    let f = fixture();
+    let unet = f.pipeline.unet();
+    let context = f.tensor("unet_in_encoder_hidden_states");
+    let (rows, tokens, _) = context.dims3().unwrap();
+    let kv = unet.context_kv(context).unwrap();
+    let estimate = unet.context_kv_bytes(rows, tokens);
+    assert!(estimate > 0);
+    // each layer's range is padded to 128 elements at most
+    assert!(
+        kv.bytes() >= estimate && kv.bytes() < estimate + 200 * 128 * 4,
+        "{} bytes held, {estimate} estimated",
+        kv.bytes()
+    );
+    let sample = f.tensor("unet_in_sample");
+    let batch = sample.dim(0).unwrap();
+    assert_eq!(batch, rows);
+    let one = |t: &Tensor| t.narrow(0, 0, 1).unwrap();
+    let err = unet
+        .forward_kv(
+            &one(sample),
+            f.golden.unet_timestep,
+            &kv,
+            &one(f.tensor("unet_in_text_embeds")),
+            &one(f.tensor("unet_in_time_ids")),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("for a batch of {rows}")) && err.contains("the sample's is 1"),
+        "{err}"
+    );
+}
+
 #[test]
 fn vae_and_taesd_decodes_match() {
     let f = fixture();

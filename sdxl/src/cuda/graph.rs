@@ -10,7 +10,11 @@
 //! load, nothing inside may synchronize with the host later); the second
 //! copies the inputs into buffers of its own and records the forward on the
 //! device's stream; every later call copies the new inputs into those
-//! buffers, replays, and returns a copy of the output. The recorded kernels
+//! buffers, replays, and returns a copy of the output. An input that is the
+//! very tensor (by [`Tensor::id`]) its buffer was last filled from is not
+//! copied again — the UNet's context keys and values, the same at every step
+//! of a loop — so a graph's inputs must not be written in place between
+//! calls (candle's tensors are not, outside in-place kernels on fresh results). The recorded kernels
 //! read the model's weights and write memory the graph allocated, so a graph
 //! lives exactly as long as the model that owns its [`Graphs`]. Only the
 //! latest shape's graph is kept, since each holds the memory of a forward's
@@ -41,7 +45,7 @@ use std::sync::Mutex;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::cuda_backend::DeviceId;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, TensorId};
 
 /// The shapes and dtypes of a call's inputs, and the device they are on.
 type Key = (Vec<(Vec<usize>, DType)>, DeviceId);
@@ -62,6 +66,8 @@ const MAX_FAILURES: u8 = 2;
 struct Recorded {
     graph: CudaGraph,
     inputs: Vec<Tensor>,
+    /// The tensor each input buffer holds a copy of.
+    copied: Vec<TensorId>,
     output: Tensor,
 }
 
@@ -105,7 +111,7 @@ impl Graphs {
             dev.id(),
         );
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match entries.get(&key) {
+        match entries.get_mut(&key) {
             None => {
                 entries.insert(key, Entry::WarmedUp { failures: 0 });
                 drop(entries);
@@ -116,13 +122,16 @@ impl Graphs {
                 forward(&owned())
             }
             Some(Entry::Ready(recorded)) => {
-                for (buffer, input) in recorded.inputs.iter().zip(inputs) {
-                    buffer.slice_set(&input.contiguous()?, 0, 0)?;
+                for ((buffer, copied), input) in recorded.inputs.iter().zip(&mut recorded.copied).zip(inputs) {
+                    if *copied != input.id() {
+                        buffer.slice_set(&input.contiguous()?, 0, 0)?;
+                        *copied = input.id();
+                    }
                 }
                 recorded.graph.launch().map_err(candle_core::Error::wrap)?;
                 recorded.output.copy()
             }
-            Some(&Entry::WarmedUp { failures }) => {
+            Some(&mut Entry::WarmedUp { failures }) => {
                 let buffer = |t: &Tensor| -> Result<Tensor> {
                     let b = t.zeros_like()?;
                     b.slice_set(&t.contiguous()?, 0, 0)?;
@@ -157,6 +166,7 @@ impl Graphs {
                             Entry::Ready(Recorded {
                                 graph,
                                 inputs: buffers,
+                                copied: inputs.iter().map(|t| t.id()).collect(),
                                 output,
                             }),
                         );

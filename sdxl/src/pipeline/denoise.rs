@@ -207,10 +207,16 @@ impl SdxlPipeline {
             .step_by(unet_images)
             .map(|a| (a, (a + unet_images).min(k)))
             .collect();
+        let unet = &self.active().unet;
+        // each chunk's text conditioning, its cross-attention keys and
+        // values made here once for every step
         let conditioning = chunks
             .iter()
-            .map(|&(a, b)| self.conditioning(&images[a..b], params, halves))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|&(a, b)| {
+                let (context, text_embeds, time_ids) = self.conditioning(&images[a..b], params, halves)?;
+                Ok((unet.context_kv(&context)?, text_embeds, time_ids))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let guidance = self.guidance(images)?;
         let init = draw_batch(noise, Draw::Init, chw)?
             .to_device(&self.device)?
@@ -271,17 +277,16 @@ impl SdxlPipeline {
         if on_step(&first).is_break() {
             return Ok(None);
         }
-        let unet = &self.active().unet;
         let mut drawn = 0;
         for i in begin..total {
             let t = sampler.timesteps()[i];
             // The UNet in chunks of images; guidance per image.
             let mut preds = Vec::with_capacity(chunks.len());
-            for (&(a, b), (context, text_embeds, time_ids)) in chunks.iter().zip(&conditioning) {
+            for (&(a, b), (kv, text_embeds, time_ids)) in chunks.iter().zip(&conditioning) {
                 let part = latents.narrow(0, a, b - a)?;
                 let input = if do_cfg { Tensor::cat(&[&part, &part], 0)? } else { part };
                 let input = sampler.scale_model_input(&input, i)?;
-                let pred = unet.forward(&input, t, context, text_embeds, time_ids)?;
+                let pred = unet.forward_kv(&input, t, kv, text_embeds, time_ids)?;
                 preds.push(if do_cfg {
                     let n = b - a;
                     let uncond = pred.narrow(0, 0, n)?;

@@ -139,6 +139,13 @@ impl SdxlPipeline {
         &self.active().unet
     }
 
+    /// Bytes one image's text context holds on the device through its
+    /// denoising loop: the cross-attentions' keys and values of both
+    /// guidance rows (`UNet2DConditionModel::context_kv`).
+    pub fn context_bytes(&self) -> u64 {
+        self.unet().context_kv_bytes(2, self.tokenizer.max_length()) as u64
+    }
+
     /// The VAE (for parity tests and benchmarks).
     pub fn vae(&self) -> &AutoencoderKL {
         &self.vae

@@ -9,6 +9,10 @@ use crate::nn::{
     GroupNorm, LayerNorm, Linear,
 };
 
+/// The keys and values of the UNet's cross-attentions over one context, in
+/// the order the forward meets them (`UNet2DConditionModel::context_kv`).
+pub type KvIter<'a> = std::slice::Iter<'a, Tensor>;
+
 /// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.
 /// The projections that read the same input run as one product (q, k, v for
 /// self-attention; k, v for cross-attention); checkpoint keys stay `to_q`, `to_k`, `to_v`.
@@ -59,21 +63,36 @@ impl Attention {
         })
     }
 
-    /// `forward(norm(xs), context) + residual`, the residual added with
-    /// `to_out`'s bias. The norm is the projections' to apply, so that with
-    /// FP8 it can quantize its output for them (`Linear::forward_normed`).
-    pub fn forward_add(
-        &self,
-        norm: &LayerNorm,
-        xs: &Tensor,
-        context: Option<&Tensor>,
-        residual: &Tensor,
-    ) -> Result<Tensor> {
-        self.to_out.forward_add(&self.attend(norm, xs, context)?, residual)
+    /// The cross-attention's keys and values over `context`
+    /// (`[b, tokens, context_dim]`): `[b, tokens, 2·inner]`, keys first.
+    /// They depend on the context alone, so a denoising loop makes them
+    /// once for all its steps.
+    fn context_kv(&self, context: &Tensor) -> Result<Tensor> {
+        match &self.projections {
+            Projections::Cross { to_kv, .. } => to_kv.forward(context),
+            Projections::SelfAttention(_) => candle_core::bail!("a self-attention has no context keys and values"),
+        }
+    }
+
+    /// The width of [`Self::context_kv`]'s rows (0 for a self-attention).
+    fn context_kv_width(&self) -> usize {
+        match &self.projections {
+            Projections::Cross { to_kv, .. } => to_kv.out_features(),
+            Projections::SelfAttention(_) => 0,
+        }
+    }
+
+    /// `forward(norm(xs), kv) + residual`, the residual added with `to_out`'s
+    /// bias. `kv` is the cross-attention's [`Self::context_kv`]; without it
+    /// (and for self-attention) keys and values come from `norm(xs)`. The
+    /// norm is the projections' to apply, so that with FP8 it can quantize
+    /// its output for them (`Linear::forward_normed`).
+    pub fn forward_add(&self, norm: &LayerNorm, xs: &Tensor, kv: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+        self.to_out.forward_add(&self.attend(norm, xs, kv)?, residual)
     }
 
     /// Everything before `to_out`.
-    fn attend(&self, norm: &LayerNorm, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    fn attend(&self, norm: &LayerNorm, xs: &Tensor, kv: Option<&Tensor>) -> Result<Tensor> {
         let n = self.inner;
         let (q, k, v) = match &self.projections {
             Projections::SelfAttention(qkv) => {
@@ -85,8 +104,8 @@ impl Attention {
                 )
             }
             Projections::Cross { to_q, to_kv } => {
-                let kv = match context {
-                    Some(context) => to_kv.forward(context)?,
+                let kv = match kv {
+                    Some(kv) => kv.clone(),
                     None => to_kv.forward(&norm.forward(xs)?)?,
                 };
                 (
@@ -145,9 +164,10 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// `kv`: the cross-attention's keys and values of the context.
+    fn forward(&self, xs: &Tensor, kv: &Tensor) -> Result<Tensor> {
         let xs = self.attn1.forward_add(&self.norm1, xs, None, xs)?;
-        let xs = self.attn2.forward_add(&self.norm2, &xs, Some(context), &xs)?;
+        let xs = self.attn2.forward_add(&self.norm2, &xs, Some(kv), &xs)?;
         self.ff.forward_add(&self.norm3, &xs, &xs)
     }
 }
@@ -214,10 +234,27 @@ impl Transformer2DModel {
         })
     }
 
+    /// The keys and values over `context` of each block's cross-attention,
+    /// in the order [`Self::forward`] takes them.
+    pub fn context_kv(&self, context: &Tensor) -> Result<Vec<Tensor>> {
+        self.transformer_blocks
+            .iter()
+            .map(|block| block.attn2.context_kv(context))
+            .collect()
+    }
+
+    /// The summed row widths of [`Self::context_kv`]'s tensors.
+    pub fn context_kv_width(&self) -> usize {
+        self.transformer_blocks.iter().map(|b| b.attn2.context_kv_width()).sum()
+    }
+
+    /// `kv` yields the keys and values of each block's cross-attention
+    /// ([`Self::context_kv`]), one a block.
+    ///
     /// On channels-last input (see `nn::to_layer_layout`) the tokens
     /// `[b, h·w, c]` are a view of the image, not a copy, and the residual
     /// is added in `proj_out`'s epilogue; the output is channels-last too.
-    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, kv: &mut KvIter) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
@@ -230,7 +267,10 @@ impl Transformer2DModel {
             }
         };
         for block in &self.transformer_blocks {
-            xs = block.forward(&xs, context)?;
+            let Some(kv) = kv.next() else {
+                candle_core::bail!("the context's keys and values ran out before the cross-attentions did")
+            };
+            xs = block.forward(&xs, kv)?;
         }
         match &self.proj_out {
             Projection::Linear(l) => {

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{Transformer2DModel, TransformerConfig};
+use super::attention::{KvIter, Transformer2DModel, TransformerConfig};
 use crate::nn::cat_channels;
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
@@ -117,14 +117,19 @@ impl DownBlock {
         })
     }
 
+    /// The block's transformers, in forward order.
+    pub fn transformers(&self) -> impl Iterator<Item = &Transformer2DModel> {
+        self.attentions.iter()
+    }
+
     /// Returns the output and the states the up blocks will take as skips.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, kv: &mut KvIter) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
-                xs = attn.forward(&xs, context)?;
+                xs = attn.forward(&xs, kv)?;
             }
             skips.push(xs.clone());
         }
@@ -160,10 +165,15 @@ impl MidBlock {
         Ok(Self { first, layers })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// The block's transformers, in forward order.
+    pub fn transformers(&self) -> impl Iterator<Item = &Transformer2DModel> {
+        self.layers.iter().map(|(attn, _)| attn)
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, kv: &mut KvIter) -> Result<Tensor> {
         let mut xs = self.first.forward(xs, Some(temb))?;
         for (attn, resnet) in &self.layers {
-            xs = attn.forward(&xs, context)?;
+            xs = attn.forward(&xs, kv)?;
             xs = resnet.forward(&xs, Some(temb))?;
         }
         Ok(xs)
@@ -225,6 +235,11 @@ impl UpBlock {
         })
     }
 
+    /// The block's transformers, in forward order.
+    pub fn transformers(&self) -> impl Iterator<Item = &Transformer2DModel> {
+        self.attentions.iter()
+    }
+
     pub fn num_resnets(&self) -> usize {
         self.resnets.len()
     }
@@ -236,7 +251,7 @@ impl UpBlock {
         xs: &Tensor,
         skips: &[Tensor],
         temb: &Tensor,
-        context: &Tensor,
+        kv: &mut KvIter,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
@@ -245,7 +260,7 @@ impl UpBlock {
             xs = cat_channels(&[&xs, skip])?;
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
-                xs = attn.forward(&xs, context)?;
+                xs = attn.forward(&xs, kv)?;
             }
         }
         if let Some(up) = &self.upsampler {

@@ -303,11 +303,38 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// The transformers of every block, in the order the forward runs them.
+    fn transformers(&self) -> impl Iterator<Item = &attention::Transformer2DModel> {
+        let down = self.down_blocks.iter().flat_map(|b| b.transformers());
+        let mid = self.mid_block.iter().flat_map(|b| b.transformers());
+        let up = self.up_blocks.iter().flat_map(|b| b.transformers());
+        down.chain(mid).chain(up)
+    }
+
+    /// The keys and values of every cross-attention over
+    /// `encoder_hidden_states` (`[b, tokens, d]`), for [`Self::forward_kv`].
+    pub fn context_kv(&self, encoder_hidden_states: &Tensor) -> Result<ContextKv> {
+        let context = encoder_hidden_states.to_dtype(self.dtype)?;
+        let mut layers = Vec::new();
+        for transformer in self.transformers() {
+            layers.extend(transformer.context_kv(&context)?);
+        }
+        ContextKv::new(&layers)
+    }
+
+    /// Bytes of [`Self::context_kv`] for `rows` contexts of `tokens` tokens
+    /// (alignment padding aside).
+    pub fn context_kv_bytes(&self, rows: usize, tokens: usize) -> usize {
+        let width: usize = self.transformers().map(|t| t.context_kv_width()).sum();
+        rows * tokens * width * self.dtype.size_in_bytes()
+    }
+
     /// One denoising prediction.
     ///
     /// `sample` `[b, c, h, w]`, `timestep` the scheduler's value,
     /// `encoder_hidden_states` `[b, 77, d]`, `text_embeds` `[b, p]` (pooled),
-    /// `time_ids` `[b, 6]`.
+    /// `time_ids` `[b, 6]`. A loop over steps makes [`Self::context_kv`]
+    /// once and calls [`Self::forward_kv`]; this is the two in one.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -316,7 +343,29 @@ impl UNet2DConditionModel {
         text_embeds: &Tensor,
         time_ids: &Tensor,
     ) -> Result<Tensor> {
+        let kv = self.context_kv(encoder_hidden_states)?;
+        self.forward_kv(sample, timestep, &kv, text_embeds, time_ids)
+    }
+
+    /// [`Self::forward`] with the context's cross-attention keys and values
+    /// made beforehand ([`Self::context_kv`]): the same prediction, without
+    /// redoing at every step the products over a context that does not
+    /// change from one step to the next.
+    pub fn forward_kv(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        kv: &ContextKv,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
+        if kv.batch != batch {
+            candle_core::bail!(
+                "the context's keys and values are for a batch of {}, the sample's is {batch}",
+                kv.batch
+            );
+        }
         let device = sample.device();
         let t_emb = self
             .time_proj
@@ -331,17 +380,20 @@ impl UNet2DConditionModel {
             emb = (emb + add.add_embedding.forward(&add_embeds)?)?;
         }
         // the time embedding is made on the host; the rest is a fixed-shape
-        // function of device tensors, which a CUDA graph can replay
+        // function of device tensors, which a CUDA graph can replay (the
+        // keys and values, one buffer, are copied in only when they change)
         #[cfg(feature = "cuda")]
-        return self.graphs.run(&[sample, &emb, encoder_hidden_states], |x| {
-            self.forward_body(&x[0], &x[1], &x[2])
+        return self.graphs.run(&[sample, &emb, &kv.buffer], |x| {
+            self.forward_body(&x[0], &x[1], &kv.layers(&x[2])?)
         });
         #[cfg(not(feature = "cuda"))]
-        self.forward_body(sample, &emb, encoder_hidden_states)
+        self.forward_body(sample, &emb, &kv.layers(&kv.buffer)?)
     }
 
-    /// [`Self::forward`] after the time embedding `emb`.
-    fn forward_body(&self, sample: &Tensor, emb: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    /// [`Self::forward`] after the time embedding `emb`, with the
+    /// cross-attentions' keys and values `kv`, in forward order.
+    fn forward_body(&self, sample: &Tensor, emb: &Tensor, kv: &[Tensor]) -> Result<Tensor> {
+        let mut kv = kv.iter();
         let sample = if self.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
@@ -351,12 +403,12 @@ impl UNet2DConditionModel {
         let mut xs = to_layer_layout(&self.conv_in.forward(&sample)?)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(&xs, emb, encoder_hidden_states)?;
+            let (out, states) = block.forward(&xs, emb, &mut kv)?;
             xs = out;
             skips.extend(states);
         }
         if let Some(mid) = &self.mid_block {
-            xs = mid.forward(&xs, emb, encoder_hidden_states)?;
+            xs = mid.forward(&xs, emb, &mut kv)?;
         }
         for block in &self.up_blocks {
             let take = block.num_resnets();
@@ -368,10 +420,75 @@ impl UNet2DConditionModel {
                 }
                 None => None,
             };
-            xs = block.forward(&xs, &skips[rest..], emb, encoder_hidden_states, upsample_size)?;
+            xs = block.forward(&xs, &skips[rest..], emb, &mut kv, upsample_size)?;
             skips.truncate(rest);
+        }
+        if kv.next().is_some() {
+            candle_core::bail!("the context has keys and values for more cross-attentions than the UNet has");
         }
         let xs = self.conv_norm_out.forward_act(&xs, Some(self.conv_act))?;
         self.conv_out.forward(&xs)?.contiguous()
+    }
+}
+
+/// The keys and values of every cross-attention of a UNet over one text
+/// context ([`UNet2DConditionModel::context_kv`]), `[b, tokens, 2·inner]`
+/// each, keys first. The context is the same at every step of a denoising
+/// loop, so these are made once for the loop rather than once a step.
+///
+/// They live in one flat buffer, each layer's a contiguous range of it (its
+/// start rounded up to [`ContextKv::ALIGN`] elements, so the kernels that
+/// read it see the alignment a tensor of its own has), so that a CUDA graph
+/// takes all of them as one input.
+#[derive(Debug, Clone)]
+pub struct ContextKv {
+    buffer: Tensor,
+    batch: usize,
+    /// Each layer's start in the buffer and its shape.
+    layers: Vec<(usize, (usize, usize, usize))>,
+}
+
+impl ContextKv {
+    /// Elements each layer's range starts at a multiple of (256 bytes in f16).
+    const ALIGN: usize = 128;
+
+    fn new(layers: &[Tensor]) -> Result<Self> {
+        let Some(first) = layers.first() else {
+            candle_core::bail!("the UNet has no cross-attention");
+        };
+        let batch = first.dim(0)?;
+        let mut pieces = Vec::with_capacity(2 * layers.len());
+        let mut shapes = Vec::with_capacity(layers.len());
+        let mut start = 0;
+        for kv in layers {
+            let dims = kv.dims3()?;
+            let len = kv.elem_count();
+            shapes.push((start, dims));
+            pieces.push(kv.flatten_all()?);
+            let padded = len.next_multiple_of(Self::ALIGN);
+            if padded > len {
+                pieces.push(Tensor::zeros(padded - len, kv.dtype(), kv.device())?);
+            }
+            start += padded;
+        }
+        Ok(Self {
+            buffer: Tensor::cat(&pieces, 0)?,
+            batch,
+            layers: shapes,
+        })
+    }
+
+    /// Each layer's keys and values, as views of `buffer` (this one's, or a
+    /// copy of it a CUDA graph reads).
+    fn layers(&self, buffer: &Tensor) -> Result<Vec<Tensor>> {
+        self.layers
+            .iter()
+            .map(|&(start, dims)| buffer.narrow(0, start, dims.0 * dims.1 * dims.2)?.reshape(dims))
+            .collect()
+    }
+
+    /// Bytes the buffer holds.
+    pub fn bytes(&self) -> usize {
+        self.buffer.elem_count() * self.buffer.dtype().size_in_bytes()
     }
 }

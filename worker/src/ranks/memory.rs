@@ -72,8 +72,9 @@ pub struct ImageMemory {
     /// Its VAE decode, whole and tiled.
     pub decode: DecodeMemory,
     /// What stays on the device for it until the job ends: its latents with
-    /// the sampler's copies of them, and its decoded image three times (the
-    /// decoded list, their concatenation, the copy gathered to rank 0).
+    /// the sampler's copies of them, its text context's cross-attention keys
+    /// and values, and its decoded image three times (the decoded list,
+    /// their concatenation, the copy gathered to rank 0).
     pub held: u64,
 }
 
@@ -85,7 +86,7 @@ impl ImageMemory {
         ImageMemory {
             unet,
             decode: pipeline.decode_memory(width, height),
-            held: (c * h * w) as u64 * 4 * 4 + (3 * ih * iw) as u64 * 4 * 3,
+            held: (c * h * w) as u64 * 4 * 4 + pipeline.context_bytes() + (3 * ih * iw) as u64 * 4 * 3,
         }
     }
 
