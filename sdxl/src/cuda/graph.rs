@@ -90,6 +90,12 @@ impl std::fmt::Debug for Graphs {
 }
 
 impl Graphs {
+    /// How many shapes have a recorded graph (at most one).
+    pub fn recorded(&self) -> usize {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.values().filter(|e| matches!(e, Entry::Ready(_))).count()
+    }
+
     /// `forward(inputs)`, through a graph recorded for these inputs' shapes
     /// (see the module docs) where the inputs are on a CUDA device and the
     /// `graphs` path is on; else `forward` itself. `forward` must be a pure

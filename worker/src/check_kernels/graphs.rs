@@ -1,7 +1,9 @@
-//! The text encoders' CUDA graphs (the `graphs` path) against the same
-//! encoder run launch by launch (`worker check-kernels`): random weights at
-//! SDXL's sizes, token ids that change between calls, so the warm-up, the
-//! recording and the replays each see other inputs.
+//! CUDA graphs (the `graphs` path) against the same work launch by launch
+//! (`worker check-kernels`): the text encoders at SDXL's sizes with random
+//! weights and token ids that change between calls, so the warm-up, the
+//! recording and the replays each see other inputs; and a graph's input
+//! reused from one call to the next (as the UNet's context keys and values
+//! are at every step), which a replay does not copy again.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -9,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use sdxl::accel::Accel;
 use sdxl::clip::{ClipOutput, ClipTextModel};
 use sdxl::config::ClipTextConfig;
+use sdxl::cuda::graph::Graphs;
 
 use super::{errors, median_ms, CheckKernelsArgs, Row};
 
@@ -94,5 +97,53 @@ pub(super) fn check_text_encoders(dev: &Device, args: &CheckKernelsArgs, rows: &
             candle_ms,
         });
     }
+    Ok(())
+}
+
+/// A graph of `x∘w + x` over calls that change `x` and keep `w` (the
+/// tensor itself, as a denoising loop keeps the UNet's context keys and
+/// values), then change `w` and go back to the first: each replay's output
+/// against the same product launch by launch. A replay that skipped a copy
+/// it needed, or read a stale buffer, shows as a large error.
+pub(super) fn check_input_reuse(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let dtype = DType::F16;
+    let n = 512;
+    let draw = |seed: f32| -> candle_core::Result<Tensor> {
+        (Tensor::randn(0f32, 1.0, (n, n), dev)? * (0.05 + 0.01 * seed as f64))?.to_dtype(dtype)
+    };
+    let xs = (0..4)
+        .map(|i| draw(i as f32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let ws = (0..2)
+        .map(|i| draw(10.0 + i as f32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let forward = |x: &[Tensor]| (&x[0] * &x[1])? + &x[0];
+    // warm-up and recording with w0, replays keeping w0, a new w1, w0 again
+    let calls = [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 0), (3, 1)];
+    let graphs = Graphs::default();
+    let accel = Accel::current();
+    Accel { graphs: true, ..accel }.install();
+    let (mut rel, mut max) = (0f32, 0f32);
+    for (x, w) in calls {
+        let got = graphs.run(&[&xs[x], &ws[w]], forward)?;
+        let want = forward(&[xs[x].clone(), ws[w].clone()])?;
+        let (r, m) = errors(&got, &want)?;
+        (rel, max) = (rel.max(r), max.max(m));
+    }
+    if graphs.recorded() == 0 {
+        anyhow::bail!("the graph was not recorded (see the log): the check would compare launches with launches");
+    }
+    let fast_ms = median_ms(dev, args.iters, || graphs.run(&[&xs[1], &ws[0]], forward))?;
+    accel.install();
+    let candle_ms = median_ms(dev, args.iters, || forward(&[xs[1].clone(), ws[0].clone()]))?;
+    rows.push(Row {
+        kernel: "CUDA graph, an input kept between calls not copied again (candle ms: launch by launch)".into(),
+        shape: format!("x∘w + x, {n}×{n}, {} calls", calls.len()),
+        dtype,
+        rel,
+        max,
+        fast_ms,
+        candle_ms,
+    });
     Ok(())
 }

@@ -403,6 +403,7 @@ fn check_all(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyh
     linears::check_linears(&dev, args, rows)?;
     linears::check_fused_quantization(&dev, args, rows)?;
     graphs::check_text_encoders(&dev, args, rows)?;
+    graphs::check_input_reuse(&dev, args, rows)?;
     Ok(())
 }
 
