@@ -201,37 +201,43 @@ fn unet_output_matches() {
     assert_close("unet_out", &out, f.tensor("unet_out"), TOL);
 }
 
-/// The denoising loop makes the context's cross-attention keys and values
-/// once for all steps (`context_kv`; the whole-pipeline test checks the
-/// steps that reuse them against diffusers): the memory estimate is what
-/// they hold, and a sample whose batch is not theirs is refused.
+/// The denoising loop makes what its steps share once (`conditioning`: the
+/// context's cross-attention keys and values, the added embedding; the
+/// whole-pipeline test checks the steps that reuse it against diffusers):
+/// one conditioning serves a second step as diffusers' UNet does, the
+/// memory estimate is what its keys and values hold, and a sample
+/// whose batch is not the conditioning's is refused.
 #[test]
-fn unet_context_kv_is_estimated_and_checked() {
+fn unet_conditioning_made_once_serves_every_step() {
     let f = fixture();
     let unet = f.pipeline.unet();
     let context = f.tensor("unet_in_encoder_hidden_states");
+    let (text_embeds, time_ids) = (f.tensor("unet_in_text_embeds"), f.tensor("unet_in_time_ids"));
+    let sample = f.tensor("unet_in_sample");
+    let conditioning = unet.conditioning(context, text_embeds, time_ids).unwrap();
+    // a step at another timestep first: what it leaves of the shared
+    // conditioning must still give diffusers' output at the reference's
+    unet.forward_conditioned(&(sample * 0.5).unwrap(), 1.0, &conditioning)
+        .unwrap();
+    let out = unet
+        .forward_conditioned(sample, f.golden.unet_timestep, &conditioning)
+        .unwrap();
+    assert_close("unet_out", &out, f.tensor("unet_out"), TOL);
+
     let (rows, tokens, _) = context.dims3().unwrap();
-    let kv = unet.context_kv(context).unwrap();
     let estimate = unet.context_kv_bytes(rows, tokens);
     assert!(estimate > 0);
     // each layer's range is padded to 128 elements at most
+    let held = conditioning.context_bytes();
     assert!(
-        kv.bytes() >= estimate && kv.bytes() < estimate + 200 * 128 * 4,
-        "{} bytes held, {estimate} estimated",
-        kv.bytes()
+        held >= estimate && held < estimate + 200 * 128 * 4,
+        "{held} bytes held, {estimate} estimated"
     );
-    let sample = f.tensor("unet_in_sample");
-    let batch = sample.dim(0).unwrap();
-    assert_eq!(batch, rows);
+
+    assert_eq!(sample.dim(0).unwrap(), rows);
     let one = |t: &Tensor| t.narrow(0, 0, 1).unwrap();
     let err = unet
-        .forward_kv(
-            &one(sample),
-            f.golden.unet_timestep,
-            &kv,
-            &one(f.tensor("unet_in_text_embeds")),
-            &one(f.tensor("unet_in_time_ids")),
-        )
+        .forward_conditioned(&one(sample), f.golden.unet_timestep, &conditioning)
         .unwrap_err()
         .to_string();
     assert!(

@@ -70,11 +70,12 @@ struct Report {
     guidance_scale: f64,
     load_s: f64,
     text_encode_ms: f64,
-    /// The cross-attentions' keys and values of the text context, made once
-    /// an image before its steps.
-    context_kv_ms: f64,
-    /// One step as the denoising loop runs it (the context's keys and values
-    /// made beforehand).
+    /// What the UNet's steps share (the cross-attentions' keys and values
+    /// over the text context, the added embedding), made once an image
+    /// before its steps.
+    unet_conditioning_ms: f64,
+    /// One step as the denoising loop runs it (the conditioning made
+    /// beforehand).
     unet_step_ms: f64,
     vae_decode_ms: f64,
     preview_decode_ms: Option<f64>,
@@ -152,9 +153,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .to_dtype(dtype)?;
     if args.profile.as_deref() == Some("unet") {
         // a step as the denoising loop runs it (see below)
-        let kv = pipeline.unet().context_kv(&context)?;
+        let conditioning = pipeline.unet().conditioning(&context, &pooled, &time_ids)?;
         return profile(&device, || {
-            Ok(pipeline.unet().forward_kv(&sample, 500.0, &kv, &pooled, &time_ids)?)
+            Ok(pipeline.unet().forward_conditioned(&sample, 500.0, &conditioning)?)
         });
     }
     if args.profile.as_deref() == Some("vae") {
@@ -165,12 +166,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     pipeline.unet().forward(&sample, 500.0, &context, &pooled, &time_ids)?;
     device.synchronize()?;
     let first_unet = first.elapsed();
-    // a step as the denoising loop runs it: the context's cross-attention
-    // keys and values are made once an image, before the steps
-    let context_kv = time(&device, args.iters, || Ok(pipeline.unet().context_kv(&context)?))?;
-    let kv = pipeline.unet().context_kv(&context)?;
+    // a step as the denoising loop runs it: what every step shares (the
+    // context's cross-attention keys and values, the added embedding) is
+    // made once an image, before the steps
+    let conditioning_time = time(&device, args.iters, || {
+        Ok(pipeline.unet().conditioning(&context, &pooled, &time_ids)?)
+    })?;
+    let conditioning = pipeline.unet().conditioning(&context, &pooled, &time_ids)?;
     let unet = time(&device, args.iters, || {
-        Ok(pipeline.unet().forward_kv(&sample, 500.0, &kv, &pooled, &time_ids)?)
+        Ok(pipeline.unet().forward_conditioned(&sample, 500.0, &conditioning)?)
     })?;
 
     let latents = Tensor::randn(0f32, 1f32, (1, c, h, w), &device)?.to_dtype(dtype)?;
@@ -250,7 +254,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         guidance_scale: args.guidance_scale,
         load_s: load.as_secs_f64(),
         text_encode_ms: ms(text),
-        context_kv_ms: ms(context_kv),
+        unet_conditioning_ms: ms(conditioning_time),
         unet_step_ms: ms(unet),
         vae_decode_ms: ms(vae),
         preview_decode_ms: preview.map(ms),
@@ -269,8 +273,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("| model load (local safetensors) | {:.2} s |", report.load_s);
     println!("| text encode (prompt + negative) | {:.1} ms |", report.text_encode_ms);
     println!(
-        "| context keys and values (once an image, batch {batch}) | {:.2} ms |",
-        report.context_kv_ms
+        "| UNet conditioning: context keys and values, added embedding (once an image, batch {batch}) | {:.2} ms |",
+        report.unet_conditioning_ms
     );
     println!("| UNet step (batch {batch}) | {:.1} ms |", report.unet_step_ms);
     println!(

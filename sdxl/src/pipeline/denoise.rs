@@ -208,13 +208,12 @@ impl SdxlPipeline {
             .map(|a| (a, (a + unet_images).min(k)))
             .collect();
         let unet = &self.active().unet;
-        // each chunk's text conditioning, its cross-attention keys and
-        // values made here once for every step
+        // each chunk's conditioning, made here once for every step
         let conditioning = chunks
             .iter()
             .map(|&(a, b)| {
                 let (context, text_embeds, time_ids) = self.conditioning(&images[a..b], params, halves)?;
-                Ok((unet.context_kv(&context)?, text_embeds, time_ids))
+                Ok(unet.conditioning(&context, &text_embeds, &time_ids)?)
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let guidance = self.guidance(images)?;
@@ -282,11 +281,11 @@ impl SdxlPipeline {
             let t = sampler.timesteps()[i];
             // The UNet in chunks of images; guidance per image.
             let mut preds = Vec::with_capacity(chunks.len());
-            for (&(a, b), (kv, text_embeds, time_ids)) in chunks.iter().zip(&conditioning) {
+            for (&(a, b), conditioning) in chunks.iter().zip(&conditioning) {
                 let part = latents.narrow(0, a, b - a)?;
                 let input = if do_cfg { Tensor::cat(&[&part, &part], 0)? } else { part };
                 let input = sampler.scale_model_input(&input, i)?;
-                let pred = unet.forward_kv(&input, t, kv, text_embeds, time_ids)?;
+                let pred = unet.forward_conditioned(&input, t, conditioning)?;
                 preds.push(if do_cfg {
                     let n = b - a;
                     let uncond = pred.narrow(0, 0, n)?;

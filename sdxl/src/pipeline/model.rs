@@ -141,7 +141,7 @@ impl SdxlPipeline {
 
     /// Bytes one image's text context holds on the device through its
     /// denoising loop: the cross-attentions' keys and values of both
-    /// guidance rows (`UNet2DConditionModel::context_kv`).
+    /// guidance rows (`UNet2DConditionModel::conditioning`).
     pub fn context_bytes(&self) -> u64 {
         self.unet().context_kv_bytes(2, self.tokenizer.max_length()) as u64
     }

@@ -10,7 +10,7 @@ use crate::nn::{
 };
 
 /// The keys and values of the UNet's cross-attentions over one context, in
-/// the order the forward meets them (`UNet2DConditionModel::context_kv`).
+/// the order the forward meets them (`UNet2DConditionModel::conditioning`).
 pub type KvIter<'a> = std::slice::Iter<'a, Tensor>;
 
 /// diffusers' `Attention` as the UNet uses it: no biases on q/k/v, a biased `to_out.0`.

@@ -311,19 +311,43 @@ impl UNet2DConditionModel {
         down.chain(mid).chain(up)
     }
 
-    /// The keys and values of every cross-attention over
-    /// `encoder_hidden_states` (`[b, tokens, d]`), for [`Self::forward_kv`].
-    pub fn context_kv(&self, encoder_hidden_states: &Tensor) -> Result<ContextKv> {
+    /// What every step of a denoising loop gives the UNet alike, made once
+    /// for the loop: the keys and values of every cross-attention over
+    /// `encoder_hidden_states` (`[b, tokens, d]`) and SDXL's added embedding
+    /// of `text_embeds` (`[b, p]`, pooled) and `time_ids` (`[b, 6]`).
+    /// [`Self::forward_conditioned`] takes it.
+    pub fn conditioning(
+        &self,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Conditioning> {
         let context = encoder_hidden_states.to_dtype(self.dtype)?;
         let mut layers = Vec::new();
         for transformer in self.transformers() {
             layers.extend(transformer.context_kv(&context)?);
         }
-        ContextKv::new(&layers)
+        let kv = ContextKv::new(&layers)?;
+        let added = match &self.add {
+            Some(add) => {
+                // the ids go through the sinusoids on the host (a copy back
+                // from the device, once a loop rather than once a step)
+                let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let time_embeds = add
+                    .add_time_proj
+                    .forward(&ids, time_ids.device())?
+                    .reshape((kv.batch, ()))?;
+                let add_embeds =
+                    Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(self.dtype)?;
+                Some(add.add_embedding.forward(&add_embeds)?)
+            }
+            None => None,
+        };
+        Ok(Conditioning { kv, added })
     }
 
-    /// Bytes of [`Self::context_kv`] for `rows` contexts of `tokens` tokens
-    /// (alignment padding aside).
+    /// Bytes of [`Conditioning`]'s keys and values for `rows` contexts of
+    /// `tokens` tokens (alignment padding aside).
     pub fn context_kv_bytes(&self, rows: usize, tokens: usize) -> usize {
         let width: usize = self.transformers().map(|t| t.context_kv_width()).sum();
         rows * tokens * width * self.dtype.size_in_bytes()
@@ -333,8 +357,8 @@ impl UNet2DConditionModel {
     ///
     /// `sample` `[b, c, h, w]`, `timestep` the scheduler's value,
     /// `encoder_hidden_states` `[b, 77, d]`, `text_embeds` `[b, p]` (pooled),
-    /// `time_ids` `[b, 6]`. A loop over steps makes [`Self::context_kv`]
-    /// once and calls [`Self::forward_kv`]; this is the two in one.
+    /// `time_ids` `[b, 6]`. A loop over steps makes [`Self::conditioning`]
+    /// once and calls [`Self::forward_conditioned`]; this is the two in one.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -343,41 +367,31 @@ impl UNet2DConditionModel {
         text_embeds: &Tensor,
         time_ids: &Tensor,
     ) -> Result<Tensor> {
-        let kv = self.context_kv(encoder_hidden_states)?;
-        self.forward_kv(sample, timestep, &kv, text_embeds, time_ids)
+        let conditioning = self.conditioning(encoder_hidden_states, text_embeds, time_ids)?;
+        self.forward_conditioned(sample, timestep, &conditioning)
     }
 
-    /// [`Self::forward`] with the context's cross-attention keys and values
-    /// made beforehand ([`Self::context_kv`]): the same prediction, without
-    /// redoing at every step the products over a context that does not
-    /// change from one step to the next.
-    pub fn forward_kv(
-        &self,
-        sample: &Tensor,
-        timestep: f32,
-        kv: &ContextKv,
-        text_embeds: &Tensor,
-        time_ids: &Tensor,
-    ) -> Result<Tensor> {
+    /// [`Self::forward`] with what does not change from one step to the
+    /// next made beforehand ([`Self::conditioning`]): the same prediction,
+    /// without redoing at every step the products over the text context, and
+    /// without the copy to the host that would make each step wait for the
+    /// one before it to finish.
+    pub fn forward_conditioned(&self, sample: &Tensor, timestep: f32, conditioning: &Conditioning) -> Result<Tensor> {
         let batch = sample.dim(0)?;
+        let kv = &conditioning.kv;
         if kv.batch != batch {
             candle_core::bail!(
-                "the context's keys and values are for a batch of {}, the sample's is {batch}",
+                "the conditioning is for a batch of {}, the sample's is {batch}",
                 kv.batch
             );
         }
-        let device = sample.device();
         let t_emb = self
             .time_proj
-            .forward(&vec![timestep; batch], device)?
+            .forward(&vec![timestep; batch], sample.device())?
             .to_dtype(self.dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
-        if let Some(add) = &self.add {
-            let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let time_embeds = add.add_time_proj.forward(&ids, device)?.reshape((batch, ()))?;
-            let add_embeds =
-                Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(self.dtype)?;
-            emb = (emb + add.add_embedding.forward(&add_embeds)?)?;
+        if let Some(added) = &conditioning.added {
+            emb = (emb + added)?;
         }
         // the time embedding is made on the host; the rest is a fixed-shape
         // function of device tensors, which a CUDA graph can replay (the
@@ -431,17 +445,33 @@ impl UNet2DConditionModel {
     }
 }
 
+/// What every step of a denoising loop gives the UNet alike
+/// ([`UNet2DConditionModel::conditioning`]), made once for the loop rather
+/// than once a step.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    kv: ContextKv,
+    /// `add_embedding(text_embeds ‖ add_time_proj(time_ids))`, `[b, temb]`;
+    /// `None` without SDXL's `text_time` embedding.
+    added: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// Bytes the text context's keys and values hold on the device.
+    pub fn context_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+}
+
 /// The keys and values of every cross-attention of a UNet over one text
-/// context ([`UNet2DConditionModel::context_kv`]), `[b, tokens, 2·inner]`
-/// each, keys first. The context is the same at every step of a denoising
-/// loop, so these are made once for the loop rather than once a step.
+/// context, `[b, tokens, 2·inner]` each, keys first.
 ///
 /// They live in one flat buffer, each layer's a contiguous range of it (its
 /// start rounded up to [`ContextKv::ALIGN`] elements, so the kernels that
 /// read it see the alignment a tensor of its own has), so that a CUDA graph
 /// takes all of them as one input.
 #[derive(Debug, Clone)]
-pub struct ContextKv {
+struct ContextKv {
     buffer: Tensor,
     batch: usize,
     /// Each layer's start in the buffer and its shape.
@@ -488,7 +518,7 @@ impl ContextKv {
     }
 
     /// Bytes the buffer holds.
-    pub fn bytes(&self) -> usize {
+    fn bytes(&self) -> usize {
         self.buffer.elem_count() * self.buffer.dtype().size_in_bytes()
     }
 }
