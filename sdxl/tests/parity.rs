@@ -235,13 +235,13 @@ fn unet_conditioning_made_once_serves_every_step() {
     );
 
     assert_eq!(sample.dim(0).unwrap(), rows);
-    let one = |t: &Tensor| t.narrow(0, 0, 1).unwrap();
+    let twice = Tensor::cat(&[sample, sample], 0).unwrap();
     let err = unet
-        .forward_conditioned(&one(sample), f.golden.unet_timestep, &conditioning)
+        .forward_conditioned(&twice, f.golden.unet_timestep, &conditioning)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains(&format!("for a batch of {rows}")) && err.contains("the sample's is 1"),
+        err.contains(&format!("for a batch of {rows}")) && err.contains(&format!("the sample's is {}", 2 * rows)),
         "{err}"
     );
 }
