@@ -18,10 +18,25 @@ impl SdxlPipeline {
     /// `encode_prompt` for one text: the concatenated penultimate states of
     /// both encoders `[1, 77, d1+d2]` and the projected pooled output `[1, p]`.
     pub fn encode_text(&self, text: &str) -> Result<(Tensor, Tensor), ModelError> {
-        let (ids_1, ids_2) = self.tokenize(text)?;
+        self.encode_texts(&[text])
+    }
+
+    /// [`Self::encode_text`] for several texts in one batch through each
+    /// encoder (`[n, 77, d1+d2]`, `[n, p]`, in the order given): each
+    /// encoder's layers run once for all of them, so a prompt and its
+    /// negative cost about what one text does when launches, not arithmetic,
+    /// bound the encoders (77 tokens a text).
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<(Tensor, Tensor), ModelError> {
+        let mut ids_1 = Vec::with_capacity(texts.len());
+        let mut ids_2 = Vec::with_capacity(texts.len());
+        for text in texts {
+            let (a, b) = self.tokenize(text)?;
+            ids_1.push(a);
+            ids_2.push(b);
+        }
         let models = self.active();
-        let out_1 = models.text_encoder.forward(&[ids_1], &self.device, false)?;
-        let out_2 = models.text_encoder_2.forward(&[ids_2], &self.device, true)?;
+        let out_1 = models.text_encoder.forward(&ids_1, &self.device, false)?;
+        let out_2 = models.text_encoder_2.forward(&ids_2, &self.device, true)?;
         let embeds = Tensor::cat(&[&out_1.penultimate, &out_2.penultimate], 2)?;
         let pooled = out_2
             .pooled
@@ -30,28 +45,29 @@ impl SdxlPipeline {
     }
 
     /// The conditioning the UNet gets: with guidance, the negative prompt's
-    /// (zeros when it is empty and `force_zeros_for_empty_prompt`) then the prompt's.
+    /// (zeros when it is empty and `force_zeros_for_empty_prompt`) then the
+    /// prompt's, both encoded in one batch.
     pub fn encode_prompt(
         &self,
         prompt: &str,
         negative_prompt: Option<&str>,
         do_cfg: bool,
     ) -> Result<PromptEmbeds, ModelError> {
-        let (embeds, pooled) = self.encode_text(prompt)?;
-        if !do_cfg {
-            return Ok(PromptEmbeds {
-                prompt_embeds: embeds,
-                pooled_prompt_embeds: pooled,
-            });
-        }
         let negative = negative_prompt.filter(|n| !n.is_empty());
-        let (neg_embeds, neg_pooled) = match negative {
-            None if self.force_zeros_for_empty_prompt => (embeds.zeros_like()?, pooled.zeros_like()?),
-            _ => self.encode_text(negative.unwrap_or(""))?,
+        let (prompt_embeds, pooled_prompt_embeds) = match (do_cfg, negative) {
+            (false, _) => self.encode_text(prompt)?,
+            (true, None) if self.force_zeros_for_empty_prompt => {
+                let (embeds, pooled) = self.encode_text(prompt)?;
+                (
+                    Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?,
+                    Tensor::cat(&[&pooled.zeros_like()?, &pooled], 0)?,
+                )
+            }
+            (true, negative) => self.encode_texts(&[negative.unwrap_or(""), prompt])?,
         };
         Ok(PromptEmbeds {
-            prompt_embeds: Tensor::cat(&[&neg_embeds, &embeds], 0)?,
-            pooled_prompt_embeds: Tensor::cat(&[&neg_pooled, &pooled], 0)?,
+            prompt_embeds,
+            pooled_prompt_embeds,
         })
     }
 }

@@ -38,9 +38,11 @@ impl SimpleBackend for RandomClip {
 }
 
 /// SDXL's two text encoders (CLIP ViT-L's text tower for the penultimate
-/// state only, OpenCLIP bigG's with the pooled output), each over one
-/// 77-token prompt: the graph's outputs against launch-by-launch ones for
-/// the same ids, and both times.
+/// state only, OpenCLIP bigG's with the pooled output), each over a
+/// negative prompt and a prompt of 77 tokens in one batch, as the pipeline
+/// encodes them: the batch against each text alone, and the graph's
+/// outputs against launch-by-launch ones for the same ids; the times of
+/// each.
 pub(super) fn check_text_encoders(dev: &Device, args: &CheckKernelsArgs, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let dtype = DType::F16;
     for (name, hidden, layers, heads, act, pooled) in [
@@ -59,10 +61,10 @@ pub(super) fn check_text_encoders(dev: &Device, args: &CheckKernelsArgs, rows: &
         }))?;
         let vb = VarBuilder::from_backend(Box::new(RandomClip), dtype, dev.clone());
         let model = ClipTextModel::new(&config, pooled, vb)?;
-        // three prompts' ids (the largest id of each row is its pooled position)
-        let prompts: Vec<Vec<Vec<u32>>> = (1..=3u32)
-            .map(|p| vec![(0..77u32).map(|i| (p * 7919 + i * 104_729) % 49_407).collect()])
-            .collect();
+        // three calls' ids, each a negative prompt and a prompt as the
+        // pipeline encodes them (the largest id of a row is its pooled position)
+        let row = |p: u32| -> Vec<u32> { (0..77u32).map(|i| (p * 7919 + i * 104_729) % 49_407).collect() };
+        let prompts: Vec<Vec<Vec<u32>>> = (1..=3u32).map(|p| vec![row(p), row(p + 3)]).collect();
         let outputs = |out: ClipOutput| -> Vec<Tensor> { std::iter::once(out.penultimate).chain(out.pooled).collect() };
 
         let accel = Accel::current();
@@ -71,9 +73,32 @@ pub(super) fn check_text_encoders(dev: &Device, args: &CheckKernelsArgs, rows: &
             .iter()
             .map(|ids| Ok(outputs(model.forward(ids, dev, pooled)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // the two texts in one batch against each alone
+        let (mut rel, mut max) = (0f32, 0f32);
+        for (ids, batched) in prompts.iter().zip(&eager) {
+            for (b, text) in ids.iter().enumerate() {
+                let alone = outputs(model.forward(std::slice::from_ref(text), dev, pooled)?);
+                for (got, want) in batched.iter().zip(&alone) {
+                    let (r, m) = errors(&got.narrow(0, b, 1)?, want)?;
+                    (rel, max) = (rel.max(r), max.max(m));
+                }
+            }
+        }
         let candle_ms = median_ms(dev, args.iters, || {
             Ok(model.forward(&prompts[0], dev, pooled)?.penultimate)
         })?;
+        let one_ms = median_ms(dev, args.iters, || {
+            Ok(model.forward(&prompts[0][..1], dev, pooled)?.penultimate)
+        })?;
+        rows.push(Row {
+            kernel: format!("text encoder {name}, two texts in one batch (candle ms: one at a time, twice)"),
+            shape: format!("b2 n77 d{hidden} {layers} layers"),
+            dtype,
+            rel,
+            max,
+            fast_ms: candle_ms,
+            candle_ms: 2.0 * one_ms,
+        });
         Accel { graphs: true, ..accel }.install();
         // warm-up, recording, then replays, each call with other ids than the one before
         let (mut rel, mut max) = (0f32, 0f32);
@@ -89,7 +114,7 @@ pub(super) fn check_text_encoders(dev: &Device, args: &CheckKernelsArgs, rows: &
         accel.install();
         rows.push(Row {
             kernel: format!("text encoder {name}, CUDA graph (candle ms: launch by launch)"),
-            shape: format!("b1 n77 d{hidden} {layers} layers"),
+            shape: format!("b2 n77 d{hidden} {layers} layers"),
             dtype,
             rel,
             max,

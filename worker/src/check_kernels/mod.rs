@@ -420,6 +420,11 @@ fn print_rows(rows: &[Row]) -> usize {
             // e4m3 keeps 3 mantissa bits: each operand is off by up to 2^-4
             // relative, and the sums average that to a few percent
             FP8_TOLERANCE
+        } else if r.kernel.contains("in one batch") {
+            // f16 both sides, but a batch of another size may take other
+            // GEMM algorithms (other summation orders) through 12–32
+            // layers; a batch that mixed its rows would be off by O(1)
+            5.0 * tolerance(r.dtype)
         } else {
             tolerance(r.dtype)
         };
