@@ -277,6 +277,8 @@ impl SdxlPipeline {
             return Ok(None);
         }
         let mut drawn = 0;
+        // The end of the step before the one just queued (see `Fence`).
+        let mut in_flight: Option<Fence> = None;
         for i in begin..total {
             let t = sampler.timesteps()[i];
             // The UNet in chunks of images; guidance per image.
@@ -313,6 +315,15 @@ impl SdxlPipeline {
                     image.clone()
                 };
                 latents = (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+            }
+            // Nothing in a step waits for the device, so the host could queue
+            // every step long before the device ran them, and the callback's
+            // progress and cancels would mean nothing: the host stays one step
+            // ahead, no more. The step before this one has finished on the
+            // device when the callback hears of this one, which the device
+            // runs meanwhile.
+            if let Some(previous) = in_flight.replace(Fence::mark(&self.device)?) {
+                previous.wait()?;
             }
             let state = StepState {
                 step: i + 1 - begin,
@@ -365,6 +376,43 @@ impl SdxlPipeline {
             rows(|e| &e.pooled_prompt_embeds)?,
             time_ids,
         ))
+    }
+}
+
+/// The work queued on a device so far, to wait for later: a CUDA event on
+/// the device's stream; nothing elsewhere, where work is done as it is
+/// issued.
+struct Fence {
+    #[cfg(feature = "cuda")]
+    event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
+}
+
+impl Fence {
+    fn mark(device: &candle_core::Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            let event = match device {
+                candle_core::Device::Cuda(dev) => {
+                    Some(dev.cuda_stream().record_event(None).map_err(candle_core::Error::wrap)?)
+                }
+                _ => None,
+            };
+            Ok(Self { event })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = device;
+            Ok(Self {})
+        }
+    }
+
+    /// Blocks until the device has done the work queued before [`Self::mark`].
+    fn wait(self) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(event) = self.event {
+            event.synchronize().map_err(candle_core::Error::wrap)?;
+        }
+        Ok(())
     }
 }
 
