@@ -29,6 +29,20 @@ pub fn channels_last(t: &Tensor) -> Result<Tensor> {
     t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
 }
 
+/// `t` `[b, c, h, w]` with zero channels after its own, up to `to`, stored
+/// channels-last: an image with a convolution's input channels padded, or a
+/// weight `[k, c, r, s]` with its input channels padded alike (`KRSC`
+/// storage), which convolve to what the unpadded pair does.
+pub fn pad_channels_last(t: &Tensor, to: usize) -> Result<Tensor> {
+    let (b, c, h, w) = t.dims4()?;
+    let rows = t.permute((0, 2, 3, 1))?.contiguous()?;
+    if to <= c {
+        return rows.permute((0, 3, 1, 2));
+    }
+    let zeros = Tensor::zeros((b, h, w, to - c), t.dtype(), t.device())?;
+    Tensor::cat(&[&rows, &zeros], 3)?.permute((0, 3, 1, 2))
+}
+
 /// `xs` `[b, c, h, w]` in the layout the layers keep images in: channels-last
 /// where [`layers_keep_channels_last`], else as it is. The UNet and the VAE
 /// decoder call it once, after their first convolution; every later layer
@@ -71,7 +85,7 @@ pub fn cat_channels(xs: &[&Tensor]) -> Result<Tensor> {
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::{cat_channels, channels_last, is_channels_last};
+    use super::{cat_channels, channels_last, is_channels_last, pad_channels_last};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
@@ -89,6 +103,24 @@ mod tests {
         assert!(cl.permute((0, 2, 3, 1))?.is_contiguous());
         // a slice of rows is not channels-last storage of its own shape
         assert!(!is_channels_last(&cl.narrow(2, 0, 2)?.narrow(3, 0, 2)?));
+        Ok(())
+    }
+
+    #[test]
+    fn padded_channels_convolve_as_the_unpadded_pair() -> candle_core::Result<()> {
+        let x = Tensor::randn(0f32, 1., (2, 4, 6, 5), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1., (3, 4, 3, 3), &Device::Cpu)?;
+        let (xp, wp) = (pad_channels_last(&x, 8)?, pad_channels_last(&w, 8)?);
+        assert!(is_channels_last(&xp) && is_channels_last(&wp));
+        assert_eq!((xp.dims(), wp.dims()), (&[2, 8, 6, 5][..], &[3, 8, 3, 3][..]));
+        assert_eq!(max_diff(&xp.narrow(1, 0, 4)?, &x)?, 0.0);
+        assert_eq!(xp.narrow(1, 4, 4)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        let want = x.conv2d(&w, 1, 1, 1, 1)?;
+        let got = xp.contiguous()?.conv2d(&wp.contiguous()?, 1, 1, 1, 1)?;
+        assert!(max_diff(&got, &want)? < 1e-5);
+        // already wide enough: the same values, channels-last
+        let same = pad_channels_last(&x, 4)?;
+        assert!(is_channels_last(&same) && max_diff(&same, &x)? == 0.0);
         Ok(())
     }
 

@@ -54,6 +54,12 @@ impl Module for Activation {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
+    /// The weight with its input channels padded with zeros to a multiple
+    /// of 8, where the layers keep images channels-last and it has fewer
+    /// (a model's first convolution: latents' 4 channels), for
+    /// [`Self::forward_into_layer_layout`].
+    #[cfg(feature = "cuda")]
+    padded: Option<Tensor>,
 }
 
 impl Module for Conv2d {
@@ -77,12 +83,51 @@ impl Conv2d {
     /// contiguous copy, and a channels-last call on a weight built otherwise
     /// its KRSC one).
     fn new(inner: candle_nn::Conv2d) -> Result<Self> {
-        let inner = if layers_keep_channels_last(inner.weight()) && inner.config().groups == 1 {
+        let keep = layers_keep_channels_last(inner.weight()) && inner.config().groups == 1;
+        let inner = if keep {
             candle_nn::Conv2d::new(channels_last(inner.weight())?, inner.bias().cloned(), *inner.config())
         } else {
             inner
         };
-        Ok(Self { inner })
+        #[cfg(feature = "cuda")]
+        let padded = {
+            let c = inner.weight().dim(1)?;
+            match keep && !c.is_multiple_of(8) {
+                true => Some(super::layout::pad_channels_last(inner.weight(), c.next_multiple_of(8))?),
+                false => None,
+            }
+        };
+        Ok(Self {
+            inner,
+            #[cfg(feature = "cuda")]
+            padded,
+        })
+    }
+
+    /// A model's first convolution, whose output the layers then keep in
+    /// their layout: `to_layer_layout(self.forward(xs))`. On CUDA, an input
+    /// of fewer channels than cuDNN's NHWC kernels read at once (latents' 4)
+    /// is padded with zero channels, as the weight was, and convolved NHWC,
+    /// which gives the channels-last output directly; NCHW, cuDNN has only a
+    /// generic kernel for 4 channels (0.39 ms of an H100 UNet step for
+    /// 0.4 GFLOP), and the output then needs a copy to channels-last.
+    pub fn forward_into_layer_layout(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(weight) = self
+            .padded
+            .as_ref()
+            .filter(|_| self.fast(xs) && layers_keep_channels_last(xs))
+        {
+            let cfg = self.inner.config();
+            let xs = super::layout::pad_channels_last(xs, weight.dim(1)?)?;
+            let y = match self.inner.bias() {
+                Some(b) => super::cuda::conv::conv2d_bias(&xs, weight, b, None, false, cfg.padding, cfg.stride)?,
+                None => super::cuda::conv::conv2d(&xs, weight, cfg.padding, cfg.stride)?,
+            };
+            // channels-last already, unless cuDNN fell back to NCHW
+            return to_layer_layout(&y);
+        }
+        to_layer_layout(&self.forward(xs)?)
     }
 
     /// Whether the cuDNN path takes this input (one group, no dilation).

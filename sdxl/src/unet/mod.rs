@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use self::blocks::{BlockCommon, CrossAttention, DownBlock, MidBlock, UpBlock, UpChannels};
 use self::embeddings::{TimestepEmbedding, Timesteps};
 use super::config::{expect_one_of, PerBlock, UNetConfig};
-use super::nn::{conv2d_same, group_norm, to_layer_layout, Activation, Conv2d, GroupNorm};
+use super::nn::{conv2d_same, group_norm, Activation, Conv2d, GroupNorm};
 use super::resnet::ResnetConfig;
 use super::ModelError;
 
@@ -414,7 +414,7 @@ impl UNet2DConditionModel {
             sample.clone()
         };
         // channels-last from here on, where the CUDA path keeps it (a no-op elsewhere)
-        let mut xs = to_layer_layout(&self.conv_in.forward(&sample)?)?;
+        let mut xs = self.conv_in.forward_into_layer_layout(&sample)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
             let (out, states) = block.forward(&xs, emb, &mut kv)?;

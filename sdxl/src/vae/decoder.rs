@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::mid::{activation, resnet, MidBlock, FILE};
 use crate::config::{expect_one_of, VaeConfig};
-use crate::nn::{conv2d, conv2d_same, group_norm, to_layer_layout, Activation, Conv2d, Conv2dConfig, GroupNorm};
+use crate::nn::{conv2d, conv2d_same, group_norm, Activation, Conv2d, Conv2dConfig, GroupNorm};
 use crate::resnet::{ResnetBlock2D, Upsample2D};
 use crate::ModelError;
 
@@ -98,7 +98,7 @@ impl Decoder {
             None => z.clone(),
         };
         // channels-last from here on, where the CUDA path keeps it (a no-op elsewhere)
-        let mut xs = to_layer_layout(&self.conv_in.forward(&z)?)?;
+        let mut xs = self.conv_in.forward_into_layer_layout(&z)?;
         xs = self.mid_block.forward(&xs)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {

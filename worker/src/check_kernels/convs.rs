@@ -76,6 +76,38 @@ pub(super) fn check_convs(
             candle_ms: nchw_ms,
         });
     }
+    // A model's first convolution (latents' 4 channels in): the input and
+    // the weight padded with zero channels to 8 and convolved NHWC
+    // (`Conv2d::forward_into_layer_layout`), timed against NCHW.
+    for &(x_shape, w_shape, dtype) in &[
+        (&[2usize, 4, 128, 128][..], &[320usize, 4, 3, 3][..], DType::F16),
+        (&[1, 4, 128, 128][..], &[512, 4, 3, 3][..], DType::F32),
+    ] {
+        let x = randn(x_shape, dtype)?;
+        let w = (randn(w_shape, DType::F32)? * 0.05)?.to_dtype(dtype)?;
+        let reference = x.to_dtype(DType::F32)?.conv2d(&w.to_dtype(DType::F32)?, 1, 1, 1, 1)?;
+        let w8 = sdxl::layout::pad_channels_last(&w, 8)?;
+        let padded = || conv::conv2d(&sdxl::layout::pad_channels_last(&x, 8)?, &w8, 1, 1);
+        let fast = padded()?;
+        let (rel, max) = errors(&fast, &reference)?;
+        let layout = if kernels::channels_last(&fast) {
+            "NHWC"
+        } else {
+            "NHWC fell back to NCHW"
+        };
+        rows.push(Row {
+            kernel: format!(
+                "conv2d {layout}, input channels padded to 8 (cuDNN, {}; vs NCHW)",
+                algo.name()
+            ),
+            shape: format!("x{x_shape:?} w{w_shape:?} p1 s1"),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(dev, args.iters, padded)?,
+            candle_ms: median_ms(dev, args.iters, || conv::conv2d(&x, &w, 1, 1))?,
+        });
+    }
     Ok(())
 }
 
