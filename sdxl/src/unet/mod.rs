@@ -327,7 +327,7 @@ impl UNet2DConditionModel {
         for transformer in self.transformers() {
             layers.extend(transformer.context_kv(&context)?);
         }
-        let kv = ContextKv::new(&layers)?;
+        let kv = ContextKv::new(&context, &layers)?;
         let added = match &self.add {
             Some(add) => {
                 // the ids go through the sinusoids on the host (a copy back
@@ -482,11 +482,18 @@ impl ContextKv {
     /// Elements each layer's range starts at a multiple of (256 bytes in f16).
     const ALIGN: usize = 128;
 
-    fn new(layers: &[Tensor]) -> Result<Self> {
-        let Some(first) = layers.first() else {
-            candle_core::bail!("the UNet has no cross-attention");
-        };
-        let batch = first.dim(0)?;
+    /// The keys and values `layers` over `context`.
+    fn new(context: &Tensor, layers: &[Tensor]) -> Result<Self> {
+        let batch = context.dim(0)?;
+        if layers.is_empty() {
+            // a UNet without cross-attention: one element, so that the
+            // buffer is a tensor like any other (a graph input, say)
+            return Ok(Self {
+                buffer: Tensor::zeros(1, context.dtype(), context.device())?,
+                batch,
+                layers: Vec::new(),
+            });
+        }
         let mut pieces = Vec::with_capacity(2 * layers.len());
         let mut shapes = Vec::with_capacity(layers.len());
         let mut start = 0;
