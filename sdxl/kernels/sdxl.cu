@@ -374,6 +374,23 @@ __device__ __forceinline__ void upsample_nearest2x_nhwc(const T* __restrict__ x,
   }
 }
 
+// Two channels-last images side by side on the channels (torch.cat(dim=1)):
+// a [pixels, ca] and b [pixels, cb] (ca, cb % 8 == 0, 16-byte aligned) into
+// y [pixels, ca + cb], a thread per 8 output channels of a pixel, so every
+// load and store is 16 bytes (candle's cat copies 2 bytes a thread).
+template <typename T>
+__device__ __forceinline__ void cat_channels_nhwc(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                                                  long long nv, int av, int bv) {
+  const int cv = av + bv;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv; v += stride) {
+    const long long pix = v / cv;
+    const int k = (int)(v - pix * cv);
+    const T* src = k < av ? a + (pix * av + k) * 8 : b + (pix * bv + (k - av)) * 8;
+    *reinterpret_cast<Pack8<T>*>(y + v * 8) = *reinterpret_cast<const Pack8<T>*>(src);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // In-place bias add: x[i] += bias[batch * bias_bs + channel] (+ res[i] when
 // res is not null: a residual connection in the same pass), where x is
@@ -548,3 +565,12 @@ UPSAMPLE2X(bf16, __nv_bfloat16)
 UPSAMPLE2X_NHWC(f32, float)
 UPSAMPLE2X_NHWC(f16, __half)
 UPSAMPLE2X_NHWC(bf16, __nv_bfloat16)
+
+#define CAT_CHANNELS_NHWC(SUFFIX, T)                                                                    \
+  extern "C" __global__ void cat_channels_nhwc_##SUFFIX(const T* a, const T* b, T* y, long long nv, int av, \
+                                                        int bv) {                                      \
+    cat_channels_nhwc<T>(a, b, y, nv, av, bv);                                                          \
+  }
+CAT_CHANNELS_NHWC(f32, float)
+CAT_CHANNELS_NHWC(f16, __half)
+CAT_CHANNELS_NHWC(bf16, __nv_bfloat16)

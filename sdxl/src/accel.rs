@@ -15,8 +15,11 @@
 //!   replayed: one launch instead of ~1,250 for the UNet; `crate::cuda::graph`),
 //!   `quant` (with FP8: the per-token quantization of a product's input done
 //!   by the layer norm or GEGLU kernel that makes the input, which then is
-//!   never stored in the run dtype; `crate::cuda::fp8`). `quant` is not in
-//!   `all` until it has run on a GPU: `all,quant` adds it.
+//!   never stored in the run dtype; `crate::cuda::fp8`), `cat` (two
+//!   channels-last images concatenated on their channels by our kernel, 16
+//!   bytes a thread, instead of candle's copies: the UNet's skip
+//!   connections). `quant` and `cat` are not in `all` until they have run
+//!   on a GPU: `all,quant,cat` adds them.
 //!
 //! Beside the paths, two numerics choices: TF32 for f32 convolutions (on by
 //! default, as PyTorch), and FP8 (e4m3) products for the UNet's transformer
@@ -55,6 +58,8 @@ pub struct Accel {
     /// With `fp8`: the layer norms and GEGLU write their outputs as the e4m3
     /// codes and per-token scales of the FP8 products that read them.
     pub quant: bool,
+    /// Channels-last images concatenated on their channels by our kernel.
+    pub cat: bool,
     /// f32 convolutions and matrix products (the VAE under `force_upcast`)
     /// in TF32 on tensor cores: PyTorch's `cudnn.allow_tf32` default for
     /// the convolutions, and `torch.backends.cuda.matmul.allow_tf32` (off
@@ -110,7 +115,7 @@ impl Default for Accel {
 }
 
 /// The names `parse` takes, in the order of the bits below.
-const PATHS: [&str; 9] = [
+const PATHS: [&str; 10] = [
     "attention",
     "conv",
     "norm",
@@ -120,6 +125,7 @@ const PATHS: [&str; 9] = [
     "nhwc",
     "graphs",
     "quant",
+    "cat",
 ];
 
 impl Accel {
@@ -132,8 +138,9 @@ impl Accel {
         lt: true,
         nhwc: true,
         graphs: true,
-        // opt-in until `worker check-kernels` has passed it on a GPU
+        // opt-in until `worker check-kernels` has passed them on a GPU
         quant: false,
+        cat: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -148,6 +155,7 @@ impl Accel {
         nhwc: false,
         graphs: false,
         quant: false,
+        cat: false,
         tf32: true,
         fp8: false,
         conv_algo: ConvAlgo::Find,
@@ -168,6 +176,7 @@ impl Accel {
                 "all" => {
                     accel = Accel {
                         quant: accel.quant,
+                        cat: accel.cat,
                         ..Accel::ALL
                     }
                 }
@@ -180,6 +189,7 @@ impl Accel {
                 "nhwc" => accel.nhwc = true,
                 "graphs" => accel.graphs = true,
                 "quant" => accel.quant = true,
+                "cat" => accel.cat = true,
                 other => {
                     return Err(format!(
                         "unknown kernel path {other:?} (allowed: all, none, or a list of {})",
@@ -205,6 +215,7 @@ impl Accel {
             self.nhwc,
             self.graphs,
             self.quant,
+            self.cat,
         ]
         .iter()
         .enumerate()
@@ -226,6 +237,7 @@ impl Accel {
             nhwc: on(9),
             graphs: on(10),
             quant: on(11),
+            cat: on(12),
         }
     }
 
@@ -308,17 +320,31 @@ mod tests {
             })
         );
         assert_eq!(Accel::parse("quant, all"), Accel::parse("all,quant"));
+        assert!(!Accel::ALL.cat && !Accel::parse("all,quant").unwrap().cat);
+        assert_eq!(
+            Accel::parse("cat,all,quant"),
+            Ok(Accel {
+                quant: true,
+                cat: true,
+                ..Accel::ALL
+            })
+        );
         assert!(!Accel::ALL.fp8 && Accel::ALL.lt && Accel::parse("lt").unwrap().lt);
         let e = Accel::parse("conv,flash").unwrap_err();
         assert!(
-            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc, graphs, quant"),
+            e.contains("\"flash\"") && e.contains("attention, conv, norm, geglu, bias, lt, nhwc, graphs, quant, cat"),
             "{e}"
         );
     }
 
     #[test]
     fn bits_round_trip() {
-        for a in [Accel::ALL, Accel::NONE, Accel::parse("geglu,bias").unwrap()] {
+        for a in [
+            Accel::ALL,
+            Accel::NONE,
+            Accel::parse("geglu,bias").unwrap(),
+            Accel::parse("all,quant,cat").unwrap(),
+        ] {
             assert_eq!(Accel::from_bits(a.bits()), a);
             let no_tf32 = Accel { tf32: false, ..a };
             assert_eq!(Accel::from_bits(no_tf32.bits()), no_tf32);

@@ -267,5 +267,43 @@ pub(super) fn check_channels_last(dev: &Device, args: &CheckKernelsArgs, rows: &
             })?,
         });
     }
+
+    // Two channels-last images side by side on the channels (the UNet's
+    // skip connections): our kernel against candle's cat, which it must
+    // equal exactly, timed against the copies `layout::cat_channels` makes
+    // without it.
+    for &(a_shape, cb, dtype) in &[
+        (&[2usize, 640, 128, 128][..], 320usize, DType::F16),
+        (&[2, 1280, 32, 32][..], 1280, DType::F16),
+        (&[2, 1280, 64, 64][..], 640, DType::BF16),
+        (&[1, 24, 5, 7][..], 40, DType::F32),
+    ] {
+        let (n, h, wd) = (a_shape[0], a_shape[2], a_shape[3]);
+        let (a, b) = (randn(a_shape, dtype)?, randn(&[n, cb, h, wd], dtype)?);
+        let reference = Tensor::cat(&[&a, &b], 1)?;
+        let (a_cl, b_cl) = (to_channels_last(&a)?, to_channels_last(&b)?);
+        let Some(fast) = kernels::cat_channels(&a_cl, &b_cl)? else {
+            anyhow::bail!("cat_channels declined channels-last inputs {a_shape:?} and {cb} channels");
+        };
+        if !kernels::channels_last(&fast) {
+            anyhow::bail!("cat_channels gave a result that is not channels-last");
+        }
+        let (rel, max) = errors(&fast, &reference)?;
+        let accel = sdxl::accel::Accel::current();
+        sdxl::accel::Accel { cat: false, ..accel }.install();
+        let candle_ms = median_ms(dev, args.iters, || nn::cat_channels(&[&a_cl, &b_cl]))?;
+        accel.install();
+        rows.push(Row {
+            kernel: "cat on channels, NHWC (candle ms: candle's copies)".into(),
+            shape: format!("{a_shape:?} + {cb} channels"),
+            dtype,
+            rel,
+            max,
+            fast_ms: median_ms(dev, args.iters, || {
+                Ok(kernels::cat_channels(&a_cl, &b_cl)?.expect("accepted above"))
+            })?,
+            candle_ms,
+        });
+    }
     Ok(())
 }

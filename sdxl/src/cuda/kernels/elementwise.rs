@@ -1,11 +1,12 @@
-//! GEGLU, 2× upsampling and in-place bias (+ residual) (+ ReLU) adds (`kernels/sdxl.cu`).
+//! GEGLU, 2× upsampling, the concatenation of channels-last images and
+//! in-place bias (+ residual) (+ ReLU) adds (`kernels/sdxl.cu`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor};
 
 use super::super::module::{kernel, Module};
-use super::super::op::{CudaOp, Elem, Launch1, LaunchInPlace, OnCuda};
+use super::super::op::{CudaOp, Elem, Launch1, Launch2, LaunchInPlace, OnCuda};
 use super::{aligned, aligned_like, channels_last, suffix, view, w};
 
 /// GEGLU over the last dimension: `x[.., :n] * gelu_erf(x[.., n:])`.
@@ -126,6 +127,65 @@ impl Launch1 for Upsample2x {
         builder.arg(&xv).arg(&out).arg(&n_i).arg(&w_i);
         w(unsafe { builder.launch(cfg) })?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+    }
+}
+
+/// `cat([a, b], 1)` of two channels-last images `[n, c, h, w]` (the same
+/// `n`, `h`, `w` and dtype; channels in 8-element vectors, 16-byte aligned):
+/// a channels-last image of `ca + cb` channels. `None` where the inputs are
+/// not such (the caller then takes candle's cat).
+pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let fits = |t: &Tensor| {
+        channels_last(t) && t.dim(1).is_ok_and(|c| c.is_multiple_of(8)) && t.layout().start_offset().is_multiple_of(8)
+    };
+    let (an, _, ah, aw) = a.dims4()?;
+    let (bn, _, bh, bw) = b.dims4()?;
+    if !fits(a) || !fits(b) || (an, ah, aw) != (bn, bh, bw) || a.dtype() != b.dtype() {
+        return Ok(None);
+    }
+    let rows = |t: &Tensor| t.permute((0, 2, 3, 1));
+    let y = rows(a)?.apply_op2_no_bwd(&rows(b)?, &OnCuda(CatChannelsNhwc))?;
+    Ok(Some(y.permute((0, 3, 1, 2))?))
+}
+
+/// [`cat_channels`] on the `[n, h, w, c]` views of the two images' storage.
+struct CatChannelsNhwc;
+
+impl CudaOp for CatChannelsNhwc {
+    const NAME: &'static str = "cat-channels-nhwc";
+}
+
+impl Launch2 for CatChannelsNhwc {
+    fn launch<T: Elem>(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = a.device().clone();
+        let (n, h, wd, ca) = al.shape().dims4()?;
+        let cb = bl.shape().dims4()?.3;
+        let pixels = n * h * wd;
+        let (av, bv) = (ca / 8, cb / 8);
+        let nv = pixels * (av + bv);
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(nv * 8)? };
+        let cfg = LaunchConfig {
+            grid_dim: (nv.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = kernel(&dev, Module::Sdxl, &format!("cat_channels_nhwc_{}", suffix(T::DTYPE)?))?;
+        let (av_i, bv_i) = (
+            i32::try_from(av).map_err(candle_core::Error::wrap)?,
+            i32::try_from(bv).map_err(candle_core::Error::wrap)?,
+        );
+        let (a, b) = (view::<T>(a, al)?, view::<T>(b, bl)?);
+        let nv_i = nv as i64;
+        let mut builder = func.builder();
+        builder.arg(&a).arg(&b).arg(&out).arg(&nv_i).arg(&av_i).arg(&bv_i);
+        w(unsafe { builder.launch(cfg) })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, h, wd, ca + cb))))
     }
 }
 

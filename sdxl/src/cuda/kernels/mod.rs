@@ -1,7 +1,8 @@
 //! candle custom ops over our own CUDA kernels (`sdxl/kernels/*.cu`,
 //! compiled to fatbins by build.rs, loaded by `module.rs`): flash attention
 //! for head dim 64, group norm (+SiLU, and a producing convolution's bias),
-//! layer norm, GEGLU, bias (+ residual) adds and 2× upsampling. Each op
+//! layer norm, GEGLU, bias (+ residual) adds, 2× upsampling and the
+//! concatenation of channels-last images. Each op
 //! checks the layout it needs; all but the in-place bias add return a fresh
 //! tensor: contiguous, or for the ops on images (group norm, upsampling, bias
 //! adds) channels-last when the input is (see [`crate::layout::is_channels_last`]).
@@ -17,7 +18,7 @@ mod norm;
 pub use attention::{
     flash_attention, flash_attention_block, flash_attention_supports, flash_block, FlashBlock, Schedule, FLASH_BLOCKS,
 };
-pub use elementwise::{bias_add_act_inplace, bias_add_inplace, geglu, upsample_nearest2x};
+pub use elementwise::{bias_add_act_inplace, bias_add_inplace, cat_channels, geglu, upsample_nearest2x};
 pub use norm::{group_norm, group_norm_biased, layer_norm, layer_norm_supports};
 
 pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
