@@ -11,7 +11,7 @@
 #                                    images/s) and best ($DIFFUSERS_RECIPES, default eager,best),
 #                                    and both UNets' cosine to diffusers
 #   bench/gpu-run-p11.sh onecall     every table in one call: check-kernels, ours f16 (images/s
-#                                    at $THROUGHPUT) and fp8 with and without `quant` (`all,quant`), diffusers
+#                                    at $THROUGHPUT; with and without `cat`) and fp8 with and without `quant` (`all,quant`), diffusers
 #                                    eager and best ($DIFFUSERS_RECIPES, default eager,graphs)
 #                                    with images/s, UNet cosines, ncu of one fp8 forward
 #   bench/gpu-run-p11.sh cold        cold starts (each with an empty driver cache) with the
@@ -219,13 +219,18 @@ if [ "$PART" = onecall ]; then
   note "check-kernels"
   timeout 120 "$WORKER" check-kernels --iters 5 > "$OUT/check-kernels.log" 2>&1
   echo "check-kernels exit $?, $(grep -c FAIL "$OUT/check-kernels.log") FAIL rows"
-  grep -E 'FAIL|^\| (text|layer norm|GEGLU)' "$OUT/check-kernels.log"
+  grep -E 'FAIL|^\| (text|layer norm|GEGLU|cat on|conv2d NHWC, input|CUDA graph, an input)' "$OUT/check-kernels.log"
   make_unet_io /tmp/unet-io.safetensors
   note "bench f16 with throughput $THROUGHPUT"
   timeout 150 "$WORKER" "${BENCH[@]}" --throughput "$THROUGHPUT" --unet-io /tmp/unet-io.safetensors \
     --json "$OUT/candle-f16.json" > "$OUT/candle-f16.log" 2>&1
   echo "bench f16 exit $?"; grep '^|' "$OUT/candle-f16.log"
   cp /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors
+  note "bench f16 with the skip connections' cat kernel (A/B: SDXL_KERNELS=all,cat)"
+  SDXL_KERNELS=all,cat timeout 60 "$WORKER" "${BENCH[@]}" --no-image --unet-io /tmp/unet-io.safetensors \
+    --json "$OUT/candle-f16-cat.json" > "$OUT/candle-f16-cat.log" 2>&1
+  echo "bench f16 cat exit $?"; grep -E '^\| UNet' "$OUT/candle-f16-cat.log"
+  cosine /tmp/unet-io.candle.safetensors /tmp/unet-io.f16.safetensors | tee "$OUT/unet-cosine-f16-cat-vs-f16.json"
   for v in fp8 fp8-quant; do
     note "bench $v"
     kernels=all; [ $v = fp8-quant ] && kernels=all,quant
