@@ -74,14 +74,6 @@ pub fn layers_keep_channels_last(xs: &Tensor) -> bool {
 /// dimension (candle's `cat` along dimension 1 of such views would copy
 /// element by element into yet another layout).
 pub fn cat_channels(xs: &[&Tensor]) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let [a, b] = xs {
-        if on_cuda(a) && Accel::current().cat {
-            if let Some(y) = crate::cuda::kernels::cat_channels(a, b)? {
-                return Ok(y);
-            }
-        }
-    }
     if xs.iter().all(|t| is_channels_last(t)) {
         let rows = xs.iter().map(|t| t.permute((0, 2, 3, 1))).collect::<Result<Vec<_>>>()?;
         return Tensor::cat(&rows, 3)?.permute((0, 3, 1, 2));

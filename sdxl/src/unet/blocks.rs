@@ -7,6 +7,11 @@ use candle_nn::VarBuilder;
 use super::attention::{KvIter, Transformer2DModel, TransformerConfig};
 use crate::nn::cat_channels;
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+#[cfg(feature = "cuda")]
+use crate::{
+    accel::{on_cuda, Accel},
+    cuda::kernels,
+};
 
 /// What every block of one UNet shares.
 #[derive(Debug, Clone, Copy)]
@@ -257,7 +262,7 @@ impl UpBlock {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
-            xs = cat_channels(&[&xs, skip])?;
+            xs = cat_skip(&xs, skip)?;
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, kv)?;
@@ -268,4 +273,17 @@ impl UpBlock {
         }
         Ok(xs)
     }
+}
+
+/// An up block's input beside its skip connection, on the channels
+/// (`nn::cat_channels`); two channels-last CUDA images by our kernel when
+/// the `cat` path is on.
+fn cat_skip(xs: &Tensor, skip: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_cuda(xs) && Accel::current().cat {
+        if let Some(y) = kernels::cat_channels(xs, skip)? {
+            return Ok(y);
+        }
+    }
+    cat_channels(&[xs, skip])
 }

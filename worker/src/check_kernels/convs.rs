@@ -270,8 +270,7 @@ pub(super) fn check_channels_last(dev: &Device, args: &CheckKernelsArgs, rows: &
 
     // Two channels-last images side by side on the channels (the UNet's
     // skip connections): our kernel against candle's cat, which it must
-    // equal exactly, timed against the copies `layout::cat_channels` makes
-    // without it.
+    // equal exactly, timed against the copies `nn::cat_channels` makes.
     for &(a_shape, cb, dtype) in &[
         (&[2usize, 640, 128, 128][..], 320usize, DType::F16),
         (&[2, 1280, 32, 32][..], 1280, DType::F16),
@@ -289,10 +288,7 @@ pub(super) fn check_channels_last(dev: &Device, args: &CheckKernelsArgs, rows: &
             anyhow::bail!("cat_channels gave a result that is not channels-last");
         }
         let (rel, max) = errors(&fast, &reference)?;
-        let accel = sdxl::accel::Accel::current();
-        sdxl::accel::Accel { cat: false, ..accel }.install();
         let candle_ms = median_ms(dev, args.iters, || nn::cat_channels(&[&a_cl, &b_cl]))?;
-        accel.install();
         rows.push(Row {
             kernel: "cat on channels, NHWC (candle ms: candle's copies)".into(),
             shape: format!("{a_shape:?} + {cb} channels"),
