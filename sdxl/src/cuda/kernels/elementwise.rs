@@ -9,6 +9,16 @@ use super::super::module::{kernel, Module};
 use super::super::op::{CudaOp, Elem, Launch1, Launch2, LaunchInPlace, OnCuda};
 use super::{aligned, aligned_like, channels_last, suffix, view, w};
 
+/// 256-thread blocks for a grid-stride loop over `items` (one item a
+/// thread while the grid lasts, at most 2^20 blocks).
+fn grid_stride(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// GEGLU over the last dimension: `x[.., :n] * gelu_erf(x[.., n:])`.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1_no_bwd(&OnCuda(Geglu))
@@ -35,11 +45,7 @@ impl Launch1 for Geglu {
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * inner)? };
         let vec = inner.is_multiple_of(8) && hl.start_offset().is_multiple_of(8);
         let per_thread = if vec { 8 } else { 1 };
-        let cfg = LaunchConfig {
-            grid_dim: ((rows * inner / per_thread).div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(rows * inner / per_thread);
         let func = kernel(dev, Module::Sdxl, &format!("geglu_{}", suffix(T::DTYPE)?))?;
         let (rows_i, inner_i, vec) = (rows as i64, inner as i32, i32::from(vec));
         let mut builder = func.builder();
@@ -76,11 +82,7 @@ impl Launch1 for Upsample2xNhwc {
         let xv = view::<T>(x, xl)?;
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(4 * n)? };
         let nv = n / 8;
-        let cfg = LaunchConfig {
-            grid_dim: (nv.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(nv);
         let func = kernel(
             &dev,
             Module::Sdxl,
@@ -116,11 +118,7 @@ impl Launch1 for Upsample2x {
         dims[r - 1] *= 2;
         let xv = view::<T>(x, xl)?;
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(4 * n)? };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(n);
         let func = kernel(&dev, Module::Sdxl, &format!("upsample_nearest2x_{}", suffix(T::DTYPE)?))?;
         let (n_i, w_i) = (n as i64, width as i32);
         let mut builder = func.builder();
@@ -170,11 +168,7 @@ impl Launch2 for CatChannelsNhwc {
         let (av, bv) = (ca / 8, cb / 8);
         let nv = pixels * (av + bv);
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(nv * 8)? };
-        let cfg = LaunchConfig {
-            grid_dim: (nv.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_stride(nv);
         let func = kernel(&dev, Module::Sdxl, &format!("cat_channels_nhwc_{}", suffix(T::DTYPE)?))?;
         let (av_i, bv_i) = (
             i32::try_from(av).map_err(candle_core::Error::wrap)?,
